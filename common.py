@@ -1,0 +1,798 @@
+"""Shared building blocks for the distill scripts.
+
+Everything the four training scripts would otherwise repeat lives here, in the order a run needs it:
+
+1. errors and flags        - `DistillError`, `add_train_args`, `run_main`
+2. models and tokenizers   - `load_model`, `load_tokenizer`, `maybe_lora`
+3. data                    - `read_jsonl`, `load_prompt_dataset`, `load_distill_rows`
+4. chat templates, masks   - `render_chat`, `encode_chat`, `end_of_turn_ids`, `pad_batch`
+5. losses (pure functions) - `masked_ce`, `generalized_jsd`, `kl`, `fused_head_loss`
+6. the training loop kit   - `TrainLoop` (accelerate, accumulation by global token count, logging, saving)
+
+Conventions used everywhere:
+- `loss_mask` is aligned with `input_ids`: 1 on the tokens the student is trained to *predict* (the assistant
+  completion plus the end-of-turn token that closes it). Logits at position i predict token i+1, so losses pair
+  `hidden[:, :-1]` with `input_ids[:, 1:]` and `loss_mask[:, 1:]` (see `shift_for_next_token`).
+- Every loss is a *sum* over masked positions divided by `num_tokens`, the number of masked tokens in the whole
+  optimizer step (all micro-batches, all processes). That makes the result independent of how the global batch
+  is split by gradient accumulation or data parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful math tutor. Reason through the problem step by step, showing each calculation, "
+    "then give the final numeric answer on its own last line in the form '#### <number>'."
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. errors and flags
+
+
+class DistillError(Exception):
+    """A problem with the user's input (file, row, flag). `run_main` prints it as one line, no traceback."""
+
+
+def run_main(main) -> None:
+    """Run a script's `main()`, turning `DistillError` into one clear message and exit status 2."""
+    try:
+        main()
+    except DistillError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every script that loads a model (training, generation, evaluation)."""
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype to load weights in; 'auto' = float32 on CPU, bfloat16 on a GPU that supports it")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model/tokenizer code from the hub repo to run (off by default: it executes code)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch RNGs")
+
+
+def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_default: str,
+                   teacher_default: str | None = None, lr: float = 1e-5) -> None:
+    """The flags every training script shares (the conventions later scripts rely on)."""
+    add_model_args(parser)
+    parser.add_argument("--student", default=student_default, help="student model: hub id or local folder")
+    if teacher:
+        parser.add_argument("--teacher", default=teacher_default, help="teacher model: hub id or local folder")
+        parser.add_argument("--teacher-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                            help="dtype for the frozen teacher (default: same as --dtype)")
+    parser.add_argument("--data", required=True, help="JSONL written by generate_data.py (messages + completion)")
+    parser.add_argument("--output-dir", required=True, help="where the trained model and metrics.jsonl go")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run (overrides --epochs)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --max-steps is unset")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    parser.add_argument("--max-length", type=int, default=1024,
+                        help="max tokens of prompt + completion; longer rows are skipped and counted")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the student (GPU)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute the student's activations in backward to save memory")
+    parser.add_argument("--chunk-size", type=int, default=1024,
+                        help="positions per chunk when projecting hidden states to the vocabulary in the loss")
+    parser.add_argument("--log-every", type=int, default=1, help="print a metrics line every N steps")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights (peft)")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    parser.add_argument("--lora-target-modules", default="all-linear",
+                        help="comma-separated module names for LoRA, or 'all-linear'")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. models and tokenizers
+
+
+def resolve_dtype(name: str | None, device: torch.device | str = "cpu") -> torch.dtype:
+    if name in (None, "auto"):
+        on_gpu = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _check_source(name: str, what: str) -> None:
+    """A path-looking name that does not exist would otherwise become a confusing hub lookup."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise DistillError(f"{what} '{name}' not found: no such local folder")
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "model"):
+    from transformers import AutoTokenizer
+
+    _check_source(name, what)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise DistillError(f"cannot load the tokenizer of {what} '{name}': {err}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked by position (attention_mask / loss_mask), never by token id, so reusing EOS as
+        # the pad token cannot hide the real EOS from the loss (the TRL <1.9 pad==eos bug).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, *, dtype: str | None = "auto", trust_remote_code: bool = False,
+               device: torch.device | str = "cpu", what: str = "model"):
+    """Load a causal LM and its tokenizer from a hub id or a local folder."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code, what=what)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise DistillError(f"cannot load {what} '{name}': {err}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
+
+
+def maybe_lora(model, args):
+    """Wrap the student in a LoRA adapter when --lora is given (peft is only imported then)."""
+    if not getattr(args, "lora", False):
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise DistillError("--lora needs peft: pip install peft") from None
+    targets = args.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def output_head(model) -> torch.nn.Module:
+    """The vocabulary projection (lm_head) of a causal LM, through DDP/peft wrappers."""
+    inner = getattr(model, "module", model)
+    return inner.get_output_embeddings()
+
+
+def final_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+    """Hidden states after the final norm, [B, T, H], without computing [B, T, V] logits.
+
+    We go through the top-level forward (so DDP/FSDP hooks run) and ask it to project only the last position
+    (`logits_to_keep=1`); the loss then projects masked positions chunk by chunk itself.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. data
+
+
+def read_jsonl(path: str | Path, *, what: str = "--data") -> list[dict]:
+    """Read a JSONL file; a malformed line raises one error naming the file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"{what}: file '{path}' not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DistillError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DistillError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_prompt_dataset(name: str, *, config: str | None = None, split: str = "train",
+                        prompt_field: str = "question", answer_field: str | None = "answer",
+                        num_examples: int | None = None, trust_remote_code: bool = False) -> list[dict]:
+    """Prompts (and reference answers) from a hub dataset or a local .json/.jsonl/.parquet/.csv file.
+
+    Returns rows {"index", "prompt", "answer"} in dataset order; `answer` is None when the field is absent.
+    """
+    import datasets
+
+    local = Path(name).expanduser()
+    if local.exists():
+        suffix = local.suffix.lower()
+        if local.is_dir():
+            try:
+                ds = datasets.load_from_disk(str(local))
+                ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            except FileNotFoundError:
+                ds = datasets.load_dataset(str(local), config, split=split)
+        elif suffix in (".jsonl", ".json"):
+            # Read it ourselves so a bad line is reported by number instead of as a pyarrow traceback.
+            if suffix == ".json" and local.read_text(encoding="utf-8").lstrip().startswith("["):
+                ds = datasets.Dataset.from_list(json.loads(local.read_text(encoding="utf-8")))
+            else:
+                ds = datasets.Dataset.from_list(read_jsonl(local, what="--dataset"))
+        elif suffix in (".parquet", ".csv"):
+            ds = datasets.load_dataset(suffix[1:], data_files=str(local), split="train")
+        else:
+            raise DistillError(f"--dataset '{name}': unsupported file type (use .jsonl, .json, .parquet or .csv)")
+    else:
+        _check_source(name, "--dataset")
+        try:
+            ds = datasets.load_dataset(name, config, split=split, trust_remote_code=trust_remote_code) \
+                if trust_remote_code else datasets.load_dataset(name, config, split=split)
+        except Exception as err:  # datasets raises many types (offline, missing config, bad split)
+            raise DistillError(f"cannot load dataset '{name}' (config={config}, split={split}): {err}") from None
+    if prompt_field not in ds.column_names:
+        raise DistillError(f"dataset '{name}' has no field '{prompt_field}' (--prompt-field); "
+                           f"fields: {', '.join(ds.column_names)}")
+    has_answer = bool(answer_field) and answer_field in ds.column_names
+    if num_examples is not None:
+        ds = ds.select(range(min(num_examples, len(ds))))
+    rows = []
+    for i, ex in enumerate(ds):
+        prompt = ex[prompt_field]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DistillError(f"dataset '{name}' row {i}: field '{prompt_field}' is empty or not text")
+        rows.append({"index": i, "prompt": prompt, "answer": ex[answer_field] if has_answer else None})
+    return rows
+
+
+def load_distill_rows(path: str | Path) -> list[dict]:
+    """Rows of a generate_data.py JSONL, validated: each needs `messages` (list) and `completion` (str)."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise DistillError(f"--data '{path}' holds no rows")
+    for lineno, row in enumerate(rows, 1):
+        for field, kind in (("messages", list), ("completion", str)):
+            if not isinstance(row.get(field), kind):
+                raise DistillError(f"{path}: row {lineno} (id={row.get('id')}) has no '{field}' "
+                                   f"({kind.__name__}); was it written by generate_data.py?")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. chat templates and the assistant mask
+
+
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    """Render messages with the tokenizer's own chat template.
+
+    Templates without a system role (Gemma, Mistral v0.1) raise on one; we then fold the system prompt into the
+    first user turn, which is what those models' authors recommend.
+    """
+    import jinja2
+
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "?")
+        raise DistillError(
+            f"tokenizer '{name}' has no chat template. Use an Instruct/chat checkpoint, or set one and save it: "
+            f"tok.chat_template = open('template.jinja').read(); tok.save_pretrained('{name}')")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.exceptions.TemplateError:
+        if not messages or messages[0]["role"] != "system":
+            raise
+        system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+        if rest and rest[0]["role"] == "user":
+            rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+        return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    return ids
+
+
+def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: int | None = None) -> dict | None:
+    """Tokenize prompt + completion with the tokenizer's template and build the assistant mask.
+
+    The completion is located by *character offsets* in the rendered text (no `{% generation %}` markers and no
+    guessing of header token ids needed). `loss_mask[i] = 1` for every token overlapping the completion's
+    characters, plus the first token after it when it is a special token: the end-of-turn token that closes the
+    turn (`<|im_end|>`, `<|eot_id|>`, `</s>`), which is how the student learns to stop. Everything else
+    (system/user text, headers, what the template appends after the end-of-turn token, padding) is 0.
+
+    Returns {"input_ids": list[int], "loss_mask": list[int]}, or None when longer than `max_length`.
+    """
+    prompt_text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    full_text = render_chat(tokenizer, messages + [{"role": "assistant", "content": completion}],
+                            add_generation_prompt=False)
+    # The completion starts after the shared prefix of "prompt + generation header" and "full conversation".
+    prefix = os.path.commonprefix([prompt_text, full_text])
+    start = full_text.find(completion, len(prefix))
+    if start < 0:  # templates such as Llama-3's trim the content
+        completion = completion.strip()
+        start = full_text.find(completion, len(prefix))
+    if start < 0:
+        raise DistillError("the chat template does not render the assistant completion verbatim; "
+                           "cannot locate it to build the loss mask")
+    end = start + len(completion)
+    enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    loss_mask = [1 if (s < end and e > start) else 0 for s, e in offsets]
+    after = next((i for i, (s, e) in enumerate(offsets) if s >= end and e > s), None)
+    if after is None or input_ids[after] not in _special_ids(tokenizer):
+        raise DistillError(f"tokenizer '{tokenizer.name_or_path}': the chat template closes the assistant turn "
+                           "with no special end-of-turn token, so the student could never learn to stop")
+    loss_mask[after] = 1
+    # The first token can never be a target (nothing predicts it).
+    loss_mask[0] = 0
+    if max_length is not None and len(input_ids) > max_length:
+        return None
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the template's end-of-turn token and the tokenizer's EOS."""
+    probe = [{"role": "user", "content": "hi"}]
+    enc = encode_chat(tokenizer, probe, "ok")
+    eot = enc["input_ids"][max(i for i, m in enumerate(enc["loss_mask"]) if m)]
+    ids = [eot]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != eot:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Encode generate_data rows for training; returns (examples, number skipped for exceeding max_length)."""
+    from tqdm.auto import tqdm
+
+    examples, skipped = [], 0
+    for row in tqdm(rows, desc="tokenize", disable=len(rows) < 2000 or not is_main_process()):
+        enc = encode_chat(tokenizer, row["messages"], row["completion"], max_length)
+        if enc is None:
+            skipped += 1
+            continue
+        enc["id"] = row.get("id")
+        examples.append(enc)
+    if not examples:
+        raise DistillError(f"every row is longer than --max-length {max_length}; raise it")
+    return examples, skipped
+
+
+def pad_batch(examples: list[dict], pad_id: int, *, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad `input_ids` (and `loss_mask` when present) to the longest example.
+
+    Padded positions get attention_mask 0 and loss_mask 0. Right padding for training, left for generation
+    (so every sequence's next token is at the same column).
+    """
+    width = max(len(ex["input_ids"]) for ex in examples)
+    out = {"input_ids": [], "attention_mask": [], "loss_mask": []}
+    for ex in examples:
+        n = len(ex["input_ids"])
+        pad = [0] * (width - n)
+
+        def place(seq, fill, pad=pad):
+            filled = [fill] * len(pad)
+            return filled + list(seq) if side == "left" else list(seq) + filled
+
+        out["input_ids"].append(place(ex["input_ids"], pad_id))
+        out["attention_mask"].append(place([1] * n, 0))
+        out["loss_mask"].append(place(ex.get("loss_mask", [0] * n), 0))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def shift_for_next_token(hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair each position's hidden state with the token it predicts; keep only masked positions.
+
+    Returns (hidden [N, H], targets [N]) where N = number of masked target tokens in the batch.
+    """
+    mask = batch["loss_mask"][:, 1:].bool()
+    return hidden[:, :-1][mask], batch["input_ids"][:, 1:][mask]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. losses
+#
+# Reference implementations (`masked_ce`, `generalized_jsd`, `kl`) take logits and are what the tests and the
+# readers check the formulas against. Training uses `fused_head_loss`, which computes the same numbers from
+# hidden states chunk by chunk so that [tokens, vocab] logits never exist for a whole batch.
+
+
+def _normalize(total: torch.Tensor, mask: torch.Tensor, num_tokens) -> torch.Tensor:
+    return total / (mask.sum() if num_tokens is None else num_tokens)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
+    """Cross-entropy on masked positions: sum_i mask_i * -log softmax(logits_i)[targets_i] / num_tokens.
+
+    logits [..., V], targets [...], mask [...] (0/1). `num_tokens` defaults to mask.sum(); pass the global count
+    of masked tokens in the optimizer step to make gradient accumulation exact.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    nll = F.cross_entropy(logits.flatten(0, -2).to(dtype), targets.flatten(), reduction="none")
+    return _normalize(torch.where(mask.flatten().bool(), nll, 0.0).sum(), mask, num_tokens)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Per-position generalized Jensen-Shannon divergence, T^2-scaled. Shapes: [..., V] -> [...].
+
+    With p = softmax(teacher_logits / T), q = softmax(student_logits / T) and m = beta*p + (1-beta)*q:
+
+        D_beta = T^2 * ( beta * KL(p || m) + (1 - beta) * KL(q || m) )       for 0 < beta < 1
+        D_0    = T^2 * KL(p || q) = T^2 * sum_v p(v) (log p(v) - log q(v))     forward KL (mode covering)
+        D_1    = T^2 * KL(q || p)                                              reverse KL (mode seeking)
+
+    The interior formula tends to 0 at both ends, so the endpoints are defined as the two KLs, as in GKD
+    (Agarwal et al., 2024, "On-Policy Distillation of Language Models") and TRL. The T^2 factor (Hinton et al.,
+    2015) keeps gradient magnitudes comparable across temperatures: d/dz of the soft loss scales as 1/T.
+    Computed in float32 (or the input dtype if wider); zero-probability entries contribute 0.
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+
+    def kl_div(log_a, log_b):  # sum_v a (log a - log b), with 0 log 0 = 0
+        a = log_a.exp()
+        return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+    if beta == 0:
+        d = kl_div(t, s)
+    elif beta == 1:
+        d = kl_div(s, t)
+    else:
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
+        d = beta * kl_div(t, m) + (1 - beta) * kl_div(s, m)
+    return d * temperature**2
+
+
+def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
+       direction: str = "forward", temperature: float = 1.0, num_tokens=None) -> torch.Tensor:
+    """Masked mean KL at temperature T, T^2-scaled (Hinton et al., 2015).
+
+    forward: T^2 * sum_i mask_i * KL(p_i || q_i) / num_tokens   (KL(teacher || student), mode covering)
+    reverse: T^2 * sum_i mask_i * KL(q_i || p_i) / num_tokens   (KL(student || teacher), mode seeking; MiniLLM)
+    p = softmax(teacher_logits / T), q = softmax(student_logits / T). Shapes: logits [..., V], mask [...].
+    """
+    beta = {"forward": 0.0, "reverse": 1.0}[direction]
+    return jsd(student_logits, teacher_logits, mask, beta=beta, temperature=temperature, num_tokens=num_tokens)
+
+
+def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float,
+        temperature: float = 1.0, num_tokens=None) -> torch.Tensor:
+    """Masked mean of `generalized_jsd` over positions: sum_i mask_i * D_beta(i) / num_tokens."""
+    d = generalized_jsd(student_logits, teacher_logits, beta, temperature)
+    # where, not multiply: a masked position holding inf/nan (e.g. padding) must not turn the sum into nan.
+    return _normalize(torch.where(mask.bool(), d, 0.0).sum(), mask, num_tokens)
+
+
+def _soft_loss_and_grad(student_logits, teacher_logits, beta: float, temperature: float):
+    """Per-position T^2 * D_beta and its gradient w.r.t. the student logits, in closed form (float32).
+
+    With u = z / T, q = softmax(u), s = log q, t = log p:
+      forward (beta=0):  dD/du = q - p
+      reverse (beta=1):  dD/du = q * (s - t - KL(q||p))
+      interior:          dD/du = (1 - beta) * q * (s - log m - KL(q||m))
+    (the p-terms of the interior JSD cancel: beta*p + (1-beta)*q = m). dz = T^2 * dD/du / T.
+    """
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.to(s.dtype) / temperature, dim=-1)
+    q = s.exp()
+    if beta == 0:
+        p = t.exp()
+        loss = torch.where(p > 0, p * (t - s), torch.zeros_like(p)).sum(-1)
+        grad = q - p
+    else:
+        if beta == 1:
+            ref, scale, extra = t, 1.0, 0.0
+        else:
+            ref = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
+            scale = 1 - beta
+            p = t.exp()
+            extra = beta * torch.where(p > 0, p * (t - ref), torch.zeros_like(p)).sum(-1)
+        kl_q = torch.where(q > 0, q * (s - ref), torch.zeros_like(q)).sum(-1)
+        loss = scale * kl_q + extra
+        grad = scale * q * (s - ref - kl_q.unsqueeze(-1))
+        grad = torch.where(q > 0, grad, torch.zeros_like(grad))
+    return loss * temperature**2, grad * temperature
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Project hidden states to logits and compute the loss chunk by chunk, with gradients taken in forward.
+
+    Each chunk's [C, V] logits exist only while that chunk is processed; the gradients w.r.t. the hidden states and
+    the head weight are accumulated during the forward pass (closed form, see `_soft_loss_and_grad`), so backward
+    is a multiplication by the incoming scalar and nothing is recomputed (cf. Liger-Kernel's fused linear losses).
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
+                num_tokens, alpha, beta, temperature, chunk_size, vocab):
+        n = student_hidden.shape[0]
+        need_w = ctx.needs_input_grad[1]
+        acc = torch.promote_types(student_hidden.dtype, torch.float32)  # fp32 math for bf16 models, fp64 in tests
+        grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=student_hidden.device)
+        grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device) if need_w else None
+        w = student_weight[:vocab]
+        ce_sum = torch.zeros((), dtype=acc, device=student_hidden.device)
+        soft_sum = torch.zeros_like(ce_sum)
+        for lo in range(0, n, chunk_size):
+            h = student_hidden[lo:lo + chunk_size]
+            logits = (h @ w.T).to(acc)  # [C, vocab]
+            grad_logits = torch.zeros_like(logits)
+            # CE is always computed (cheap next to the matmuls) so that it can be logged even when alpha = 0.
+            log_q = F.log_softmax(logits, dim=-1)
+            y = targets[lo:lo + chunk_size]
+            ce_sum += -log_q.gather(1, y[:, None]).sum()
+            if alpha > 0:
+                g = log_q.exp()
+                g[torch.arange(len(y), device=g.device), y] -= 1
+                grad_logits += alpha * g
+            if alpha < 1:
+                teacher_logits = teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T  # [C, vocab]
+                soft, g = _soft_loss_and_grad(logits, teacher_logits, beta, temperature)
+                soft_sum += soft.sum()
+                grad_logits += (1 - alpha) * g
+            grad_logits /= num_tokens
+            grad_logits = grad_logits.to(w.dtype)
+            grad_hidden[lo:lo + chunk_size] = grad_logits @ w
+            if need_w:
+                grad_weight[:vocab] += grad_logits.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight if need_w else None)
+        ctx.hidden_dtype, ctx.weight_dtype = student_hidden.dtype, student_weight.dtype
+        loss = (alpha * ce_sum + (1 - alpha) * soft_sum) / num_tokens
+        ctx.mark_non_differentiable(ce_sum, soft_sum)
+        return loss, ce_sum, soft_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _soft):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = (grad_hidden * grad_loss).to(ctx.hidden_dtype)
+        gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None, None, None, None, None, None, None
+
+
+def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
+                    num_tokens, *, teacher_hidden: torch.Tensor | None = None,
+                    teacher_weight: torch.Tensor | None = None, alpha: float = 1.0, beta: float = 0.0,
+                    temperature: float = 1.0, chunk_size: int = 1024, vocab: int | None = None):
+    """alpha * CE + (1 - alpha) * T^2 * D_beta(teacher, student), summed over positions / num_tokens.
+
+    Same value and gradients as `alpha * masked_ce(...) + (1 - alpha) * jsd(...)` on materialized logits,
+    but computed from hidden states in chunks of `chunk_size` positions, so peak extra memory is a few
+    [chunk_size, vocab] buffers plus one head-sized gradient instead of several [N, vocab] copies.
+
+    student_hidden [N, H] (only masked positions), student_weight [V_s, H] (lm_head.weight), targets [N],
+    teacher_hidden [N, H_t], teacher_weight [V_t, H_t]; `vocab` is the shared real vocabulary (logits beyond it,
+    e.g. padded head rows, are ignored). Returns (loss, ce_sum, soft_sum): the last two detached sums for logging.
+    """
+    if alpha < 1 and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("alpha < 1 needs teacher_hidden and teacher_weight")
+    vocab = vocab or student_weight.shape[0]
+    if teacher_hidden is None:
+        teacher_hidden = teacher_weight = student_hidden.new_zeros(0)
+    else:
+        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    num_tokens = max(float(num_tokens), 1.0)
+    return _FusedHeadLoss.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
+                                num_tokens, alpha, beta, temperature, chunk_size, vocab)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. the training loop kit
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class TrainLoop:
+    """What every training script needs around its own loss: accelerate, optimizer, schedule, accumulation,
+    logging and saving. Not a trainer to subclass: the script iterates it and writes the step itself::
+
+        loop = TrainLoop(args, student, examples, pad_id)
+        for micro_batches, num_tokens in loop:      # one optimizer step
+            for batch in micro_batches:
+                loss = ... / num_tokens             # sum over masked tokens / global count
+                loop.backward(loss)
+            loop.step(ce=..., kl=...)               # clip, optimizer, schedule, log
+        loop.save(tokenizer)
+
+    `num_tokens` is the number of masked target tokens in *all* micro-batches of the step on *all* processes,
+    counted before the first forward, so every micro-batch's loss uses the same denominator.
+    """
+
+    def __init__(self, args, model, examples: list[dict], pad_id: int):
+        from accelerate import Accelerator
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.args = args
+        self.accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+        seed_everything(args.seed)
+        self.output_dir = Path(args.output_dir)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.examples, self.pad_id = examples, pad_id
+        per_epoch = math.ceil(len(examples) / (args.batch_size * self.accelerator.num_processes))
+        self.steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
+        self.total_steps = args.max_steps or max(1, math.ceil(self.steps_per_epoch * args.epochs))
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # Not prepared: accelerate would step it once per process; we step it once per optimizer step.
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, int(args.warmup_ratio * self.total_steps), self.total_steps)
+        self.device = self.accelerator.device
+        self.step_num = 0
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._stats: dict[str, float] = {}
+
+    # -- data ---------------------------------------------------------------------------------------------------
+
+    def _micro_batches(self):
+        """Endless stream of this process's micro-batches: reshuffled every epoch, sharded across processes."""
+        acc = self.accelerator
+        epoch = 0
+        while True:
+            order = list(range(len(self.examples)))
+            random.Random(self.args.seed + epoch).shuffle(order)
+            per_step = self.args.batch_size * acc.num_processes
+            for lo in range(0, len(order), per_step):
+                chunk = order[lo:lo + per_step][acc.process_index::acc.num_processes]
+                if chunk:
+                    yield pad_batch([self.examples[i] for i in chunk], self.pad_id)
+            epoch += 1
+
+    def __iter__(self):
+        from tqdm.auto import tqdm
+
+        stream = self._micro_batches()
+        self.start_time = time.time()
+        if self.accelerator.is_main_process:
+            self.metrics_path.write_text("")
+        self.bar = tqdm(total=self.total_steps, desc="train", disable=not self.accelerator.is_main_process)
+        while self.step_num < self.total_steps:
+            batches = [{k: v.to(self.device) for k, v in next(stream).items()} for _ in range(self.args.grad_accum)]
+            yield batches, self.count_tokens(batches)
+        self.bar.close()
+
+    def count_tokens(self, batches: list[dict]) -> float:
+        """Global number of masked target tokens in this optimizer step (all micro-batches, all processes)."""
+        local = sum(b["loss_mask"][:, 1:].sum() for b in batches).float()
+        return self.accelerator.reduce(local, reduction="sum").item()
+
+    # -- the step -----------------------------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor, **stats: float) -> None:
+        """Backpropagate one micro-batch's share of the step loss (already divided by the global token count).
+
+        DDP averages gradients over processes; the loss is a share of a global *sum*, so scale it back up.
+        """
+        self.accelerator.backward(loss * self.accelerator.num_processes)
+        self._stats["loss"] = self._stats.get("loss", 0.0) + loss.detach().float().item()
+        for key, value in stats.items():
+            self._stats[key] = self._stats.get(key, 0.0) + float(value)
+
+    def step(self, num_tokens: float, **extra) -> dict:
+        """Clip, update, advance the schedule, and log one metrics.jsonl row."""
+        acc = self.accelerator
+        grad_norm = None
+        if self.args.max_grad_norm and acc.sync_gradients:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_num += 1
+        summed = {k: acc.reduce(torch.tensor(v, device=self.device), reduction="sum").item()
+                  for k, v in sorted(self._stats.items())}
+        self._stats = {}
+        row = {"step": self.step_num, **summed, "lr": lr, "tokens": int(num_tokens),
+               "grad_norm": None if grad_norm is None else float(grad_norm),
+               "elapsed_s": round(time.time() - self.start_time, 3), **extra}
+        if acc.is_main_process:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if self.step_num % self.args.log_every == 0 or self.step_num == self.total_steps:
+                self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in row.items() if v is not None))
+        return row
+
+    def finish(self, *, skipped: int, total: int) -> None:
+        """The end-of-run report: where things are, and what was left out of training."""
+        if not self.accelerator.is_main_process:
+            return
+        print(f"done: {self.step_num} steps in {time.time() - self.start_time:.1f}s; "
+              f"model in {self.output_dir}, metrics in {self.metrics_path}")
+        if skipped:
+            print(f"skipped {skipped} of {total} rows longer than --max-length {self.args.max_length}")
+
+    def save(self, tokenizer, path: str | Path | None = None) -> Path:
+        """Save the student (or its LoRA adapter) and tokenizer as a normal Hugging Face folder."""
+        path = Path(path or self.output_dir)
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.model)
+        if acc.is_main_process:
+            model.save_pretrained(path, save_function=acc.save)
+            tokenizer.save_pretrained(path)
+        acc.wait_for_everyone()
+        return path
+
+
+def frozen_teacher(model) -> torch.nn.Module:
+    """Put the teacher in eval mode with no gradients; it is never wrapped for training."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fingerprint(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. generation (teacher data, on-policy samples, evaluation)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_ids: list[int] | None = None) -> list[dict]:
+    """Batched, left-padded sampling with KV cache; stops when every row has produced a stop token.
+
+    Returns one dict per prompt: `tokens` (new tokens up to and including the first stop token) and `finished`
+    (False when cut at max_new_tokens). The model's own generation_config (e.g. a repetition penalty or top_k
+    shipped with the checkpoint) is *not* applied: only the settings given here, which are the ones recorded.
+    """
+    from transformers import GenerationConfig
+
+    stop_ids = stop_ids or end_of_turn_ids(tokenizer)
+    batch = pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
+    device = next(model.parameters()).device
+    sampling = temperature > 0
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling,
+                              temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                              top_k=None, repetition_penalty=None, eos_token_id=stop_ids,
+                              pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device), generation_config=config)
+    finally:
+        model.train(was_training)
+    new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
+    results = []
+    stops = set(stop_ids)
+    for row in new_tokens:
+        end = next((i for i, tok in enumerate(row) if tok in stops), None)
+        results.append({"tokens": row[:end + 1] if end is not None else row, "finished": end is not None})
+    return results

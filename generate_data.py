@@ -1,0 +1,124 @@
+"""The teacher answers prompts; its completions become the training data of every distillation script.
+
+    # GSM8K train split, the blog's teacher, 2,000 prompts
+    python generate_data.py --teacher Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --dataset-config main \
+        --split train --num-examples 2000 --output data/teacher_gsm8k.jsonl
+
+    # a local file of prompts (any of .jsonl .json .parquet .csv), greedy decoding
+    python generate_data.py --teacher ./my_teacher --dataset prompts.jsonl --prompt-field prompt \
+        --answer-field "" --temperature 0 --output data/mine.jsonl
+
+Each output row: {"id", "messages": [system, user], "completion", "answer", "teacher", "generation",
+"finish_reason", "completion_tokens"}. The run is resumable: re-running the same command skips ids already in
+the output, a killed run loses at most the batch in flight, and a torn last line is cut off before appending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(parser)
+    parser.add_argument("--teacher", default="Qwen/Qwen2.5-1.5B-Instruct", help="teacher: hub id or local folder")
+    parser.add_argument("--dataset", default="openai/gsm8k", help="hub dataset id or local .jsonl/.json/.parquet/.csv")
+    parser.add_argument("--dataset-config", default="main", help="hub dataset config name (gsm8k: 'main')")
+    parser.add_argument("--split", default="train", help="dataset split")
+    parser.add_argument("--prompt-field", default="question", help="field holding the prompt text")
+    parser.add_argument("--answer-field", default="answer", help="field with the reference answer ('' for none)")
+    parser.add_argument("--num-examples", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--system-prompt", default=common.DEFAULT_SYSTEM_PROMPT,
+                        help="system message ('' for none); folded into the user turn if the template has no "
+                             "system role")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per completion")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    parser.add_argument("--output", required=True, help="JSONL file to write (appended to when resuming)")
+    return parser.parse_args(argv)
+
+
+def load_done(path: Path) -> dict[str, dict]:
+    """Rows already written, by id. A torn last line (a kill mid-write) is cut off so the run can append."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        print(f"{path}: dropping a torn last line ({len(data) - keep} bytes) left by an interrupted run")
+        with path.open("r+b") as f:
+            f.truncate(keep)
+    return {row["id"]: row for row in common.read_jsonl(path, what="--output")}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.seed_everything(args.seed)
+    out_path = Path(args.output)
+    prompts = common.load_prompt_dataset(
+        args.dataset, config=args.dataset_config or None, split=args.split, prompt_field=args.prompt_field,
+        answer_field=args.answer_field or None, num_examples=args.num_examples,
+        trust_remote_code=args.trust_remote_code)
+    done = load_done(out_path)
+    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    todo = []
+    for row in prompts:
+        row_id = f"{args.split}-{row['index']}"
+        messages = system + [{"role": "user", "content": row["prompt"]}]
+        if row_id in done:
+            if done[row_id]["messages"] != messages:
+                raise common.DistillError(f"{out_path}: row id {row_id} was written for a different prompt or "
+                                          "system prompt; write to a new --output")
+            continue
+        todo.append({"id": row_id, "messages": messages, "answer": row["answer"]})
+    print(f"{len(prompts)} prompts, {len(done)} already in {out_path}, {len(todo)} to generate")
+    if not todo:
+        return
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher, tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
+                                           trust_remote_code=args.trust_remote_code)
+    stop_ids = common.end_of_turn_ids(tokenizer)
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cut = 0
+    with out_path.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="generate") as bar:
+        for lo in range(0, len(todo), args.batch_size):
+            batch = todo[lo:lo + args.batch_size]
+            # Seed per batch from its first id so a resumed run samples what the uninterrupted one would have.
+            torch.manual_seed(args.seed + int(common.fingerprint(batch[0]["id"]), 16) % 2**31)
+            prompt_ids = [tokenizer(common.render_chat(tokenizer, r["messages"], add_generation_prompt=True),
+                                    add_special_tokens=False)["input_ids"] for r in batch]
+            results = common.generate(teacher, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids)
+            lines = []
+            for row, res in zip(batch, results):
+                tokens = res["tokens"][:-1] if res["finished"] else res["tokens"]
+                cut += not res["finished"]
+                lines.append(json.dumps({
+                    "id": row["id"], "messages": row["messages"],
+                    "completion": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                    "answer": row["answer"], "teacher": args.teacher, "generation": settings,
+                    "finish_reason": "stop" if res["finished"] else "length", "completion_tokens": len(tokens),
+                }, ensure_ascii=False) + "\n")
+            # One write + fsync per batch: a kill loses at most this batch, and at worst tears its last line.
+            out.write("".join(lines))
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(batch))
+    print(f"wrote {len(todo)} rows to {out_path}" +
+          (f"; {cut} hit --max-new-tokens without an end-of-turn token" if cut else ""))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
