@@ -600,6 +600,116 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
                                 num_tokens, alpha, beta, temperature, chunk_size, vocab)
 
 
+@torch.no_grad()
+def agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+              teacher_weight: torch.Tensor, *, vocab: int, temperature: float = 1.0,
+              chunk_size: int = 1024) -> dict[str, float]:
+    """Sums over positions of KL(teacher || student) at temperature T (T^2-scaled) and of top-1 agreement.
+
+    Shapes as in `fused_head_loss`. Returns {"kl_sum", "top1_sum", "count"}; divide by count for means (kept as
+    sums so callers can add them across batches and processes). Chunked: no [N, vocab] tensor is formed.
+    """
+    out = {"kl_sum": 0.0, "top1_sum": 0.0, "count": float(student_hidden.shape[0])}
+    for lo in range(0, student_hidden.shape[0], chunk_size):
+        s = (student_hidden[lo:lo + chunk_size] @ student_weight[:vocab].T).float()
+        t = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).float()
+        out["kl_sum"] += generalized_jsd(s, t, 0.0, temperature).sum().item()
+        out["top1_sum"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
+    return out
+
+
+@torch.no_grad()
+def heldout_agreement(student, teacher, examples: list[dict], pad_id: int, *, vocab: int | None = None,
+                      temperature: float = 1.0, batch_size: int = 8) -> dict[str, float]:
+    """Mean KL(teacher || student) and top-1 agreement over the completion tokens of `examples`."""
+    student_head, teacher_head = output_head(student), output_head(teacher)
+    vocab = vocab or min(student_head.weight.shape[0], teacher_head.weight.shape[0])
+    device = next(student.parameters()).device
+    total = {"kl_sum": 0.0, "top1_sum": 0.0, "count": 0.0}
+    for lo in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(examples[lo:lo + batch_size], pad_id).items()}
+        s_hidden, _ = shift_for_next_token(backbone_hidden_states(student, batch["input_ids"],
+                                                                 batch["attention_mask"]), batch)
+        t_hidden, _ = shift_for_next_token(backbone_hidden_states(teacher, batch["input_ids"],
+                                                                 batch["attention_mask"]), batch)
+        stats = agreement(s_hidden, student_head.weight, t_hidden, teacher_head.weight, vocab=vocab,
+                          temperature=temperature)
+        for key in total:
+            total[key] += stats[key]
+    count = max(total["count"], 1.0)
+    return {"kl": total["kl_sum"] / count, "top1": total["top1_sum"] / count, "tokens": int(total["count"])}
+
+
+def backbone_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+    """Final hidden states [B, T, H] of a model not being trained (the teacher; a student under evaluation).
+
+    Calls the backbone directly: such a model is never wrapped by DDP, so no hooks are skipped, and the
+    per-layer hidden states that `output_hidden_states` would keep alive are never collected.
+    """
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):  # a peft-wrapped student
+        inner = inner.get_base_model()
+    return inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def preflight(student_hidden, student_weight, teacher_hidden, teacher_weight, *, vocab: int,
+              temperature: float) -> dict[str, float]:
+    """Print how far apart teacher and student start, on the first batch (a sanity check before hours of GPU)."""
+    stats = agreement(student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight,
+                      vocab=vocab, temperature=temperature)
+    count = max(stats["count"], 1.0)
+    result = {"kl": stats["kl_sum"] / count, "top1": stats["top1_sum"] / count}
+    if is_main_process():
+        print(f"pre-flight on the first batch ({int(count)} completion tokens): "
+              f"KL(teacher||student) at T={temperature:g} = {result['kl']:.4f}, top-1 agreement = {result['top1']:.1%}")
+    return result
+
+
+def warn_template_mismatch(student_tokenizer, teacher_tokenizer) -> bool:
+    """Warn when teacher and student would not format or end a conversation the same way.
+
+    Both models read the *student's* rendering here; a teacher fed another template scores text off its own
+    distribution (a base student with an instruct teacher), and a different end-of-turn token teaches the
+    student a stop signal its own generate() will not use.
+    """
+    problems = []
+    if student_tokenizer.chat_template != teacher_tokenizer.chat_template:
+        problems.append("chat templates differ")
+    if end_of_turn_ids(student_tokenizer) != end_of_turn_ids(teacher_tokenizer):
+        problems.append("end-of-turn/EOS tokens differ")
+    if problems and is_main_process():
+        print(f"warning: teacher and student {' and '.join(problems)}; the teacher scores text rendered with the "
+              "student's template. Prefer a student whose template matches the teacher's (e.g. the Instruct one).")
+    return bool(problems)
+
+
+def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_rows: int, teacher_rows: int) -> int:
+    """The logit range on which teacher and student distributions can be compared.
+
+    Checkpoints of one family often pad their heads to different widths (Qwen2.5: 151,936 or 152,064 rows for a
+    151,665-token tokenizer). Those padded rows are not tokens; we compare over the real shared ids after checking
+    that both tokenizers give every shared id the same string. Different vocabularies are refused.
+    """
+    n = min(len(student_tokenizer), len(teacher_tokenizer))
+    if n > min(student_rows, teacher_rows):
+        raise DistillError(f"a tokenizer has more tokens ({n}) than a model has logit rows "
+                           f"(student {student_rows}, teacher {teacher_rows})")
+    ids = list(range(n))
+    s_tokens = student_tokenizer.convert_ids_to_tokens(ids)
+    t_tokens = teacher_tokenizer.convert_ids_to_tokens(ids)
+    mismatch = [i for i in ids if s_tokens[i] != t_tokens[i]]
+    if mismatch:
+        i = mismatch[0]
+        raise DistillError(
+            f"teacher and student vocabularies differ ({len(mismatch)} of {n} shared ids map to different tokens, "
+            f"e.g. id {i}: student {s_tokens[i]!r} vs teacher {t_tokens[i]!r}). Token-level KL needs one "
+            "vocabulary; use cross_tokenizer.py for different tokenizers")
+    if len(student_tokenizer) != len(teacher_tokenizer):
+        print(f"warning: tokenizers have {len(student_tokenizer)} (student) and {len(teacher_tokenizer)} (teacher) "
+              f"tokens; comparing distributions over the {n} shared ids")
+    return n
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 6. the training loop kit
 

@@ -95,7 +95,7 @@ def main(argv=None):
     with out_path.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="generate") as bar:
         for lo in range(0, len(todo), args.batch_size):
             batch = todo[lo:lo + args.batch_size]
-            # Seed per batch from its first id so a resumed run samples what the uninterrupted one would have.
+            # Seed per batch from its first id: a re-run of the same command samples the same completions.
             torch.manual_seed(args.seed + int(common.fingerprint(batch[0]["id"]), 16) % 2**31)
             prompt_ids = [tokenizer(common.render_chat(tokenizer, r["messages"], add_generation_prompt=True),
                                     add_special_tokens=False)["input_ids"] for r in batch]

@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny offline kit (built once per session) and small distillation data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tiny  # noqa: E402
+
+SYSTEM = "Solve the problem. End with '#### <number>'."
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory) -> dict[str, Path]:
+    return tiny.build_kit(tmp_path_factory.mktemp("kit") / "tiny")
+
+
+def write_rows(path: Path, n: int, seed: int = 0, system: str | None = SYSTEM) -> Path:
+    """A generate_data-style JSONL whose 'teacher completions' are the procedural reference solutions."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            question, solution, answer = tiny.make_problem(rng)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": question}]
+            f.write(json.dumps({"id": f"train-{i}", "messages": messages, "completion": solution,
+                                "answer": answer}) + "\n")
+    return path
+
+
+@pytest.fixture
+def rows_file(tmp_path) -> Path:
+    return write_rows(tmp_path / "data.jsonl", 16)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]

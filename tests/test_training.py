@@ -1,0 +1,105 @@
+"""Training end to end on tiny models: gradient accumulation, sequence_level, the shared loop's conventions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import common
+import sequence_level
+from conftest import read_metrics, write_rows
+
+
+def micro_batch_grads(model, examples, pad_id, split, normalize_globally=True):
+    """Gradients of the CE loss over `examples` cut into micro-batches of `split` examples."""
+    model.zero_grad()
+    batches = [common.pad_batch(examples[i:i + split], pad_id) for i in range(0, len(examples), split)]
+    total = sum(b["loss_mask"][:, 1:].sum().item() for b in batches)
+    head = common.output_head(model)
+    for batch in batches:
+        hidden = common.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        student_hidden, targets = common.shift_for_next_token(hidden, batch)
+        num_tokens = total if normalize_globally else len(targets) * len(batches)
+        loss, _, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens, chunk_size=16)
+        loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_equals_one_big_batch(kit, tmp_path):
+    model, tok = common.load_model(str(kit["student"]), dtype="float32")
+    model = model.double()
+    rows = common.load_distill_rows(write_rows(tmp_path / "d.jsonl", 8))
+    # Unequal completion lengths so the micro-batches hold different numbers of masked tokens.
+    for i, row in enumerate(rows):
+        row["completion"] = row["completion"] + " extra words" * (3 * i)
+    examples, _ = common.encode_rows(rows, tok, 1024)
+    counts = [sum(ex["loss_mask"]) for ex in examples]
+    assert len(set(counts[0:2] and [sum(counts[i:i + 2]) for i in range(0, 8, 2)])) == 4
+    one = micro_batch_grads(model, examples, tok.pad_token_id, split=8)
+    accumulated = micro_batch_grads(model, examples, tok.pad_token_id, split=2)
+    for name in one:
+        torch.testing.assert_close(accumulated[name], one[name], rtol=1e-9, atol=1e-12)
+    # The naive per-micro-batch mean is measurably different: the test can tell the two apart.
+    naive = micro_batch_grads(model, examples, tok.pad_token_id, split=2, normalize_globally=False)
+    assert max((naive[n] - one[n]).abs().max().item() for n in one) > 1e-4
+
+
+def test_accumulated_run_logs_the_same_step(kit, tmp_path):
+    """Through the script: batch 8 x 1 and batch 2 x 4 log the same step-1 loss, tokens and gradient norm."""
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    logged = []
+    for batch, accum in ((8, 1), (2, 4)):
+        out = tmp_path / f"run_{batch}x{accum}"
+        sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(out),
+                             "--batch-size", str(batch), "--grad-accum", str(accum), "--max-steps", "1",
+                             "--dtype", "float32"])
+        logged.append(read_metrics(out)[0])
+    a, b = logged
+    assert a["tokens"] == b["tokens"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_sequence_level_learns_saves_and_reloads(kit, tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", 16)
+    out = tmp_path / "run"
+    sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(out),
+                         "--max-steps", "30", "--batch-size", "4", "--lr", "3e-3", "--log-every", "100"])
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    assert set(metrics[0]) >= {"step", "loss", "lr", "tokens", "elapsed_s"}
+    first, last = sum(m["loss"] for m in metrics[:3]) / 3, sum(m["loss"] for m in metrics[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.vocab_size == AutoModelForCausalLM.from_pretrained(kit["student"]).config.vocab_size
+
+
+@pytest.mark.parametrize("student", ["student", "student_nosys"])
+def test_student_reproduces_one_fixed_teacher_answer(kit, tmp_path, student):
+    answer = "First 4 + 5 = 9.\nThen 9 - 2 = 7.\n#### 7"
+    messages = [{"role": "user", "content": "Tom has 4 apples, gets 5, eats 2. How many?"}]
+    data = tmp_path / "one.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "messages": messages, "completion": answer}) + "\n"
+                            for i in range(4)))
+    out = tmp_path / "run"
+    sequence_level.main(["--student", str(kit[student]), "--data", str(data), "--output-dir", str(out),
+                         "--max-steps", "150", "--batch-size", "4", "--lr", "1e-2", "--warmup-ratio", "0",
+                         "--log-every", "100"])
+    model, tok = common.load_model(str(out))
+    prompt = tok(common.render_chat(tok, messages, add_generation_prompt=True), add_special_tokens=False)
+    result = common.generate(model, tok, [prompt["input_ids"]], max_new_tokens=40)[0]
+    assert result["finished"], "the student must have learned to emit the end-of-turn token"
+    assert tok.decode(result["tokens"][:-1], skip_special_tokens=True).strip() == answer
+
+
+def test_lora_trains_only_the_adapter(kit, tmp_path):
+    pytest.importorskip("peft")
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    out = tmp_path / "lora"
+    sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(out),
+                         "--max-steps", "3", "--lora", "--lora-r", "4", "--lr", "1e-3"])
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()

@@ -1,0 +1,92 @@
+"""Token-level (logit) distillation: match the teacher's full next-token distribution at every completion token.
+
+    # the blog's run: forward KL(teacher || student) at T=2, 10% cross-entropy on the teacher's tokens
+    python token_level.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B \
+        --data data/teacher_gsm8k.jsonl --kl forward --temperature 2.0 --alpha 0.1 --output-dir runs/token_fwd
+
+    # mode-seeking reverse KL (MiniLLM), or a generalized JSD between the two
+    python token_level.py --data data/teacher_gsm8k.jsonl --kl reverse --output-dir runs/token_rev
+    python token_level.py --data data/teacher_gsm8k.jsonl --kl jsd --beta 0.5 --output-dir runs/token_jsd
+
+    # several GPUs, bf16 teacher
+    accelerate launch token_level.py --data data/teacher_gsm8k.jsonl --teacher-dtype bfloat16 --bf16 \
+        --output-dir runs/token_fwd
+
+Loss per optimizer step: alpha * CE(student, teacher's tokens) + (1 - alpha) * T^2 * D(teacher, student), where D
+is forward KL, reverse KL or the generalized JSD (common.generalized_jsd), and both terms are sums over the
+assistant completion tokens (plus the closing end-of-turn token) divided by the number of such tokens in the
+whole step. Teacher and student must share a vocabulary (padded heads are fine); otherwise use cross_tokenizer.py.
+The [tokens, vocab] logits are never formed for a batch: both heads are applied chunk by chunk inside the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import common
+
+BETA = {"forward": 0.0, "reverse": 1.0}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_train_args(parser, teacher=True, student_default="Qwen/Qwen2.5-0.5B",
+                          teacher_default="Qwen/Qwen2.5-1.5B-Instruct")
+    parser.add_argument("--kl", default="forward", choices=["forward", "reverse", "jsd"],
+                        help="forward = KL(teacher||student), reverse = KL(student||teacher), jsd = generalized JSD")
+    parser.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight of the teacher (--kl jsd only)")
+    parser.add_argument("--temperature", type=float, default=2.0,
+                        help="softmax temperature of the KL term (loss is T^2-scaled)")
+    parser.add_argument("--alpha", type=float, default=0.1, help="weight of the cross-entropy term (0..1)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.alpha <= 1:
+        parser.error("--alpha must be in [0, 1]")
+    if not 0 <= args.beta <= 1:
+        parser.error("--beta must be in [0, 1]")
+    if args.temperature <= 0:
+        parser.error("--temperature must be > 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    beta = BETA.get(args.kl, args.beta)
+    rows = common.load_distill_rows(args.data)
+    student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
+                                           trust_remote_code=args.trust_remote_code)
+    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
+    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id)
+    teacher, teacher_tokenizer = common.load_model(
+        args.teacher, dtype=args.teacher_dtype or args.dtype, device=loop.device, what="--teacher",
+        trust_remote_code=args.trust_remote_code)
+    teacher = common.frozen_teacher(teacher)
+    head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
+    vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
+                                     teacher_head.weight.shape[0])
+    common.warn_template_mismatch(tokenizer, teacher_tokenizer)
+
+    for micro_batches, num_tokens in loop:
+        for batch in micro_batches:
+            with torch.inference_mode():
+                teacher_hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+                teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
+            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+            if loop.step_num == 0 and batch is micro_batches[0]:
+                common.preflight(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
+                                 temperature=args.temperature)
+            loss, ce_sum, kl_sum = common.fused_head_loss(
+                student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
+                teacher_weight=teacher_head.weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
+                chunk_size=args.chunk_size, vocab=vocab)
+            loop.backward(loss, ce=ce_sum / num_tokens, kl=kl_sum / num_tokens)
+        loop.step(num_tokens)
+
+    loop.save(tokenizer)
+    loop.finish(skipped=skipped, total=len(rows))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
