@@ -869,6 +869,32 @@ def fingerprint(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
+def extract_answer(text: str) -> str | None:
+    """The final numeric answer of a solution: '#### N' first, then \\boxed{N}, then the last number.
+
+    Normalized so that equal numbers compare equal as strings: thousands separators, '$', '%' and spaces are
+    dropped and a trailing '.0' is removed ('$1,234.00' -> '1234'). None when the text holds no number.
+    """
+    import re
+
+    number = r"-?[$]?\s*\d[\d,]*(?:\.\d+)?"
+    for pattern in (rf"####\s*({number})", rf"\\boxed\{{\s*({number})"):
+        match = re.search(pattern, text)
+        if match:
+            return _normalize_number(match.group(1))
+    numbers = re.findall(number, text)
+    return _normalize_number(numbers[-1]) if numbers else None
+
+
+def _normalize_number(raw: str) -> str | None:
+    cleaned = raw.replace(",", "").replace("$", "").replace("%", "").replace(" ", "").strip().rstrip(".")
+    if not cleaned or cleaned == "-":
+        return None
+    if "." in cleaned:
+        cleaned = cleaned.rstrip("0").rstrip(".")
+    return "0" if cleaned in ("-0", "") else cleaned
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. generation (teacher data, on-policy samples, evaluation)
 

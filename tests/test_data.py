@@ -16,7 +16,7 @@ import pytest
 import common
 import generate_data
 import sequence_level
-from conftest import ROOT, write_rows
+from conftest import ROOT
 
 
 def write_prompts(path: Path, n: int) -> Path:
