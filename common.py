@@ -90,8 +90,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the student (GPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the student's activations in backward to save memory")
-    parser.add_argument("--chunk-size", type=int, default=1024,
-                        help="positions per chunk when projecting hidden states to the vocabulary in the loss")
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="positions per chunk when projecting hidden states to the vocabulary in the loss "
+                             "(0 = automatic: ~128 MB per [chunk, vocab] float32 buffer)")
     parser.add_argument("--log-every", type=int, default=1, help="print a metrics line every N steps")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights (peft)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
@@ -488,78 +489,125 @@ def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.
     return _normalize(torch.where(mask.bool(), d, 0.0).sum(), mask, num_tokens)
 
 
-def _soft_loss_and_grad(student_logits, teacher_logits, beta: float, temperature: float):
-    """Per-position T^2 * D_beta and its gradient w.r.t. the student logits, in closed form (float32).
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[i, v] * b[i, v] for each row, without a [C, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
-    With u = z / T, q = softmax(u), s = log q, t = log p:
+
+def _chunk_loss_and_grad(logits, teacher_logits, targets, alpha: float, beta: float, temperature: float,
+                         pool: list[torch.Tensor]):
+    """CE and T^2 * D_beta summed over one chunk's positions, and d(alpha*CE + (1-alpha)*T^2*D)/d logits.
+
+    Closed-form gradients, with u = z / T, q = softmax(u), s = log q, p = softmax(teacher / T), t = log p:
+      CE:                d/dz = softmax(z) - onehot(target)
       forward (beta=0):  dD/du = q - p
       reverse (beta=1):  dD/du = q * (s - t - KL(q||p))
-      interior:          dD/du = (1 - beta) * q * (s - log m - KL(q||m))
-    (the p-terms of the interior JSD cancel: beta*p + (1-beta)*q = m). dz = T^2 * dD/du / T.
+      interior:          dD/du = (1 - beta) * q * (s - log m - KL(q||m)),  m = beta*p + (1-beta)*q
+    (in the interior JSD the p-terms cancel because beta*p + (1-beta)*q = m), and d(T^2 D)/dz = T * dD/du.
+
+    `logits` and `teacher_logits` are consumed; `pool` holds preallocated free [C, V] buffers (see
+    `_spare_buffers`). Every [C, V] result is written into a pooled buffer and every consumed input goes back to
+    the pool, so a chunk allocates nothing of vocabulary size (on CPU, fresh memory is page-faulted each time).
+    Log-probabilities are clamped to the dtype's finite minimum so that 0 * log 0 gives 0.
     """
-    s = F.log_softmax(student_logits / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.to(s.dtype) / temperature, dim=-1)
-    q = s.exp()
-    if beta == 0:
-        p = t.exp()
-        loss = torch.where(p > 0, p * (t - s), torch.zeros_like(p)).sum(-1)
-        grad = q - p
+    tiny = torch.finfo(logits.dtype).min
+
+    def log_softmax(x, scale):  # into a pooled buffer; x goes back to the pool
+        out = torch.log_softmax(x.div_(scale) if scale != 1 else x, dim=-1, out=pool.pop())
+        pool.append(x)
+        return out.clamp_(min=tiny)
+
+    log_q1 = torch.log_softmax(logits, dim=-1, out=pool.pop())  # at T = 1, for the CE term
+    ce_sum = -log_q1.gather(1, targets[:, None]).sum()
+    grad = None
+    if alpha > 0:
+        grad = log_q1.exp_().mul_(alpha)  # alpha * (softmax(z) - onehot)
+        grad[torch.arange(len(targets), device=grad.device), targets] -= alpha
+        if alpha == 1:
+            return ce_sum, torch.zeros_like(ce_sum), grad
+        s = log_softmax(logits, temperature)
+    elif temperature == 1:
+        s = log_q1.clamp_(min=tiny)
+        pool.append(logits)
     else:
-        if beta == 1:
-            ref, scale, extra = t, 1.0, 0.0
-        else:
-            ref = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
-            scale = 1 - beta
-            p = t.exp()
-            extra = beta * torch.where(p > 0, p * (t - ref), torch.zeros_like(p)).sum(-1)
-        kl_q = torch.where(q > 0, q * (s - ref), torch.zeros_like(q)).sum(-1)
-        loss = scale * kl_q + extra
-        grad = scale * q * (s - ref - kl_q.unsqueeze(-1))
-        grad = torch.where(q > 0, grad, torch.zeros_like(grad))
-    return loss * temperature**2, grad * temperature
+        pool.append(log_q1)
+        s = log_softmax(logits, temperature)  # log q
+    t = log_softmax(teacher_logits, temperature)  # log p
+    if beta == 0:
+        p = torch.exp(t, out=pool.pop())
+        soft = _rowdot(p, t.sub_(s))  # KL(p || q)
+        soft_grad = s.exp_().sub_(p)  # q - p
+    elif beta == 1:
+        q = torch.exp(s, out=pool.pop())
+        d = s.sub_(t)  # s - t
+        soft = _rowdot(q, d)  # KL(q || p)
+        soft_grad = d.sub_(soft[:, None]).mul_(q)
+    else:
+        p, q = torch.exp(t, out=pool.pop()), torch.exp(s, out=pool.pop())
+        log_m = torch.mul(p, beta, out=pool.pop()).add_(q, alpha=1 - beta)
+        log_m = log_m.clamp_(min=torch.finfo(q.dtype).tiny).log_()
+        kl_pm = _rowdot(p, t.sub_(log_m))  # KL(p || m)
+        d = s.sub_(log_m)  # s - log m
+        kl_qm = _rowdot(q, d)  # KL(q || m)
+        soft = beta * kl_pm + (1 - beta) * kl_qm
+        soft_grad = d.sub_(kl_qm[:, None]).mul_(q).mul_(1 - beta)
+    scale = (1 - alpha) * temperature  # d(T^2 D)/dz = T dD/du, times the soft weight
+    grad = soft_grad.mul_(scale) if grad is None else grad.add_(soft_grad, alpha=scale)
+    return ce_sum, soft.sum() * temperature**2, grad
+
+
+def _spare_buffers(alpha: float, beta: float) -> int:
+    """[C, V] buffers `_chunk_loss_and_grad` needs in its pool, besides the student's and teacher's logits."""
+    if alpha == 1:
+        return 1
+    return 1 + (alpha > 0) + (0 if beta in (0, 1) else 2)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     """Project hidden states to logits and compute the loss chunk by chunk, with gradients taken in forward.
 
     Each chunk's [C, V] logits exist only while that chunk is processed; the gradients w.r.t. the hidden states and
-    the head weight are accumulated during the forward pass (closed form, see `_soft_loss_and_grad`), so backward
+    the head weight are accumulated during the forward pass (closed form, see `_chunk_loss_and_grad`), so backward
     is a multiplication by the incoming scalar and nothing is recomputed (cf. Liger-Kernel's fused linear losses).
     """
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
                 num_tokens, alpha, beta, temperature, chunk_size, vocab):
-        n = student_hidden.shape[0]
+        n, device = student_hidden.shape[0], student_hidden.device
         need_w = ctx.needs_input_grad[1]
         acc = torch.promote_types(student_hidden.dtype, torch.float32)  # fp32 math for bf16 models, fp64 in tests
-        grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=student_hidden.device)
-        grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device) if need_w else None
+        grad_hidden = torch.empty(student_hidden.shape, dtype=acc, device=device)
+        grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=device) if need_w else None
         w = student_weight[:vocab]
-        ce_sum = torch.zeros((), dtype=acc, device=student_hidden.device)
+        rows = min(chunk_size, n)
+        # Allocated once and reused by every chunk: [rows, vocab] each.
+        buffers = [torch.empty(rows, vocab, dtype=acc, device=device)
+                   for _ in range(1 + (alpha < 1) + _spare_buffers(alpha, beta))]
+        ce_sum = torch.zeros((), dtype=acc, device=device)
         soft_sum = torch.zeros_like(ce_sum)
         for lo in range(0, n, chunk_size):
             h = student_hidden[lo:lo + chunk_size]
-            logits = (h @ w.T).to(acc)  # [C, vocab]
-            grad_logits = torch.zeros_like(logits)
-            # CE is always computed (cheap next to the matmuls) so that it can be logged even when alpha = 0.
-            log_q = F.log_softmax(logits, dim=-1)
-            y = targets[lo:lo + chunk_size]
-            ce_sum += -log_q.gather(1, y[:, None]).sum()
-            if alpha > 0:
-                g = log_q.exp()
-                g[torch.arange(len(y), device=g.device), y] -= 1
-                grad_logits += alpha * g
+            c = h.shape[0]
+            logits, teacher_logits, *spare = (buf[:c] for buf in buffers)
+            logits.copy_(h @ w.T) if h.dtype != acc else torch.matmul(h, w.T, out=logits)
             if alpha < 1:
-                teacher_logits = teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T  # [C, vocab]
-                soft, g = _soft_loss_and_grad(logits, teacher_logits, beta, temperature)
-                soft_sum += soft.sum()
-                grad_logits += (1 - alpha) * g
-            grad_logits /= num_tokens
-            grad_logits = grad_logits.to(w.dtype)
-            grad_hidden[lo:lo + chunk_size] = grad_logits @ w
+                teacher_h = teacher_hidden[lo:lo + chunk_size]
+                if teacher_h.dtype != acc:
+                    teacher_logits.copy_(teacher_h @ teacher_weight[:vocab].T)
+                else:
+                    torch.matmul(teacher_h, teacher_weight[:vocab].T, out=teacher_logits)
+            else:
+                spare.append(teacher_logits)
+            ce, soft, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, targets[lo:lo + chunk_size],
+                                                         alpha, beta, temperature, spare)
+            ce_sum += ce
+            soft_sum += soft
+            grad_logits = grad_logits.div_(num_tokens)
+            grad_hidden[lo:lo + chunk_size] = grad_logits.to(w.dtype) @ w
             if need_w:
-                grad_weight[:vocab] += grad_logits.T @ h
+                grad_weight[:vocab].addmm_(grad_logits.T, h.to(acc))
+        del buffers
         ctx.save_for_backward(grad_hidden, grad_weight if need_w else None)
         ctx.hidden_dtype, ctx.weight_dtype = student_hidden.dtype, student_weight.dtype
         loss = (alpha * ce_sum + (1 - alpha) * soft_sum) / num_tokens
@@ -568,21 +616,32 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _soft):
+        # In place: a second head-sized copy would double the largest buffer (the graph is used once).
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = (grad_hidden * grad_loss).to(ctx.hidden_dtype)
-        gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        gh = grad_hidden.mul_(grad_loss).to(ctx.hidden_dtype)
+        gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
         return gh, gw, None, None, None, None, None, None, None, None, None
+
+
+def auto_chunk_size(vocab: int, device: torch.device | str) -> int:
+    """Positions per chunk so that one [chunk, vocab] float32 buffer is ~128 MB (~220 rows at Qwen's 151,936).
+
+    Large enough for efficient matmuls, small enough that the 3-5 buffers of a chunk stay far below a
+    materialized [tokens, vocab] loss.
+    """
+    budget = 128 * 2**20
+    return max(16, budget // (4 * vocab))
 
 
 def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
                     num_tokens, *, teacher_hidden: torch.Tensor | None = None,
                     teacher_weight: torch.Tensor | None = None, alpha: float = 1.0, beta: float = 0.0,
-                    temperature: float = 1.0, chunk_size: int = 1024, vocab: int | None = None):
+                    temperature: float = 1.0, chunk_size: int = 0, vocab: int | None = None):
     """alpha * CE + (1 - alpha) * T^2 * D_beta(teacher, student), summed over positions / num_tokens.
 
     Same value and gradients as `alpha * masked_ce(...) + (1 - alpha) * jsd(...)` on materialized logits,
-    but computed from hidden states in chunks of `chunk_size` positions, so peak extra memory is a few
-    [chunk_size, vocab] buffers plus one head-sized gradient instead of several [N, vocab] copies.
+    but computed from hidden states in chunks of `chunk_size` positions (0 = `auto_chunk_size`), so peak extra
+    memory is a few [chunk_size, vocab] buffers plus one head-sized gradient instead of several [N, vocab] copies.
 
     student_hidden [N, H] (only masked positions), student_weight [V_s, H] (lm_head.weight), targets [N],
     teacher_hidden [N, H_t], teacher_weight [V_t, H_t]; `vocab` is the shared real vocabulary (logits beyond it,
@@ -591,6 +650,7 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     if alpha < 1 and (teacher_hidden is None or teacher_weight is None):
         raise ValueError("alpha < 1 needs teacher_hidden and teacher_weight")
     vocab = vocab or student_weight.shape[0]
+    chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
     if teacher_hidden is None:
         teacher_hidden = teacher_weight = student_hidden.new_zeros(0)
     else:
@@ -603,13 +663,14 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
 @torch.no_grad()
 def agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
               teacher_weight: torch.Tensor, *, vocab: int, temperature: float = 1.0,
-              chunk_size: int = 1024) -> dict[str, float]:
+              chunk_size: int = 0) -> dict[str, float]:
     """Sums over positions of KL(teacher || student) at temperature T (T^2-scaled) and of top-1 agreement.
 
     Shapes as in `fused_head_loss`. Returns {"kl_sum", "top1_sum", "count"}; divide by count for means (kept as
     sums so callers can add them across batches and processes). Chunked: no [N, vocab] tensor is formed.
     """
     out = {"kl_sum": 0.0, "top1_sum": 0.0, "count": float(student_hidden.shape[0])}
+    chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
     for lo in range(0, student_hidden.shape[0], chunk_size):
         s = (student_hidden[lo:lo + chunk_size] @ student_weight[:vocab].T).float()
         t = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).float()

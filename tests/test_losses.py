@@ -188,3 +188,25 @@ def test_fused_head_loss_frozen_head_and_bf16():
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad is None
     ref = common.masked_ce((hidden.float() @ weight.float().T), targets, torch.ones(9))
     assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_fused_head_loss_with_impossible_teacher_tokens(beta):
+    """A teacher logit of -inf (a banned token) has p = 0: forward KL and JSD stay finite and match the reference."""
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.eye(5, 4, dtype=torch.float64)
+    teacher_weight = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    teacher_weight[3] = float("-inf")  # id 3 is impossible for the teacher wherever h has a positive entry
+    teacher_hidden = teacher_hidden.abs() + 0.1
+    targets = torch.zeros(5, dtype=torch.long)
+    loss, _, _ = common.fused_head_loss(hidden, weight, targets, 5, teacher_hidden=teacher_hidden,
+                                        teacher_weight=teacher_weight, alpha=0.0, beta=beta, chunk_size=2)
+    want = common.jsd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, torch.ones(5), beta=beta)
+    if beta == 1.0:  # reverse KL puts student mass where the teacher has none: infinite, as it should be
+        assert loss.item() > 1e30 and want.item() == float("inf")
+        return
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-9)
+    loss.backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()

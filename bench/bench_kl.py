@@ -1,0 +1,181 @@
+"""Memory and time of the token-level KL loss at a real vocabulary: forward + backward of lm_head + loss.
+
+    python bench/bench_kl.py                       # B=4, T=512, V=151,936, H=896, fp32 on CPU (bf16 on a GPU)
+    python bench/bench_kl.py --reps 1 --tokens 256 # a quicker look
+
+Four ways of computing the same number (forward KL at T=1, every position a completion token), each in a fresh
+process so that peak memory is its own:
+  (a) materialized logits + TRL's GKDTrainer.generalized_jsd_loss
+  (b) materialized logits + our reference `common.kl`
+  (c) our fused chunked path `common.fused_head_loss` (gradients computed in the forward pass)
+  (d) TRL 1.16's chunked divergence `trl.trainer.distillation_trainer._chunked_divergence_loss`
+trl is a bench/test-only dependency: without it (a) and (d) are skipped with a note.
+
+Peak memory is reported *above the inputs* (hidden states, both heads): on CPU the growth of the process's peak
+RSS (ru_maxrss) over its RSS once the inputs exist; on a GPU torch.cuda.max_memory_allocated over the allocated
+bytes at that point. Time is the median over --reps runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {
+    "a": "materialized + TRL generalized_jsd_loss",
+    "b": "materialized + common.kl",
+    "c": "fused chunked (common.fused_head_loss)",
+    "d": "TRL 1.16 _chunked_divergence_loss",
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_inputs(args, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n = args.batch * args.tokens
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    student_hidden = randn(n, args.hidden).requires_grad_()
+    teacher_hidden = randn(n, args.hidden)
+    # Scaled like a trained head so the softmaxes are not flat.
+    student_weight = randn(args.vocab, args.hidden, scale=0.05).requires_grad_()
+    teacher_weight = randn(args.vocab, args.hidden, scale=0.05)
+    return student_hidden, student_weight, teacher_hidden, teacher_weight
+
+
+def step(variant, args, student_hidden, student_weight, teacher_hidden, teacher_weight):
+    """One forward + backward; returns the loss (leaves gradients in .grad)."""
+    import common
+
+    n = student_hidden.shape[0]
+    student_hidden.grad = student_weight.grad = None
+    if variant in ("a", "b"):
+        student_logits = (student_hidden @ student_weight.T).view(args.batch, args.tokens, -1)
+        with torch.no_grad():
+            teacher_logits = (teacher_hidden @ teacher_weight.T).view(args.batch, args.tokens, -1)
+        mask = torch.ones(args.batch, args.tokens, device=student_hidden.device)
+        if variant == "a":
+            from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+            loss = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=mask.long(), beta=0.0,
+                                                   temperature=1.0)
+        else:
+            loss = common.kl(student_logits, teacher_logits, mask, direction="forward", temperature=1.0)
+    elif variant == "c":
+        targets = torch.zeros(n, dtype=torch.long, device=student_hidden.device)
+        loss, _, _ = common.fused_head_loss(student_hidden, student_weight, targets, n, teacher_hidden=teacher_hidden,
+                                            teacher_weight=teacher_weight, alpha=0.0, beta=0.0, temperature=1.0,
+                                            chunk_size=args.chunk_size)
+    else:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        mask = torch.ones(args.batch, args.tokens, device=student_hidden.device)
+        loss, _, _ = _chunked_divergence_loss(student_hidden.view(args.batch, args.tokens, -1),
+                                              teacher_hidden.view(args.batch, args.tokens, -1), student_weight,
+                                              teacher_weight, mask, beta=0.0, temperature=1.0)
+    loss.backward()
+    return loss.item()
+
+
+def run_one(args) -> dict:
+    """Measure one variant in this process (called in a subprocess by main)."""
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    inputs = make_inputs(args, device, dtype)
+    if on_gpu:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = rss_bytes()
+    times, loss = [], None
+    for i in range(args.reps + 1):
+        start = time.perf_counter()
+        loss = step(args.variant, args, *inputs)
+        if on_gpu:
+            torch.cuda.synchronize()
+        if i > 0:  # the first run is a warm-up
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes()
+    return {"variant": args.variant, "extra_gb": (peak - base) / 1e9, "median_s": statistics.median(times),
+            "loss": loss, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "dtype": str(dtype)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4, help="sequences")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--vocab", type=int, default=151936, help="vocabulary rows (Qwen2.5: 151,936)")
+    parser.add_argument("--hidden", type=int, default=896, help="hidden size (Qwen2.5-0.5B: 896)")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per variant (after one warm-up)")
+    parser.add_argument("--chunk-size", type=int, default=0, help="positions per chunk for (c); 0 = automatic")
+    parser.add_argument("--variants", default="abcd", help="which variants to run, e.g. 'bc'")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_one(args)))
+        return
+
+    try:
+        import trl  # noqa: F401
+
+        have_trl = True
+    except ImportError:
+        have_trl = False
+    results = {}
+    for variant in args.variants:
+        if variant in "ad" and not have_trl:
+            print(f"({variant}) skipped: trl is not installed (pip install trl==1.16.0)")
+            continue
+        cmd = [sys.executable, __file__, "--variant", variant] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "variants")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"({variant}) failed:\n{proc.stderr[-2000:]}")
+            continue
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[variant]
+        print(f"({variant}) {VARIANTS[variant]:42s} +{r['extra_gb']:6.2f} GB  {r['median_s']:7.2f} s  "
+              f"loss {r['loss']:.6f}", flush=True)
+
+    device = next(iter(results.values()))["device"] if results else "?"
+    print(f"\nB={args.batch} T={args.tokens} V={args.vocab} H={args.hidden}, {device}, "
+          f"{next(iter(results.values()))['dtype'] if results else ''}, median of {args.reps}")
+    print("| variant | extra memory | time | memory vs (c) | time vs (c) |\n|---|---|---|---|---|")
+    for v, r in results.items():
+        c = results.get("c")
+        ratio_m = f"{r['extra_gb'] / c['extra_gb']:.2f}x" if c else "-"
+        ratio_t = f"{r['median_s'] / c['median_s']:.2f}x" if c else "-"
+        print(f"| ({v}) {VARIANTS[v]} | +{r['extra_gb']:.2f} GB | {r['median_s']:.2f} s | {ratio_m} | {ratio_t} |")
+    if "c" in results:
+        c = results["c"]
+        for anchor in "ad":
+            if anchor in results:
+                a = results[anchor]
+                print(f"(c)/({anchor}): memory {c['extra_gb'] / a['extra_gb']:.3f}, "
+                      f"time {c['median_s'] / a['median_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
