@@ -75,6 +75,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
         parser.add_argument("--teacher", default=teacher_default, help="teacher model: hub id or local folder")
         parser.add_argument("--teacher-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                             help="dtype for the frozen teacher (default: same as --dtype)")
+    else:
+        parser.add_argument("--teacher", default=None,
+                            help="the teacher that wrote --data; only recorded in run_config.json (never loaded)")
     parser.add_argument("--data", required=True, help="JSONL written by generate_data.py (messages + completion)")
     parser.add_argument("--output-dir", required=True, help="where the trained model and metrics.jsonl go")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run (overrides --epochs)")
@@ -100,6 +103,14 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
     parser.add_argument("--lora-target-modules", default="all-linear",
                         help="comma-separated module names for LoRA, or 'all-linear'")
+
+
+def add_vllm_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the optional vLLM sampling backend (generate_data.py, on_policy.py)."""
+    parser.add_argument("--vllm", action="store_true",
+                        help="sample with vLLM instead of transformers' generate (needs vllm and a CUDA GPU)")
+    parser.add_argument("--vllm-gpu-memory", type=float, default=0.3,
+                        help="fraction of GPU memory vLLM may take (weights + KV cache)")
 
 
 def seed_everything(seed: int) -> None:
@@ -324,15 +335,18 @@ def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: in
     turn (`<|im_end|>`, `<|eot_id|>`, `</s>`), which is how the student learns to stop. Everything else
     (system/user text, headers, what the template appends after the end-of-turn token, padding) is 0.
 
-    Returns {"input_ids": list[int], "loss_mask": list[int]}, or None when longer than `max_length`.
+    Returns {"input_ids", "loss_mask", "prompt_ids", "completion_offsets"}, or None when longer than
+    `max_length`. `prompt_ids` is the prompt alone with the generation header, as a model is prompted to answer;
+    `completion_offsets` gives, for each masked token in order, its (start, end) characters in `completion`.
     """
     prompt_text = render_chat(tokenizer, messages, add_generation_prompt=True)
     full_text = render_chat(tokenizer, messages + [{"role": "assistant", "content": completion}],
                             add_generation_prompt=False)
     # The completion starts after the shared prefix of "prompt + generation header" and "full conversation".
     prefix = os.path.commonprefix([prompt_text, full_text])
-    start = full_text.find(completion, len(prefix))
+    start, lead, original_length = full_text.find(completion, len(prefix)), 0, len(completion)
     if start < 0:  # templates such as Llama-3's trim the content
+        lead = len(completion) - len(completion.lstrip())
         completion = completion.strip()
         start = full_text.find(completion, len(prefix))
     if start < 0:
@@ -351,7 +365,13 @@ def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: in
     loss_mask[0] = 0
     if max_length is not None and len(input_ids) > max_length:
         return None
-    return {"input_ids": input_ids, "loss_mask": loss_mask}
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    # Character spans of the masked tokens relative to the completion string the caller passed (cross-tokenizer
+    # alignment); the end-of-turn token sits at the completion's end, as a zero-width span.
+    spans = [(min(max(s - start, 0), len(completion)) + lead, min(max(e - start, 0), len(completion)) + lead)
+             for (s, e), m in zip(offsets, loss_mask) if m]
+    spans[-1] = (original_length, original_length)
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "prompt_ids": prompt_ids, "completion_offsets": spans}
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -563,6 +583,15 @@ def _spare_buffers(alpha: float, beta: float) -> int:
     return 1 + (alpha > 0) + (0 if beta in (0, 1) else 2)
 
 
+def _project(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out = hidden @ weight.T, in the weight's dtype, written into a float32/float64 buffer."""
+    hidden = hidden.to(weight.dtype)
+    if weight.dtype == out.dtype:
+        torch.matmul(hidden, weight.T, out=out)
+    else:  # a bf16/fp16 head: the product is rounded to its dtype, then widened for the softmax math
+        out.copy_(hidden @ weight.T)
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Project hidden states to logits and compute the loss chunk by chunk, with gradients taken in forward.
 
@@ -586,27 +615,24 @@ class _FusedHeadLoss(torch.autograd.Function):
                    for _ in range(1 + (alpha < 1) + _spare_buffers(alpha, beta))]
         ce_sum = torch.zeros((), dtype=acc, device=device)
         soft_sum = torch.zeros_like(ce_sum)
-        for lo in range(0, n, chunk_size):
-            h = student_hidden[lo:lo + chunk_size]
-            c = h.shape[0]
-            logits, teacher_logits, *spare = (buf[:c] for buf in buffers)
-            logits.copy_(h @ w.T) if h.dtype != acc else torch.matmul(h, w.T, out=logits)
-            if alpha < 1:
-                teacher_h = teacher_hidden[lo:lo + chunk_size]
-                if teacher_h.dtype != acc:
-                    teacher_logits.copy_(teacher_h @ teacher_weight[:vocab].T)
+        # Autocast (--bf16) would rewrite the matmuls below and reject their out= buffers; precision is explicit.
+        with torch.autocast(device_type=device.type, enabled=False):
+            for lo in range(0, n, chunk_size):
+                h = student_hidden[lo:lo + chunk_size].to(w.dtype)
+                logits, teacher_logits, *spare = (buf[:h.shape[0]] for buf in buffers)
+                _project(h, w, out=logits)
+                if alpha < 1:
+                    _project(teacher_hidden[lo:lo + chunk_size], teacher_weight[:vocab], out=teacher_logits)
                 else:
-                    torch.matmul(teacher_h, teacher_weight[:vocab].T, out=teacher_logits)
-            else:
-                spare.append(teacher_logits)
-            ce, soft, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, targets[lo:lo + chunk_size],
-                                                         alpha, beta, temperature, spare)
-            ce_sum += ce
-            soft_sum += soft
-            grad_logits = grad_logits.div_(num_tokens)
-            grad_hidden[lo:lo + chunk_size] = grad_logits.to(w.dtype) @ w
-            if need_w:
-                grad_weight[:vocab].addmm_(grad_logits.T, h.to(acc))
+                    spare.append(teacher_logits)
+                ce, soft, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, targets[lo:lo + chunk_size],
+                                                             alpha, beta, temperature, spare)
+                ce_sum += ce
+                soft_sum += soft
+                grad_logits = grad_logits.div_(num_tokens)
+                grad_hidden[lo:lo + chunk_size] = grad_logits.to(w.dtype) @ w
+                if need_w:
+                    grad_weight[:vocab].addmm_(grad_logits.T, h.to(acc))
         del buffers
         ctx.save_for_backward(grad_hidden, grad_weight if need_w else None)
         ctx.hidden_dtype, ctx.weight_dtype = student_hidden.dtype, student_weight.dtype
@@ -795,7 +821,7 @@ class TrainLoop:
     counted before the first forward, so every micro-batch's loss uses the same denominator.
     """
 
-    def __init__(self, args, model, examples: list[dict], pad_id: int):
+    def __init__(self, args, model, examples: list[dict], pad_id: int, collate=None):
         from accelerate import Accelerator
         from transformers import get_cosine_schedule_with_warmup
 
@@ -805,9 +831,11 @@ class TrainLoop:
         self.output_dir = Path(args.output_dir)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "run_config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.examples, self.pad_id = examples, pad_id
+        self.collate = collate or (lambda exs: pad_batch(exs, pad_id))
         per_epoch = math.ceil(len(examples) / (args.batch_size * self.accelerator.num_processes))
         self.steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
         self.total_steps = args.max_steps or max(1, math.ceil(self.steps_per_epoch * args.epochs))
@@ -837,7 +865,9 @@ class TrainLoop:
             for lo in range(0, len(order), per_step):
                 chunk = order[lo:lo + per_step][acc.process_index::acc.num_processes]
                 if chunk:
-                    yield pad_batch([self.examples[i] for i in chunk], self.pad_id)
+                    batch = self.collate([self.examples[i] for i in chunk])
+                    batch["prompts"] = [self.examples[i]["prompt_ids"] for i in chunk]  # for on-policy sampling
+                    yield batch
             epoch += 1
 
     def __iter__(self):
@@ -849,7 +879,8 @@ class TrainLoop:
             self.metrics_path.write_text("")
         self.bar = tqdm(total=self.total_steps, desc="train", disable=not self.accelerator.is_main_process)
         while self.step_num < self.total_steps:
-            batches = [{k: v.to(self.device) for k, v in next(stream).items()} for _ in range(self.args.grad_accum)]
+            batches = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in next(stream).items()}
+                       for _ in range(self.args.grad_accum)]
             yield batches, self.count_tokens(batches)
         self.bar.close()
 
@@ -993,3 +1024,59 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         end = next((i for i, tok in enumerate(row) if tok in stops), None)
         results.append({"tokens": row[:end + 1] if end is not None else row, "finished": end is not None})
     return results
+
+
+class VLLMSampler:
+    """Optional vLLM backend for `generate` (--vllm): same inputs and outputs, at serving speed on a GPU.
+
+    Used by generate_data.py (a fixed teacher) and on_policy.py (the student, whose new weights are pushed in with
+    `load_weights` before every on-policy step). It runs vLLM in this process (V1 engine without its
+    multiprocessing), tensor parallel size 1, next to the training model on the same GPU.
+    """
+
+    def __init__(self, model: str, *, dtype: str = "auto", gpu_memory_utilization: float = 0.3, seed: int = 0,
+                 trust_remote_code: bool = False):
+        try:
+            import vllm
+        except ImportError:
+            raise DistillError("--vllm needs the vllm package (pip install vllm) and a CUDA GPU") from None
+        if not torch.cuda.is_available():
+            raise DistillError("--vllm needs a CUDA GPU; drop --vllm to sample with transformers")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keeps the engine reachable for weight sync
+        self.vllm = vllm
+        self.llm = vllm.LLM(model=model, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                            trust_remote_code=trust_remote_code, tensor_parallel_size=1)
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, stop_ids: list[int]) -> list[dict]:
+        from vllm.inputs import TokensPrompt
+
+        params = self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                          top_p=top_p if temperature > 0 else 1.0, stop_token_ids=stop_ids,
+                                          detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        stops, results = set(stop_ids), []
+        for out in outputs:
+            tokens = list(out.outputs[0].token_ids)
+            end = next((i for i, tok in enumerate(tokens) if tok in stops), None)
+            results.append({"tokens": tokens[:end + 1] if end is not None else tokens, "finished": end is not None})
+        return results
+
+    def load_weights(self, model) -> None:
+        """Copy a (possibly peft-wrapped) Hugging Face model's current weights into the vLLM engine."""
+        if hasattr(model, "merge_and_unload"):
+            raise DistillError("--vllm with --lora is not supported: the adapter would have to be merged each step")
+        engine = self.llm.llm_engine
+        for path in ("model_executor.driver_worker.worker.model_runner.model",
+                     "model_executor.driver_worker.model_runner.model",
+                     "engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model"):
+            target = engine
+            for name in path.split("."):
+                target = getattr(target, name, None)
+                if target is None:
+                    break
+            if target is not None and hasattr(target, "load_weights"):
+                target.load_weights(weights=((n, p.detach()) for n, p in model.state_dict().items()))
+                return
+        raise DistillError("this vLLM version does not expose the model for in-process weight loading; "
+                           "use on_policy.py without --vllm")

@@ -4,6 +4,9 @@
     python generate_data.py --teacher Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --dataset-config main \
         --split train --num-examples 2000 --output data/teacher_gsm8k.jsonl
 
+    # serving speed on a GPU with vLLM (pip install vllm)
+    python generate_data.py --teacher Qwen/Qwen2.5-3B-Instruct --vllm --batch-size 512 --output data/gsm8k_3b.jsonl
+
     # a local file of prompts (any of .jsonl .json .parquet .csv), greedy decoding
     python generate_data.py --teacher ./my_teacher --dataset prompts.jsonl --prompt-field prompt \
         --answer-field "" --temperature 0 --output data/mine.jsonl
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     parser.add_argument("--output", required=True, help="JSONL file to write (appended to when resuming)")
+    common.add_vllm_args(parser)
     return parser.parse_args(argv)
 
 
@@ -84,9 +89,15 @@ def main(argv=None):
     if not todo:
         return
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher, tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
-                                           trust_remote_code=args.trust_remote_code)
+    if args.vllm:
+        tokenizer = common.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code, what="--teacher")
+        sampler = common.VLLMSampler(args.teacher, dtype=args.dtype, seed=args.seed,
+                                     gpu_memory_utilization=args.vllm_gpu_memory,
+                                     trust_remote_code=args.trust_remote_code)
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        teacher, tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
+                                               trust_remote_code=args.trust_remote_code)
     stop_ids = common.end_of_turn_ids(tokenizer)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed}
@@ -99,8 +110,9 @@ def main(argv=None):
             torch.manual_seed(args.seed + int(common.fingerprint(batch[0]["id"]), 16) % 2**31)
             prompt_ids = [tokenizer(common.render_chat(tokenizer, r["messages"], add_generation_prompt=True),
                                     add_special_tokens=False)["input_ids"] for r in batch]
-            results = common.generate(teacher, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids)
+            sample = sampler.generate if args.vllm else partial(common.generate, teacher, tokenizer)
+            results = sample(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, stop_ids=stop_ids)
             lines = []
             for row, res in zip(batch, results):
                 tokens = res["tokens"][:-1] if res["finished"] else res["tokens"]

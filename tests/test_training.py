@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import sequence_level
-from conftest import read_metrics, write_rows
+from conftest import ROOT, read_metrics, write_rows
 
 
 def micro_batch_grads(model, examples, pad_id, split, normalize_globally=True):
@@ -103,3 +105,14 @@ def test_lora_trains_only_the_adapter(kit, tmp_path):
                          "--max-steps", "3", "--lora", "--lora-r", "4", "--lr", "1e-3"])
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(kit, tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    out = tmp_path / "bf16"
+    # A process of its own: accelerate's mixed-precision state is a process-wide singleton.
+    subprocess.run([sys.executable, str(ROOT / "sequence_level.py"), "--student", str(kit["student"]), "--data",
+                    str(data), "--output-dir", str(out), "--max-steps", "3", "--bf16", "--gradient-checkpointing",
+                    "--lr", "1e-3"], check=True, capture_output=True)
+    metrics = read_metrics(out)
+    assert len(metrics) == 3 and all(m["loss"] == m["loss"] for m in metrics)  # no NaN

@@ -1,0 +1,85 @@
+"""What on-policy distillation costs: one epoch of on_policy.py (lmbda=1) vs one epoch of sequence_level.py.
+
+    python bench/bench_on_policy.py                 # tiny models, 96 rows, batch 4 x 4 accumulation, 64 new tokens
+    python bench/bench_on_policy.py --rows 48 --max-new-tokens 32
+
+Both runs use the same tiny student, the same data, batch size and accumulation, each in its own process; the time
+compared is the training loop's own clock (`elapsed_s` of the last metrics.jsonl row: models already loaded). The
+on-policy time is split into sampling (gen_s), the teacher's forward (teacher_s), the student's forward + backward
+(student_s) and the rest (optimizer steps, batching). The untrained student rarely emits its end-of-turn token, so
+almost every sample runs to --max-new-tokens: the worst case for the sampling share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def write_data(path: Path, n: int) -> Path:
+    import random
+
+    import common
+    import tiny
+
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for i in range(n):
+            question, solution, _ = tiny.make_problem(rng)
+            messages = [{"role": "system", "content": common.DEFAULT_SYSTEM_PROMPT},
+                        {"role": "user", "content": question}]
+            f.write(json.dumps({"id": f"b{i}", "messages": messages, "completion": solution}) + "\n")
+    return path
+
+
+def run(script: str, argv: list[str], out: Path) -> list[dict]:
+    subprocess.run([sys.executable, str(ROOT / script), *argv, "--output-dir", str(out)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=96, help="rows of data (one epoch each)")
+    parser.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
+    parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens the student samples per prompt")
+    parser.add_argument("--work", default=None, help="folder for the kit and runs (default: a temp folder)")
+    args = parser.parse_args()
+
+    import tiny
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_on_policy_"))
+    kit = tiny.build_kit(work / "kit")
+    data = write_data(work / "data.jsonl", args.rows)
+    common_args = ["--student", str(kit["student"]), "--data", str(data), "--epochs", "1", "--batch-size",
+                   str(args.batch_size), "--grad-accum", str(args.grad_accum), "--lr", "1e-4", "--seed", "0"]
+    sft = run("sequence_level.py", common_args, work / "sequence_level")
+    gkd = run("on_policy.py", [*common_args, "--teacher", str(kit["teacher"]), "--lmbda", "1",
+                               "--max-new-tokens", str(args.max_new_tokens)], work / "on_policy")
+
+    sft_s, gkd_s = sft[-1]["elapsed_s"], gkd[-1]["elapsed_s"]
+    split = {k: sum(m.get(k, 0.0) for m in gkd) for k in ("gen_s", "teacher_s", "student_s")}
+    split["other_s"] = gkd_s - sum(split.values())
+    gen_len = sum(m["gen_len"] for m in gkd) / len(gkd)
+    cut = sum(m["cut_frac"] for m in gkd) / len(gkd)
+    print(f"{args.rows} rows, batch {args.batch_size} x {args.grad_accum} accumulation, {len(gkd)} optimizer steps, "
+          f"max {args.max_new_tokens} new tokens (mean sampled {gen_len:.1f}, {cut:.0%} cut)")
+    print("| run | epoch time | ratio |\n|---|---|---|")
+    print(f"| sequence_level.py | {sft_s:.2f} s | 1.00x |")
+    print(f"| on_policy.py --lmbda 1 | {gkd_s:.2f} s | {gkd_s / sft_s:.2f}x |")
+    print("\non-policy time split: " + ", ".join(f"{k[:-2]} {v:.2f} s ({v / gkd_s:.0%})" for k, v in split.items()))
+    print(f"ratio on_policy / sequence_level = {gkd_s / sft_s:.2f} (target <= 5)")
+
+
+if __name__ == "__main__":
+    main()

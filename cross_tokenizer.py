@@ -1,0 +1,224 @@
+"""Cross-tokenizer distillation (ULD): learn from a teacher whose vocabulary is different from the student's.
+
+    # the blog's pair: Llama-3.2-1B-Instruct teacher, Qwen2.5-0.5B student
+    python cross_tokenizer.py --teacher meta-llama/Llama-3.2-1B-Instruct --student Qwen/Qwen2.5-0.5B \
+        --data data/teacher_llama.jsonl --top-k 50 --temperature 2.0 --alpha 0.1 --output-dir runs/uld
+
+    # the ULD paper's loss (sorted L1 = closed-form Wasserstein-1), several GPUs
+    accelerate launch cross_tokenizer.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct \
+        --data data/teacher_smol.jsonl --uld-loss wasserstein --bf16 --output-dir runs/uld_w1
+
+Token-level KL needs one vocabulary. ULD (Boizard et al., 2024, "Towards Cross-Tokenizer Distillation: the
+Universal Logit Distillation Loss for LLMs") compares the *shape* of the two next-token distributions instead:
+
+1. Alignment. Each model reads the conversation rendered by its *own* chat template. On the completion text only,
+   every student token is paired with the teacher token whose end character offset is closest (ties: the earlier
+   teacher token); the end-of-turn tokens are paired with each other. `align_by_end_offsets` does this.
+2. Loss at each pair: the top-K probabilities of each side at temperature T, sorted in decreasing order, plus one
+   tail bucket holding the mass outside the top K, so nothing vanishes: `--uld-loss kl` is KL(teacher || student)
+   between the two (K+1)-vectors, `--uld-loss wasserstein` is sum_k |p_(k) - q_(k)| (both T^2-scaled).
+Total: alpha * CE (student's own tokens of the teacher's completion) + (1 - alpha) * ULD, each a sum over the
+student's completion tokens divided by their number in the whole optimizer step.
+
+The log reports how good the alignment is: the share of student tokens whose teacher partner ends at exactly the
+same character, and the mean end-offset gap in characters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_train_args(parser, teacher=True, student_default="Qwen/Qwen2.5-0.5B",
+                          teacher_default="meta-llama/Llama-3.2-1B-Instruct")
+    parser.add_argument("--top-k", type=int, default=50, help="probabilities compared per position (plus a tail)")
+    parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the ULD term")
+    parser.add_argument("--alpha", type=float, default=0.1, help="weight of the student's cross-entropy (0..1)")
+    parser.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
+                        help="kl = KL(teacher||student) of sorted top-K + tail; wasserstein = sorted L1 (ULD paper)")
+    parser.add_argument("--min-exact-alignment", type=float, default=0.5,
+                        help="warn when fewer student tokens than this share align to a teacher token ending at "
+                             "the same character")
+    args = parser.parse_args(argv)
+    if not 0 <= args.alpha <= 1:
+        parser.error("--alpha must be in [0, 1]")
+    if args.top_k < 1 or args.temperature <= 0:
+        parser.error("--top-k must be >= 1 and --temperature > 0")
+    return args
+
+
+def align_by_end_offsets(student_offsets: list[tuple[int, int]], teacher_offsets: list[tuple[int, int]]) -> list[int]:
+    """For each student token, the index of the teacher token whose end character offset is closest.
+
+    Offsets are (start, end) character pairs relative to the same completion string, in token order (so the ends
+    never decrease). Ties go to the earlier teacher token. One teacher index per student token.
+    """
+    if not teacher_offsets:
+        raise ValueError("the teacher has no completion tokens to align to")
+    ends = [end for _, end in teacher_offsets]
+    aligned = []
+    for _, end in student_offsets:
+        right = bisect.bisect_left(ends, end)  # first teacher end >= this end
+        if right == len(ends):
+            aligned.append(len(ends) - 1)
+        elif right == 0 or ends[right] == end:
+            aligned.append(right)
+        else:
+            left = right - 1
+            # bisect_left lands on the first of equal ends; on a tie in distance the left one is earlier.
+            left = bisect.bisect_left(ends, ends[left])
+            aligned.append(left if end - ends[left] <= ends[right] - end else right)
+    return aligned
+
+
+def sorted_topk_with_tail(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """[..., V] logits -> [..., K+1]: the top-K probabilities at temperature T (descending) and the rest's mass."""
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    top = probs.topk(min(k, probs.shape[-1]), dim=-1).values  # sorted, descending
+    tail = (1 - top.sum(-1, keepdim=True)).clamp_min(0)
+    return torch.cat([top, tail], dim=-1)
+
+
+def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: int, temperature: float,
+             kind: str = "kl") -> torch.Tensor:
+    """Per-position ULD distance between aligned positions, T^2-scaled. Shapes [N, V_s], [N, V_t] -> [N].
+
+    With p = sorted top-K of softmax(teacher/T) + tail, q = the same for the student:
+      kl:           T^2 * sum_k p_k (log p_k - log q_k)      (KL(teacher || student), the blog's choice)
+      wasserstein:  T^2 * sum_k |p_k - q_k|                   (the ULD paper's closed-form Wasserstein-1)
+    """
+    p = sorted_topk_with_tail(teacher_logits, k, temperature)
+    q = sorted_topk_with_tail(student_logits, k, temperature)
+    if kind == "kl":
+        tiny = torch.finfo(q.dtype).tiny
+        d = torch.where(p > 0, p * (p.clamp_min(tiny).log() - q.clamp_min(tiny).log()), 0.0).sum(-1)
+    else:
+        d = (p - q).abs().sum(-1)
+    return d * temperature**2
+
+
+def chunked_uld_and_ce(student_hidden, student_weight, targets, teacher_hidden, teacher_weight, num_tokens, args):
+    """alpha * CE + (1 - alpha) * ULD, summed over aligned positions / num_tokens, chunk by chunk.
+
+    Each chunk's [C, V] logits are recomputed in backward (activation checkpointing) rather than kept, so memory
+    is a few chunk-sized buffers; top-K selects K values per row, no full-vocabulary sort.
+    Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
+    """
+    vocab_size = student_weight.shape[0]
+    chunk = args.chunk_size or common.auto_chunk_size(max(vocab_size, teacher_weight.shape[0]), student_hidden.device)
+
+    def piece(h, y, th):
+        logits = h @ student_weight.T  # [C, V_s]
+        with torch.no_grad():
+            teacher_logits = th @ teacher_weight.T  # [C, V_t]
+        ce = F.cross_entropy(logits.float(), y, reduction="sum")
+        uld = uld_loss(logits, teacher_logits, k=args.top_k, temperature=args.temperature, kind=args.uld_loss).sum()
+        return ce, uld
+
+    ce_sum = uld_sum = student_hidden.new_zeros((), dtype=torch.float32)
+    for lo in range(0, student_hidden.shape[0], chunk):
+        ce, uld = checkpoint(piece, student_hidden[lo:lo + chunk], targets[lo:lo + chunk],
+                             teacher_hidden[lo:lo + chunk], use_reentrant=False)
+        ce_sum, uld_sum = ce_sum + ce, uld_sum + uld
+    loss = (args.alpha * ce_sum + (1 - args.alpha) * uld_sum) / max(float(num_tokens), 1.0)
+    return loss, ce_sum.detach(), uld_sum.detach()
+
+
+def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length):
+    """Encode every row with both tokenizers (each with its own chat template) and align the completions.
+
+    Adds to each student example `teacher_ids` and `teacher_targets` (for each student completion token, the index
+    in `teacher_ids` of its aligned teacher token). Returns (examples, skipped, alignment stats).
+    """
+    examples, skipped = [], 0
+    exact = gap = count = 0
+    for row in rows:
+        student = common.encode_chat(tokenizer, row["messages"], row["completion"], max_length)
+        teacher = common.encode_chat(teacher_tokenizer, row["messages"], row["completion"], max_length)
+        if student is None or teacher is None:
+            skipped += 1
+            continue
+        teacher_positions = [i for i, m in enumerate(teacher["loss_mask"]) if m]
+        aligned = align_by_end_offsets(student["completion_offsets"], teacher["completion_offsets"])
+        student["teacher_ids"] = teacher["input_ids"]
+        student["teacher_targets"] = [teacher_positions[j] for j in aligned]
+        examples.append(student)
+        for (_, s_end), j in zip(student["completion_offsets"], aligned):
+            t_end = teacher["completion_offsets"][j][1]
+            exact += s_end == t_end
+            gap += abs(s_end - t_end)
+            count += 1
+    if not examples:
+        raise common.DistillError(f"every row is longer than --max-length {max_length} for one of the tokenizers")
+    stats = {"exact_end_fraction": exact / max(count, 1), "mean_end_gap_chars": gap / max(count, 1),
+             "student_tokens": count}
+    return examples, skipped, stats
+
+
+def collate_pairs(examples: list[dict], pad_id: int, teacher_pad_id: int) -> dict:
+    """Pad both sides; `teacher_rows` [N] indexes the teacher's flattened hidden states, one per student target.
+
+    The teacher position for target j is j - 1 (the position that predicts it), matching `shift_for_next_token`'s
+    row-major order of the student's masked targets.
+    """
+    batch = common.pad_batch(examples, pad_id)
+    teacher = common.pad_batch([{"input_ids": ex["teacher_ids"]} for ex in examples], teacher_pad_id)
+    width = teacher["input_ids"].shape[1]
+    rows = [b * width + j - 1 for b, ex in enumerate(examples) for j in ex["teacher_targets"]]
+    batch.update(teacher_input_ids=teacher["input_ids"], teacher_attention_mask=teacher["attention_mask"],
+                 teacher_rows=torch.tensor(rows, dtype=torch.long))
+    return batch
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = common.load_distill_rows(args.data)
+    student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
+                                           trust_remote_code=args.trust_remote_code)
+    teacher_tokenizer = common.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code,
+                                              what="--teacher")
+    examples, skipped, alignment = encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length)
+    print(f"alignment: {alignment['exact_end_fraction']:.1%} of {alignment['student_tokens']} student tokens end "
+          f"where their teacher token ends; mean end-offset gap {alignment['mean_end_gap_chars']:.2f} characters")
+    if alignment["exact_end_fraction"] < args.min_exact_alignment:
+        print(f"warning: exact alignment {alignment['exact_end_fraction']:.1%} is below --min-exact-alignment "
+              f"{args.min_exact_alignment:.0%}; the tokenizers segment this text very differently")
+    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+                            collate=lambda exs: collate_pairs(exs, tokenizer.pad_token_id,
+                                                              teacher_tokenizer.pad_token_id))
+    if loop.accelerator.is_main_process:
+        (loop.output_dir / "alignment.json").write_text(json.dumps(alignment, indent=2) + "\n")
+    teacher, _ = common.load_model(args.teacher, dtype=args.teacher_dtype or args.dtype, device=loop.device,
+                                   what="--teacher", trust_remote_code=args.trust_remote_code)
+    teacher = common.frozen_teacher(teacher)
+    head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
+
+    for micro_batches, num_tokens in loop:
+        for batch in micro_batches:
+            with torch.inference_mode():
+                teacher_hidden = common.backbone_hidden_states(teacher, batch["teacher_input_ids"],
+                                                               batch["teacher_attention_mask"])
+                teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
+            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+            loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, teacher_hidden.clone(),
+                                                       teacher_head.weight, num_tokens, args)
+            loop.backward(loss, ce=ce_sum / num_tokens, uld=uld_sum / num_tokens)
+        loop.step(num_tokens)
+
+    loop.save(tokenizer)
+    loop.finish(skipped=skipped, total=len(rows))
+
+
+if __name__ == "__main__":
+    common.run_main(main)

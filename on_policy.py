@@ -1,0 +1,153 @@
+"""On-policy distillation (GKD): the student writes, the teacher grades every token of what it wrote.
+
+    # the blog's run: half the steps on the student's own samples, reverse KL at T=1
+    python on_policy.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B \
+        --data data/teacher_gsm8k.jsonl --lmbda 0.5 --beta 1.0 --max-new-tokens 256 --output-dir runs/on_policy
+
+    # fully on-policy, generalized JSD, several GPUs
+    accelerate launch on_policy.py --data data/teacher_gsm8k.jsonl --lmbda 1.0 --beta 0.5 --bf16 \
+        --teacher-dtype bfloat16 --output-dir runs/gkd_jsd
+
+Each optimizer step is on-policy with probability --lmbda (Agarwal et al., 2024, "On-Policy Distillation of
+Language Models"): the student samples a completion for every prompt of the step (its own chat template, sampling
+at --gen-temperature / --top-p, KV cache, once for all the step's micro-batches, weights fixed meanwhile), the
+teacher scores every position of prompt + sample, and the loss is T^2 * D_beta(teacher, student) over the sampled
+tokens up to and including the first end-of-turn token (beta=1: reverse KL, the MiniLLM/GKD choice). Otherwise the
+step is off-policy: the same loss on the teacher's completions from --data (what token_level.py does with
+--alpha 0). The loss temperature (--temperature, default 1) and the sampling temperature (--gen-temperature) are
+separate flags and are never mixed. Teacher and student must share a vocabulary.
+
+metrics.jsonl adds per step: on_policy (bool), gen_len (mean sampled tokens), cut_frac (share of samples that hit
+--max-new-tokens without ending), and the seconds spent sampling (gen_s), in the teacher's forward (teacher_s) and in
+the student's forward + backward (student_s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_train_args(parser, teacher=True, student_default="Qwen/Qwen2.5-0.5B",
+                          teacher_default="Qwen/Qwen2.5-1.5B-Instruct")
+    parser.add_argument("--lmbda", type=float, default=0.5, help="probability that a step is on-policy (0..1)")
+    parser.add_argument("--beta", type=float, default=1.0,
+                        help="generalized JSD weight: 0 = forward KL, 1 = reverse KL (default), between = JSD")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the loss")
+    parser.add_argument("--gen-temperature", type=float, default=1.0, help="sampling temperature of the student")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold of the student")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="max tokens the student samples per prompt")
+    common.add_vllm_args(parser)
+    args = parser.parse_args(argv)
+    for name in ("lmbda", "beta"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name} must be in [0, 1]")
+    if args.temperature <= 0 or args.gen_temperature < 0:
+        parser.error("--temperature must be > 0 and --gen-temperature >= 0")
+    return args
+
+
+def sampled_examples(prompts: list[list[int]], samples: list[dict]) -> list[dict]:
+    """Training examples from the student's samples: prompt + sampled tokens, loss on the sampled tokens only.
+
+    `samples[i]["tokens"]` already ends at the first end-of-turn token (kept, so the student is graded on when it
+    stops) or is cut at --max-new-tokens; nothing after the end-of-turn token is ever part of an example.
+    """
+    return [{"input_ids": list(prompt) + sample["tokens"],
+             "loss_mask": [0] * len(prompt) + [1] * len(sample["tokens"])}
+            for prompt, sample in zip(prompts, samples)]
+
+
+def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, sampler=None) -> tuple[list[dict], dict]:
+    """Replace one step's micro-batches by the student's own samples for the same prompts (one generate call)."""
+    prompts = [p for batch in micro_batches for p in batch["prompts"]]
+    student = loop.accelerator.unwrap_model(loop.model)
+    if sampler is not None:  # vLLM holds its own copy of the weights: bring it up to date first
+        sampler.load_weights(student)
+        sample = sampler.generate
+    else:
+        sample = partial(common.generate, student, tokenizer)
+    samples = sample(prompts, max_new_tokens=args.max_new_tokens, temperature=args.gen_temperature,
+                     top_p=args.top_p, stop_ids=stop_ids)
+    examples = sampled_examples(prompts, samples)
+    batches, lo = [], 0
+    for batch in micro_batches:
+        n = len(batch["prompts"])
+        padded = common.pad_batch(examples[lo:lo + n], tokenizer.pad_token_id)
+        batches.append({k: v.to(loop.device) for k, v in padded.items()})
+        lo += n
+    stats = {"gen_len": sum(len(s["tokens"]) for s in samples) / len(samples),
+             "cut_frac": sum(not s["finished"] for s in samples) / len(samples)}
+    return batches, stats
+
+
+class Timer:
+    """Wall-clock seconds per phase within one optimizer step."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[f"{phase}_s"] += time.perf_counter() - start
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = common.load_distill_rows(args.data)
+    student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
+                                           trust_remote_code=args.trust_remote_code)
+    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
+    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id)
+    teacher, teacher_tokenizer = common.load_model(
+        args.teacher, dtype=args.teacher_dtype or args.dtype, device=loop.device, what="--teacher",
+        trust_remote_code=args.trust_remote_code)
+    teacher = common.frozen_teacher(teacher)
+    head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
+    vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
+                                     teacher_head.weight.shape[0])
+    common.warn_template_mismatch(tokenizer, teacher_tokenizer)
+    stop_ids = common.end_of_turn_ids(tokenizer)
+    sampler = common.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
+                                 trust_remote_code=args.trust_remote_code) if args.vllm else None
+    coin = random.Random(args.seed)  # the same draws on every process: all take the same kind of step
+
+    for micro_batches, num_tokens in loop:
+        timer, stats = Timer(), {}
+        on_policy = coin.random() < args.lmbda
+        if on_policy:
+            with timer("gen"):
+                micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler)
+            num_tokens = loop.count_tokens(micro_batches)  # lengths are only known after sampling
+        for batch in micro_batches:
+            with timer("teacher"), torch.inference_mode():
+                teacher_hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+                teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
+            with timer("student"):
+                hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+                student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+                loss, _, kl_sum = common.fused_head_loss(
+                    student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
+                    teacher_weight=teacher_head.weight, alpha=0.0, beta=args.beta, temperature=args.temperature,
+                    chunk_size=args.chunk_size, vocab=vocab)
+                loop.backward(loss)
+        loop.step(num_tokens, on_policy=on_policy, **stats, **timer.seconds)
+
+    loop.save(tokenizer)
+    loop.finish(skipped=skipped, total=len(rows))
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,135 @@
+"""on_policy.py: masks on sampled completions, the lmbda mixture, repeatability, and agreement with token_level."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import on_policy
+import sequence_level
+import token_level
+from conftest import read_metrics, write_rows
+
+TIMING = ("elapsed_s", "gen_s", "teacher_s", "student_s")
+
+
+def test_sampled_examples_mask_exactly_the_sampled_tokens():
+    prompts = [[5, 6, 7], [5, 6], [9]]
+    samples = [{"tokens": [11, 12, 99], "finished": True},   # ended with the stop token 99
+               {"tokens": [13, 14, 15, 16], "finished": False},  # cut at max_new_tokens
+               {"tokens": [99], "finished": True}]  # stopped at once
+    examples = on_policy.sampled_examples(prompts, samples)
+    assert examples[0] == {"input_ids": [5, 6, 7, 11, 12, 99], "loss_mask": [0, 0, 0, 1, 1, 1]}
+    assert examples[1]["loss_mask"] == [0, 0, 1, 1, 1, 1]
+    assert examples[2] == {"input_ids": [9, 99], "loss_mask": [0, 1]}
+    batch = common.pad_batch(examples, pad_id=99)
+    assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]]
+    assert batch["attention_mask"][2].tolist() == [1, 1, 0, 0, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def stopping_student(kit, tmp_path_factory):
+    """A student that has learned to answer one prompt and stop (so samples end at different lengths)."""
+    root = tmp_path_factory.mktemp("stopper")
+    messages = [{"role": "user", "content": "Say hi."}]
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "messages": messages, "completion": "hi there"}) + "\n"
+                            for i in range(4)))
+    sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(root / "m"),
+                         "--max-steps", "80", "--batch-size", "4", "--lr", "1e-2", "--warmup-ratio", "0"])
+    return root / "m", messages
+
+
+def test_generation_stops_at_the_first_end_of_turn_or_is_cut(stopping_student):
+    model_dir, messages = stopping_student
+    model, tok = common.load_model(str(model_dir))
+    stop = common.end_of_turn_ids(tok)
+    prompt = tok(common.render_chat(tok, messages, add_generation_prompt=True), add_special_tokens=False)
+    other = tok(common.render_chat(tok, [{"role": "user", "content": "Count the 17 cookies slowly."}],
+                                   add_generation_prompt=True), add_special_tokens=False)
+    done, cut = common.generate(model, tok, [prompt["input_ids"], other["input_ids"]], max_new_tokens=12)
+    assert done["finished"] and done["tokens"][-1] in stop and not set(done["tokens"][:-1]) & set(stop)
+    assert tok.decode(done["tokens"][:-1]) == "hi there"
+    short = common.generate(model, tok, [prompt["input_ids"]], max_new_tokens=1)[0]
+    assert not short["finished"] and len(short["tokens"]) == 1
+    assert cut["finished"] or len(cut["tokens"]) == 12
+
+
+def on_policy_args(kit, teacher, data, out, *extra):
+    return ["--teacher", str(teacher), "--student", str(kit["student"]), "--data", str(data), "--output-dir",
+            str(out), "--batch-size", "4", "--max-new-tokens", "16", "--log-every", "100", *extra]
+
+
+def test_lmbda_zero_is_token_level_with_the_same_divergence(kit, tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    for beta, kl in ((1.0, "reverse"), (0.0, "forward")):
+        on_policy.main(on_policy_args(kit, kit["teacher"], data, tmp_path / f"op{beta}", "--lmbda", "0",
+                                      "--beta", str(beta), "--lr", "0", "--max-steps", "1"))
+        token_level.main(["--teacher", str(kit["teacher"]), "--student", str(kit["student"]), "--data", str(data),
+                          "--output-dir", str(tmp_path / f"tl{beta}"), "--kl", kl, "--alpha", "0",
+                          "--temperature", "1", "--batch-size", "4", "--lr", "0", "--max-steps", "1"])
+        ours, theirs = read_metrics(tmp_path / f"op{beta}")[0], read_metrics(tmp_path / f"tl{beta}")[0]
+        assert ours["on_policy"] is False
+        assert ours["tokens"] == theirs["tokens"]
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+
+
+def test_lmbda_one_never_reads_the_teachers_text(kit, tmp_path):
+    data_a = write_rows(tmp_path / "a.jsonl", 8)
+    rows = [json.loads(line) for line in data_a.read_text().splitlines()]
+    for row in rows:
+        row["completion"] = "completely different text #### 0"
+    data_b = tmp_path / "b.jsonl"
+    data_b.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logged = []
+    for data in (data_a, data_b):
+        out = tmp_path / data.stem
+        on_policy.main(on_policy_args(kit, kit["teacher"], data, out, "--lmbda", "1", "--max-steps", "3",
+                                      "--lr", "1e-3"))
+        logged.append([{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(out)])
+    assert logged[0] == logged[1]
+    assert all(m["on_policy"] for m in logged[0])
+
+
+def test_runs_are_repeatable_and_the_mixture_is_recorded(kit, tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    runs = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        out = tmp_path / name
+        on_policy.main(on_policy_args(kit, kit["teacher"], data, out, "--lmbda", "0.5", "--max-steps", "8",
+                                      "--lr", "1e-3", "--seed", seed))
+        runs.append([{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(out)])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    kinds = [m["on_policy"] for m in runs[0]]
+    assert any(kinds) and not all(kinds)
+    for m in runs[0]:
+        assert set(m) >= {"step", "loss", "lr", "tokens", "on_policy"}
+        if m["on_policy"]:
+            # Normalized by the tokens actually sampled (counted after generation): 4 samples, gen_len each.
+            assert m["tokens"] == round(m["gen_len"] * 4)
+            assert 0 <= m["cut_frac"] <= 1
+
+
+def test_pure_on_policy_from_an_untrained_student_stays_finite(kit, tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    out = tmp_path / "run"
+    on_policy.main(on_policy_args(kit, kit["teacher"], data, out, "--lmbda", "1", "--max-steps", "4",
+                                  "--lr", "1e-2", "--gen-temperature", "1.5"))
+    metrics = read_metrics(out)
+    assert all(math.isfinite(m["loss"]) and m["on_policy"] for m in metrics)
+    assert all(0 <= m["cut_frac"] <= 1 and 1 <= m["gen_len"] <= 16 for m in metrics)
+    assert torch.isfinite(torch.tensor([m["grad_norm"] for m in metrics])).all()
+
+
+def test_vllm_flag_without_vllm_is_one_clear_error(kit, tmp_path):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    data = write_rows(tmp_path / "d.jsonl", 4)
+    with pytest.raises(common.DistillError, match="--vllm needs the vllm package"):
+        on_policy.main(on_policy_args(kit, kit["teacher"], data, tmp_path / "run", "--vllm", "--max-steps", "1"))
