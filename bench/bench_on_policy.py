@@ -1,10 +1,11 @@
 """What on-policy distillation costs: one epoch of on_policy.py (lmbda=1) vs one epoch of sequence_level.py.
 
-    python bench/bench_on_policy.py                 # tiny models, 96 rows, batch 4 x 4 accumulation, 64 new tokens
+    python bench/bench_on_policy.py                 # tiny models, 192 rows, batch 4 x 4 accumulation, 64 new tokens
     python bench/bench_on_policy.py --rows 48 --max-new-tokens 32
 
 Both runs use the same tiny student, the same data, batch size and accumulation, each in its own process; the time
-compared is the training loop's own clock (`elapsed_s` of the last metrics.jsonl row: models already loaded). The
+compared is the training loop's own clock (`elapsed_s` of the last metrics.jsonl row: models already loaded),
+the median over --repeats runs of each (the runs are short, so single runs are noisy). The
 on-policy time is split into sampling (gen_s), the teacher's forward (teacher_s), the student's forward + backward
 (student_s) and the rest (optimizer steps, batching). The untrained student rarely emits its end-of-turn token, so
 almost every sample runs to --max-new-tokens: the worst case for the sampling share.
@@ -49,7 +50,8 @@ def run(script: str, argv: list[str], out: Path) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=96, help="rows of data (one epoch each)")
+    parser.add_argument("--rows", type=int, default=192, help="rows of data (one epoch each)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each script; the median run is reported")
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
     parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens the student samples per prompt")
@@ -63,9 +65,14 @@ def main():
     data = write_data(work / "data.jsonl", args.rows)
     common_args = ["--student", str(kit["student"]), "--data", str(data), "--epochs", "1", "--batch-size",
                    str(args.batch_size), "--grad-accum", str(args.grad_accum), "--lr", "1e-4", "--seed", "0"]
-    sft = run("sequence_level.py", common_args, work / "sequence_level")
-    gkd = run("on_policy.py", [*common_args, "--teacher", str(kit["teacher"]), "--lmbda", "1",
-                               "--max-new-tokens", str(args.max_new_tokens)], work / "on_policy")
+    def median_run(script, argv, name):
+        runs = sorted((run(script, argv, work / f"{name}_{i}") for i in range(args.repeats)),
+                      key=lambda metrics: metrics[-1]["elapsed_s"])
+        return runs[len(runs) // 2]
+
+    sft = median_run("sequence_level.py", common_args, "sequence_level")
+    gkd = median_run("on_policy.py", [*common_args, "--teacher", str(kit["teacher"]), "--lmbda", "1",
+                                      "--max-new-tokens", str(args.max_new_tokens)], "on_policy")
 
     sft_s, gkd_s = sft[-1]["elapsed_s"], gkd[-1]["elapsed_s"]
     split = {k: sum(m.get(k, 0.0) for m in gkd) for k in ("gen_s", "teacher_s", "student_s")}
@@ -74,6 +81,7 @@ def main():
     cut = sum(m["cut_frac"] for m in gkd) / len(gkd)
     print(f"{args.rows} rows, batch {args.batch_size} x {args.grad_accum} accumulation, {len(gkd)} optimizer steps, "
           f"max {args.max_new_tokens} new tokens (mean sampled {gen_len:.1f}, {cut:.0%} cut)")
+    print(f"median of {args.repeats} runs each")
     print("| run | epoch time | ratio |\n|---|---|---|")
     print(f"| sequence_level.py | {sft_s:.2f} s | 1.00x |")
     print(f"| on_policy.py --lmbda 1 | {gkd_s:.2f} s | {gkd_s / sft_s:.2f}x |")

@@ -133,3 +133,19 @@ def test_vllm_flag_without_vllm_is_one_clear_error(kit, tmp_path):
     data = write_rows(tmp_path / "d.jsonl", 4)
     with pytest.raises(common.DistillError, match="--vllm needs the vllm package"):
         on_policy.main(on_policy_args(kit, kit["teacher"], data, tmp_path / "run", "--vllm", "--max-steps", "1"))
+
+
+@pytest.mark.parametrize("name", ["student", "student_llama3", "student_nosys"])
+def test_our_decode_loop_matches_transformers_generate_greedily(kit, name):
+    from transformers import GenerationConfig
+
+    model, tok = common.load_model(str(kit[name]))
+    prompts = [tok(common.render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for q in ("Hi?", "What is 12 + 30, exactly?", "Ok")]
+    ours = common.generate(model, tok, prompts, max_new_tokens=12, stop_ids=[10**9])  # a stop that never comes
+    batch = common.pad_batch([{"input_ids": p} for p in prompts], tok.pad_token_id, side="left")
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    theirs = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            generation_config=config)[:, batch["input_ids"].shape[1]:]
+    assert [r["tokens"] for r in ours] == theirs.tolist()
+    assert not any(r["finished"] for r in ours)
