@@ -368,10 +368,11 @@ def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: in
         return None
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     # Character spans of the masked tokens relative to the completion string the caller passed (cross-tokenizer
-    # alignment); the end-of-turn token sits at the completion's end, as a zero-width span.
+    # alignment); the end-of-turn token covers a virtual character just past the completion's end, so that both
+    # tokenizers' end-of-turn tokens pair with each other and not with the last word.
     spans = [(min(max(s - start, 0), len(completion)) + lead, min(max(e - start, 0), len(completion)) + lead)
              for (s, e), m in zip(offsets, loss_mask) if m]
-    spans[-1] = (original_length, original_length)
+    spans[-1] = (original_length, original_length + 1)
     return {"input_ids": input_ids, "loss_mask": loss_mask, "prompt_ids": prompt_ids, "completion_offsets": spans}
 
 
@@ -992,7 +993,7 @@ def _normalize_number(raw: str) -> str | None:
 # 7. generation (teacher data, on-policy samples, evaluation)
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: a model that updates a buffer here (dynamic RoPE) trains next
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids: list[int] | None = None) -> list[dict]:
     """Batched, left-padded sampling with a KV cache; stops as soon as every row has produced a stop token.

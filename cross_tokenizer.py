@@ -83,9 +83,10 @@ def align_by_end_offsets(student_offsets: list[tuple[int, int]], teacher_offsets
 
 def sorted_topk_with_tail(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
     """[..., V] logits -> [..., K+1]: the top-K probabilities at temperature T (descending) and the rest's mass."""
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    top = probs.topk(min(k, probs.shape[-1]), dim=-1).values  # sorted, descending
-    tail = (1 - top.sum(-1, keepdim=True)).clamp_min(0)
+    probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    top, index = probs.topk(k, dim=-1)  # sorted, descending
+    # Summing what is left, rather than 1 - sum(top), avoids cancellation when the tail is small.
+    tail = probs.scatter(-1, index, 0.0).sum(-1, keepdim=True)
     return torch.cat([top, tail], dim=-1)
 
 
@@ -97,6 +98,9 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: i
       kl:           T^2 * sum_k p_k (log p_k - log q_k)      (KL(teacher || student), the blog's choice)
       wasserstein:  T^2 * sum_k |p_k - q_k|                   (the ULD paper's closed-form Wasserstein-1)
     """
+    # K stays below the smaller vocabulary so that both tails keep some mass (an empty tail opposite a non-empty
+    # one would make KL infinite). Real vocabularies are far larger than K; this only matters for toy ones.
+    k = min(k, student_logits.shape[-1] - 1, teacher_logits.shape[-1] - 1)
     p = sorted_topk_with_tail(teacher_logits, k, temperature)
     q = sorted_topk_with_tail(student_logits, k, temperature)
     if kind == "kl":
