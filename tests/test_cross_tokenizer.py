@@ -146,13 +146,34 @@ def test_cross_tokenizer_trains_saves_and_reloads(kit, trained_teacher, tmp_path
     cross_tokenizer.main(["--teacher", str(trained_teacher), "--student", str(kit[student]), "--data", str(data),
                           "--output-dir", str(out), "--top-k", "8", "--temperature", "2.0", "--alpha", "0.1",
                           "--uld-loss", kind, "--lr", "3e-3", "--max-steps", "30", "--batch-size", "8",
-                          "--log-every", "100"])
+                          "--log-every", "100", "--min-exact-alignment", "0.999"])
     printed = capsys.readouterr().out
     assert "alignment:" in printed and "student tokens end where their teacher token ends" in printed
     alignment = json.loads((out / "alignment.json").read_text())
     assert 0 < alignment["exact_end_fraction"] <= 1 and alignment["mean_end_gap_chars"] >= 0
+    assert ("warning: exact alignment" in printed) == (alignment["exact_end_fraction"] < 0.999)
     metrics = read_metrics(out)
     assert sum(m["loss"] for m in metrics[-5:]) < 0.8 * sum(m["loss"] for m in metrics[:5])
     assert all(set(m) >= {"ce", "uld", "tokens"} for m in metrics)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.vocab_size == AutoModelForCausalLM.from_pretrained(kit[student]).config.vocab_size
+
+
+def test_alignment_stats_count_inexact_pairs(tokenizers):
+    """Digits one by one (ChatML) against Llama-3's digit groups: '12345' aligns exactly at some digits only."""
+    rows = [{"messages": [{"role": "user", "content": "Q?"}], "completion": "12345"}]
+    teacher_tok = tokenizers["student_llama3"]
+    enc = common.encode_chat(teacher_tok, rows[0]["messages"], "12345")
+    masked = [i for i, m in zip(enc["input_ids"], enc["loss_mask"]) if m]
+    assert teacher_tok.convert_ids_to_tokens(masked) == ["12", "3", "45", "<|eot_id|>"]
+    examples, skipped, stats = cross_tokenizer.encode_pairs(rows, tokenizers["student"], teacher_tok, 1024)
+    # student 1 2 3 4 5 <eot> (ends 1..5, 6) vs teacher 12 3 45 <eot> (ends 2, 3, 5, 6):
+    # 1->12 (gap 1), 2->12, 3->3, 4->3 (a tie with 45: the earlier, gap 1), 5->45, <eot>-><eot>
+    assert skipped == 0 and stats["student_tokens"] == 6
+    positions = [i for i, m in enumerate(enc["loss_mask"]) if m]
+    assert examples[0]["teacher_targets"] == [positions[j] for j in (0, 0, 1, 1, 2, 3)]
+    assert stats["exact_end_fraction"] == pytest.approx(4 / 6)
+    assert stats["mean_end_gap_chars"] == pytest.approx(2 / 6)
+    teacher_ids = examples[0]["teacher_ids"]
+    targets = examples[0]["teacher_targets"]
+    assert targets[-1] == len(teacher_ids) - 1  # the teacher's <|eot_id|> is its last token
