@@ -56,3 +56,20 @@ def test_eval_on_a_tiny_model(kit, tmp_path, capsys):
     assert results["untrained"]["kl_to_teacher"] > 1.0
     table = capsys.readouterr().out
     assert "| trained | 100.0% | 0.000 | 100.0% | 4 |" in table
+
+
+def test_demo_quick_prints_every_row(tmp_path):
+    """`python demo.py --quick`: the CI smoke test of the whole pipeline (all four methods, eval, table, plot)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--quick", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "demo" / "quick" / "results.md").read_text()
+    for row in ("teacher", "student before distillation", "2nd student before (other tokenizer)", "sequence_level",
+                "token_level", "on_policy", "cross_tokenizer"):
+        assert f"| {row}" in report, row
+    assert (tmp_path / "demo" / "quick" / "results.png").stat().st_size > 10_000
