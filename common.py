@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,11 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
                         help="positions per chunk when projecting hidden states to the vocabulary in the loss "
                              "(0 = automatic: ~128 MB per [chunk, vocab] float32 buffer)")
     parser.add_argument("--log-every", type=int, default=1, help="print a metrics line every N steps")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="write a resumable checkpoint (weights, optimizer, schedule, RNG, data position) "
+                             "every N optimizer steps to OUTPUT_DIR/checkpoint-N (0 = never)")
+    parser.add_argument("--resume", default=None,
+                        help="continue from a checkpoint folder, or from the latest complete checkpoint in a folder")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights (peft)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha")
@@ -853,6 +859,8 @@ class TrainLoop:
         self.step_num = 0
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._stats: dict[str, float] = {}
+        self.rng = random.Random(args.seed)  # for scripts' own draws (on-policy coin); checkpointed with the rest
+        self._resume_state = self._load_checkpoint(args.resume) if args.resume else None
 
     # -- data ---------------------------------------------------------------------------------------------------
 
@@ -877,7 +885,13 @@ class TrainLoop:
 
         stream = self._micro_batches()
         self.start_time = time.time()
-        if self.accelerator.is_main_process:
+        if self._resume_state is not None:
+            for _ in range(self.step_num * self.args.grad_accum):  # the data position: skip what was consumed
+                next(stream)
+            self.start_time -= self._resume_state["elapsed_s"]
+            _set_rng_state(self._resume_state["rng"])
+            self.rng.setstate(self._resume_state["script_rng"])
+        elif self.accelerator.is_main_process:
             self.metrics_path.write_text("")
         self.bar = tqdm(total=self.total_steps, desc="train", disable=not self.accelerator.is_main_process)
         while self.step_num < self.total_steps:
@@ -928,7 +942,71 @@ class TrainLoop:
             if self.step_num % self.args.log_every == 0 or self.step_num == self.total_steps:
                 self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in row.items() if v is not None))
+        if self.args.save_every and self.step_num % self.args.save_every == 0 and self.step_num < self.total_steps:
+            self.save_checkpoint()
         return row
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """OUTPUT_DIR/checkpoint-N: weights (or adapter), optimizer, schedule, RNG of every process, data position
+        and metrics so far. Written under a temporary name and renamed when complete, so a run killed while
+        saving never leaves a checkpoint that --resume would pick up."""
+        acc = self.accelerator
+        final = self.output_dir / f"checkpoint-{self.step_num}"
+        tmp = self.output_dir / f".checkpoint-{self.step_num}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save({"rng": _get_rng_state(), "script_rng": self.rng.getstate()}, tmp / f"rng_{acc.process_index}.pt")
+        if acc.is_main_process:
+            acc.unwrap_model(self.model).save_pretrained(tmp, save_function=acc.save)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "step": self.step_num, "elapsed_s": time.time() - self.start_time},
+                       tmp / "trainer_state.pt")
+            shutil.copy(self.metrics_path, tmp / "metrics.jsonl")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: str) -> dict:
+        folder = Path(path)
+        if not (folder / "trainer_state.pt").exists():
+            found = sorted((p for p in folder.glob("checkpoint-*") if (p / "trainer_state.pt").exists()),
+                           key=lambda p: int(p.name.split("-")[1]))
+            if not found:
+                raise DistillError(f"--resume '{path}': no complete checkpoint there (checkpoint-N with "
+                                   "trainer_state.pt)")
+            folder = found[-1]
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        if (folder / "adapter_model.safetensors").exists():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        else:
+            weights = {}
+            for shard in folder.glob("*.safetensors"):
+                weights.update(load_file(shard))
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
+            if set(missing) - tied or unexpected:
+                raise DistillError(f"--resume '{folder}': weights do not match the model "
+                                   f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_num = state["step"]
+        rng = torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=False)
+        if self.accelerator.is_main_process:
+            shutil.copy(folder / "metrics.jsonl", self.metrics_path)
+            print(f"resuming from {folder} at step {self.step_num}")
+        return {"rng": rng["rng"], "script_rng": rng["script_rng"], "elapsed_s": state["elapsed_s"]}
 
     def finish(self, *, skipped: int, total: int) -> None:
         """The end-of-run report: where things are, and what was left out of training."""
@@ -950,6 +1028,28 @@ class TrainLoop:
             tokenizer.save_pretrained(path)
         acc.wait_for_everyone()
         return path
+
+
+def _get_rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
 
 
 def frozen_teacher(model) -> torch.nn.Module:

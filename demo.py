@@ -41,7 +41,7 @@ import token_level  # noqa: E402
 SYSTEM_PROMPT = "Solve the math word problem. Show the calculation, then give the answer as '#### <number>'."
 SIZES = {  # full, quick
     "train_problems": (4000, 400), "test_problems": (200, 40), "teacher_data": (800, 64),
-    "teacher_steps": (1000, 150), "teacher_extra_rounds": (3, 0), "student_steps": (300, 16),
+    "teacher_steps": (700, 150), "teacher_extra_rounds": (3, 0), "student_steps": (300, 16),
 }
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gita", "Hugo", "Ines", "Jon", "Kai", "Lea"]
 ITEMS = ["apples", "pens", "cards", "eggs", "coins", "books", "cups", "toys"]
@@ -49,31 +49,31 @@ BOXES = ["boxes", "bags", "jars", "packs"]
 
 
 def make_problem(rng: random.Random) -> tuple[str, str]:
-    """One short word problem with small numbers: (question, solution ending in '#### N')."""
+    """One short word problem over single-digit facts: (question, solution ending in '#### N').
+
+    The numbers are kept small (one-digit operands, results up to 81) so that a 1M-parameter teacher can learn
+    the task on a CPU in minutes; the sentence templates, names and items vary so that copying is needed too.
+    """
     name, other = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
     kind = rng.randrange(4)
     if kind == 0:
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
         c = a + b
         question = f"{name} has {a} {item}. {other} gives {name} {b} more. How many {item} does {name} have now?"
         step = f"{a} + {b} = {c}"
     elif kind == 1:
-        a = rng.randint(5, 30)
-        b = rng.randint(1, a - 1)
-        c = a - b
-        question = f"{name} had {a} {item} and gave {b} to {other}. How many {item} are left?"
-        step = f"{a} - {b} = {c}"
+        c = a
+        question = f"{name} had {a + b} {item} and gave {b} to {other}. How many {item} are left?"
+        step = f"{a + b} - {b} = {c}"
     elif kind == 2:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
         c = a * b
         question = f"{name} buys {a} {rng.choice(BOXES)} with {b} {item} in each. How many {item} is that?"
         step = f"{a} * {b} = {c}"
     else:
-        b, c = rng.randint(2, 6), rng.randint(2, 9)
-        a = b * c
-        question = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
-        step = f"{a} / {b} = {c}"
+        c = a
+        question = f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?"
+        step = f"{a * b} / {b} = {c}"
     return question, f"{step}\n#### {c}"
 
 

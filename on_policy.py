@@ -25,7 +25,6 @@ the student's forward + backward (student_s).
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -122,11 +121,10 @@ def main(argv=None):
     stop_ids = common.end_of_turn_ids(tokenizer)
     sampler = common.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
                                  trust_remote_code=args.trust_remote_code) if args.vllm else None
-    coin = random.Random(args.seed)  # the same draws on every process: all take the same kind of step
 
     for micro_batches, num_tokens in loop:
         timer, stats = Timer(), {}
-        on_policy = coin.random() < args.lmbda
+        on_policy = loop.rng.random() < args.lmbda  # same seed on every process: all take the same kind of step
         if on_policy:
             with timer("gen"):
                 micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler)
