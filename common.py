@@ -1059,6 +1059,13 @@ def frozen_teacher(model) -> torch.nn.Module:
     return model
 
 
+def load_teacher(args, device):
+    """The frozen teacher (--teacher, in --teacher-dtype or --dtype) on `device`, and its tokenizer."""
+    teacher, tokenizer = load_model(args.teacher, dtype=args.teacher_dtype or args.dtype, device=device,
+                                    what="--teacher", trust_remote_code=args.trust_remote_code)
+    return frozen_teacher(teacher), tokenizer
+
+
 def fingerprint(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 

@@ -202,9 +202,7 @@ def main(argv=None):
                                                               teacher_tokenizer.pad_token_id))
     if loop.accelerator.is_main_process:
         (loop.output_dir / "alignment.json").write_text(json.dumps(alignment, indent=2) + "\n")
-    teacher, _ = common.load_model(args.teacher, dtype=args.teacher_dtype or args.dtype, device=loop.device,
-                                   what="--teacher", trust_remote_code=args.trust_remote_code)
-    teacher = common.frozen_teacher(teacher)
+    teacher, _ = common.load_teacher(args, loop.device)
     head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
 
     for micro_batches, num_tokens in loop:

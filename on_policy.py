@@ -110,10 +110,7 @@ def main(argv=None):
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id)
-    teacher, teacher_tokenizer = common.load_model(
-        args.teacher, dtype=args.teacher_dtype or args.dtype, device=loop.device, what="--teacher",
-        trust_remote_code=args.trust_remote_code)
-    teacher = common.frozen_teacher(teacher)
+    teacher, teacher_tokenizer = common.load_teacher(args, loop.device)
     head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
     vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
                                      teacher_head.weight.shape[0])

@@ -46,3 +46,15 @@ def rows_file(tmp_path) -> Path:
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(kit, tmp_path_factory):
+    """The kit's teacher after a little SFT, so its distributions are peaked and worth imitating."""
+    import sequence_level
+
+    root = tmp_path_factory.mktemp("teacher")
+    data = write_rows(root / "d.jsonl", 64, seed=10)
+    sequence_level.main(["--student", str(kit["teacher"]), "--data", str(data), "--output-dir", str(root / "t"),
+                         "--max-steps", "60", "--batch-size", "8", "--lr", "3e-3", "--log-every", "100"])
+    return root / "t"

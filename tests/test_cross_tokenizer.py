@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 import common
 import cross_tokenizer
-import sequence_level
 from conftest import read_metrics, write_rows
 from cross_tokenizer import align_by_end_offsets
 
@@ -128,15 +127,6 @@ def test_chunked_loss_and_gradients_match_materialized(kind):
     torch.testing.assert_close(got[1], student_hidden.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got[2], student_weight.grad, rtol=1e-4, atol=1e-6)
     assert ce_sum.item() == pytest.approx(ce.item(), rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def trained_teacher(kit, tmp_path_factory):
-    root = tmp_path_factory.mktemp("xteacher")
-    data = write_rows(root / "d.jsonl", 64, seed=10)
-    sequence_level.main(["--student", str(kit["teacher"]), "--data", str(data), "--output-dir", str(root / "t"),
-                         "--max-steps", "60", "--batch-size", "8", "--lr", "3e-3", "--log-every", "100"])
-    return root / "t"
 
 
 @pytest.mark.parametrize("student,kind", [("student_nosys", "kl"), ("student_llama3", "wasserstein")])

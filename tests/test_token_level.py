@@ -9,19 +9,8 @@ import pytest
 import torch
 
 import common
-import sequence_level
 import token_level
 from conftest import read_metrics, write_rows
-
-
-@pytest.fixture(scope="module")
-def trained_teacher(kit, tmp_path_factory):
-    """The kit's teacher after a little SFT, so its distributions are peaked and worth imitating."""
-    root = tmp_path_factory.mktemp("teacher")
-    data = write_rows(root / "d.jsonl", 64, seed=10)
-    sequence_level.main(["--student", str(kit["teacher"]), "--data", str(data), "--output-dir", str(root / "t"),
-                         "--max-steps", "60", "--batch-size", "8", "--lr", "3e-3", "--log-every", "100"])
-    return root / "t"
 
 
 def reference_loss(teacher_dir, student_dir, data, kind, temperature, beta=0.5, alpha=0.0):
