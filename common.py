@@ -112,6 +112,25 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
                         help="comma-separated module names for LoRA, or 'all-linear'")
 
 
+def add_prompt_dataset_args(parser: argparse.ArgumentParser, *, split: str) -> None:
+    """Flags naming a dataset of prompts (generate_data.py, eval.py); `prompts_from_args` reads them."""
+    parser.add_argument("--dataset", default="openai/gsm8k", help="hub dataset id or local .jsonl/.json/.parquet/.csv")
+    parser.add_argument("--dataset-config", default="main", help="hub dataset config name (gsm8k: 'main')")
+    parser.add_argument("--split", default=split, help="dataset split")
+    parser.add_argument("--prompt-field", default="question", help="field holding the prompt (problem) text")
+    parser.add_argument("--answer-field", default="answer", help="field with the reference answer ('' for none)")
+    parser.add_argument("--num-examples", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                        help="system message ('' for none); folded into the user turn if the template has no "
+                             "system role. generate_data.py and eval.py share the default")
+
+
+def prompts_from_args(args) -> list[dict]:
+    return load_prompt_dataset(args.dataset, config=args.dataset_config or None, split=args.split,
+                               prompt_field=args.prompt_field, answer_field=args.answer_field or None,
+                               num_examples=args.num_examples, trust_remote_code=args.trust_remote_code)
+
+
 def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the optional vLLM sampling backend (generate_data.py, on_policy.py)."""
     parser.add_argument("--vllm", action="store_true",

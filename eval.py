@@ -35,14 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--base", default=None, help="base model when --model holds a LoRA adapter "
                                                       "(default: the adapter's base_model_name_or_path)")
     parser.add_argument("--name", default=None, help="row name in the results table (default: --model)")
-    parser.add_argument("--dataset", default="openai/gsm8k", help="hub dataset id or local .jsonl/.json/.parquet/.csv")
-    parser.add_argument("--dataset-config", default="main", help="hub dataset config name (gsm8k: 'main')")
-    parser.add_argument("--split", default="test", help="dataset split")
-    parser.add_argument("--prompt-field", default="question", help="field holding the problem text")
-    parser.add_argument("--answer-field", default="answer", help="field holding the reference answer")
-    parser.add_argument("--num-examples", type=int, default=None, help="evaluate the first N problems only")
-    parser.add_argument("--system-prompt", default=common.DEFAULT_SYSTEM_PROMPT,
-                        help="system message ('' for none); the same as generate_data.py's by default")
+    common.add_prompt_dataset_args(parser, split="test")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per answer")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     parser.add_argument("--teacher", default=None, help="also report KL and top-1 agreement to this teacher")
@@ -115,9 +108,7 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    problems = common.load_prompt_dataset(args.dataset, config=args.dataset_config or None, split=args.split,
-                                          prompt_field=args.prompt_field, answer_field=args.answer_field,
-                                          num_examples=args.num_examples, trust_remote_code=args.trust_remote_code)
+    problems = common.prompts_from_args(args)
     start = time.time()
     model, tokenizer = load_for_eval(args.model, args.base, dtype=args.dtype, device=device,
                                      trust_remote_code=args.trust_remote_code)

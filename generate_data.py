@@ -34,15 +34,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(parser)
     parser.add_argument("--teacher", default="Qwen/Qwen2.5-1.5B-Instruct", help="teacher: hub id or local folder")
-    parser.add_argument("--dataset", default="openai/gsm8k", help="hub dataset id or local .jsonl/.json/.parquet/.csv")
-    parser.add_argument("--dataset-config", default="main", help="hub dataset config name (gsm8k: 'main')")
-    parser.add_argument("--split", default="train", help="dataset split")
-    parser.add_argument("--prompt-field", default="question", help="field holding the prompt text")
-    parser.add_argument("--answer-field", default="answer", help="field with the reference answer ('' for none)")
-    parser.add_argument("--num-examples", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--system-prompt", default=common.DEFAULT_SYSTEM_PROMPT,
-                        help="system message ('' for none); folded into the user turn if the template has no "
-                             "system role")
+    common.add_prompt_dataset_args(parser, split="train")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per completion")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
@@ -69,10 +61,7 @@ def main(argv=None):
     args = parse_args(argv)
     common.seed_everything(args.seed)
     out_path = Path(args.output)
-    prompts = common.load_prompt_dataset(
-        args.dataset, config=args.dataset_config or None, split=args.split, prompt_field=args.prompt_field,
-        answer_field=args.answer_field or None, num_examples=args.num_examples,
-        trust_remote_code=args.trust_remote_code)
+    prompts = common.prompts_from_args(args)
     done = load_done(out_path)
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     todo = []
