@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -99,6 +100,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
                         help="positions per chunk when projecting hidden states to the vocabulary in the loss "
                              "(0 = automatic: ~128 MB per [chunk, vocab] float32 buffer)")
     parser.add_argument("--log-every", type=int, default=1, help="print a metrics line every N steps")
+    parser.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
+                        help="also send each step's metrics to this tracker through accelerate (metrics.jsonl is "
+                             "always written); tensorboard logs go to OUTPUT_DIR/runs")
     parser.add_argument("--save-every", type=int, default=0,
                         help="write a resumable checkpoint (weights, optimizer, schedule, RNG, data position) "
                              "every N optimizer steps to OUTPUT_DIR/checkpoint-N (0 = never)")
@@ -676,6 +680,29 @@ class _FusedHeadLoss(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None, None, None
 
 
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole [V, H] output-head weight, checked before the chunked losses read it directly.
+
+    Plain and DDP: the parameter. FSDP2: the root module's parameters (lm_head, tied embeddings) stay gathered
+    from the root's forward until its backward, so right after `final_hidden_states` this is a full tensor and
+    FSDP reduce-scatters its gradient (tests/test_distributed.py checks every gradient against one process).
+    A weight still sharded at that point (a DTensor: lm_head wrapped on its own, or the root resharded) or an
+    empty placeholder (DeepSpeed ZeRO-3, FSDP1 flat parameters) would need a gather whose backward fights the
+    engine's own hooks: refused with the way out, not guessed at.
+    """
+    sharded = weight.dim() != 2 or weight.numel() == 0
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        sharded = sharded or isinstance(weight, DTensor)
+    if sharded:
+        raise DistillError(f"the output head's weight is sharded when the loss reads it ({type(weight).__name__}, "
+                           f"shape {tuple(weight.shape)}): DeepSpeed ZeRO-3, FSDP1 and an lm_head wrapped apart from "
+                           "the root are not supported by the chunked losses; use configs/fsdp.yaml (FSDP2, "
+                           "transformer-layer wrapping) or configs/deepspeed_zero2.yaml")
+    return weight
+
+
 def auto_chunk_size(vocab: int, device: torch.device | str) -> int:
     """Positions per chunk so that one [chunk, vocab] float32 buffer is ~128 MB (~220 rows at Qwen's 151,936).
 
@@ -702,6 +729,7 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     """
     if alpha < 1 and (teacher_hidden is None or teacher_weight is None):
         raise ValueError("alpha < 1 needs teacher_hidden and teacher_weight")
+    student_weight = full_weight(student_weight)
     vocab = vocab or student_weight.shape[0]
     chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
     if teacher_hidden is None:
@@ -853,12 +881,20 @@ class TrainLoop:
         from transformers import get_cosine_schedule_with_warmup
 
         self.args = args
-        self.accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
-        seed_everything(args.seed)
+        report_to = getattr(args, "report_to", "none")
+        if report_to != "none" and importlib.util.find_spec(report_to) is None:
+            raise DistillError(f"--report-to {report_to}: the package is not installed (pip install {report_to})")
         self.output_dir = Path(args.output_dir)
+        self.accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
+                                       log_with=None if report_to == "none" else report_to,
+                                       project_dir=self.output_dir / "runs")
+        seed_everything(args.seed)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        if report_to != "none":  # trackers take flat scalars only
+            self.accelerator.init_trackers(self.output_dir.name, config={
+                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.examples, self.pad_id = examples, pad_id
@@ -879,6 +915,10 @@ class TrainLoop:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._stats: dict[str, float] = {}
         self.rng = random.Random(args.seed)  # for scripts' own draws (on-policy coin); checkpointed with the rest
+        if (args.save_every or args.resume) and self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            raise DistillError("--save-every/--resume: exact-resume checkpoints cover one process and DDP; under "
+                               f"{self.accelerator.distributed_type.name} the optimizer state is sharded and is not "
+                               "saved by this loop yet")
         self._resume_state = self._load_checkpoint(args.resume) if args.resume else None
 
     # -- data ---------------------------------------------------------------------------------------------------
@@ -953,6 +993,7 @@ class TrainLoop:
         row = {"step": self.step_num, **summed, "lr": lr, "tokens": int(num_tokens),
                "grad_norm": None if grad_norm is None else float(grad_norm),
                "elapsed_s": round(time.time() - self.start_time, 3), **extra}
+        acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=self.step_num)
         if acc.is_main_process:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -1029,6 +1070,7 @@ class TrainLoop:
 
     def finish(self, *, skipped: int, total: int) -> None:
         """The end-of-run report: where things are, and what was left out of training."""
+        self.accelerator.end_training()  # flushes and closes the trackers
         if not self.accelerator.is_main_process:
             return
         print(f"done: {self.step_num} steps in {time.time() - self.start_time:.1f}s; "
@@ -1041,9 +1083,9 @@ class TrainLoop:
         path = Path(path or self.output_dir)
         acc = self.accelerator
         acc.wait_for_everyone()
-        model = acc.unwrap_model(self.model)
+        state_dict = acc.get_state_dict(self.model)  # a collective under FSDP/DeepSpeed: gathered to rank 0
         if acc.is_main_process:
-            model.save_pretrained(path, save_function=acc.save)
+            acc.unwrap_model(self.model).save_pretrained(path, state_dict=state_dict, save_function=acc.save)
             tokenizer.save_pretrained(path)
         acc.wait_for_everyone()
         return path

@@ -118,6 +118,7 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, teacher_hidden, 
     is a few chunk-sized buffers; top-K selects K values per row, no full-vocabulary sort.
     Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
     """
+    student_weight = common.full_weight(student_weight)
     vocab_size = student_weight.shape[0]
     chunk = args.chunk_size or common.auto_chunk_size(max(vocab_size, teacher_weight.shape[0]), student_hidden.device)
 

@@ -34,6 +34,7 @@ import cross_tokenizer  # noqa: E402
 import eval as evaluate  # noqa: E402
 import generate_data  # noqa: E402
 import on_policy  # noqa: E402
+import plot_metrics  # noqa: E402
 import sequence_level  # noqa: E402
 import tiny  # noqa: E402
 import token_level  # noqa: E402
@@ -157,21 +158,14 @@ def train_teacher(kit, out: Path, train_task: Path, problems: list[dict], size: 
 
 def plot(results: list[dict], out: Path) -> Path | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        plt = plot_metrics.pyplot()
+    except common.DistillError as error:
+        print(f"{error}: no plot")
         return None
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in results:
-        if row.get("run"):
-            metrics = common.read_jsonl(Path(row["run"]) / "metrics.jsonl")
-            curves.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=row["name"])
-    curves.set(xlabel="optimizer step", ylabel="training loss (each method's own)", title="loss curves",
-               yscale="log")
-    curves.legend(fontsize=8)
+    runs = {row["name"]: common.read_jsonl(Path(row["run"]) / "metrics.jsonl") for row in results if row.get("run")}
+    plot_metrics.draw(curves, runs, "loss", log_y=True)
+    curves.set(ylabel="training loss (each method's own)", title="loss curves")
     bars.barh([r["name"] for r in results], [100 * r["exact_match"] for r in results], color="tab:blue")
     bars.set(xlabel="held-out exact match (%)", title="accuracy", xlim=(0, 100))
     bars.invert_yaxis()

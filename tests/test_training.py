@@ -116,3 +116,43 @@ def test_bf16_autocast_and_gradient_checkpointing_run(kit, tmp_path):
                     "--lr", "1e-3"], check=True, capture_output=True)
     metrics = read_metrics(out)
     assert len(metrics) == 3 and all(m["loss"] == m["loss"] for m in metrics)  # no NaN
+
+
+def test_report_to_tensorboard_logs_the_metrics_rows(kit, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    out = tmp_path / "tb"
+    sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(out),
+                         "--max-steps", "3", "--lr", "1e-3", "--report-to", "tensorboard"])
+    events = list((out / "runs").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file under OUTPUT_DIR/runs"
+    scalars = {}
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    metrics = read_metrics(out)
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3]
+    assert [value for _, value in scalars["loss"]] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+    assert {"lr", "tokens", "grad_norm", "elapsed_s"} <= scalars.keys()
+
+
+def test_plot_metrics_draws_several_runs(tmp_path):
+    import plot_metrics
+
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "loss": scale / s, "kl": 0.5 / s} if name == "a" else {"step": s, "loss": scale / s}
+                for s in range(1, 11)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = plot_metrics.main([str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl"), "--keys", "loss", "kl",
+                             "--smooth", "3", "--out", str(tmp_path / "curves.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_metrics.moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    with pytest.raises(common.DistillError, match="no run logs it"):
+        plot_metrics.main([str(tmp_path / "b"), "--keys", "kl", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(common.DistillError, match="no metrics.jsonl"):
+        plot_metrics.main([str(tmp_path / "missing")])

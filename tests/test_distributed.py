@@ -1,0 +1,93 @@
+"""Two processes (DDP over gloo on CPU) must train exactly like one process with the same global batch.
+
+accelerate's own `--cpu` flag starts a single process unless MPI is set up, so the CPU launch here is
+`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (torchrun underneath, gloo backend).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, read_metrics, write_rows
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def run(cmd, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def launch(processes: int, script: str, args: list[str]):
+    if processes == 1:
+        return run([sys.executable, str(ROOT / script), *args])
+    return run([*ACCELERATE, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / script), *args])
+
+
+def test_token_level_two_processes_match_one(kit, tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", 24)
+    common_args = ["--student", str(kit["student"]), "--teacher", str(kit["teacher"]), "--data", str(data),
+                   "--max-steps", "3", "--grad-accum", "2", "--lr", "1e-3", "--kl", "reverse", "--seed", "1"]
+    launch(1, "token_level.py", [*common_args, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
+    launch(2, "token_level.py", [*common_args, "--batch-size", "2", "--output-dir", str(tmp_path / "two")])
+
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["tokens"] for m in two] == [m["tokens"] for m in one]  # counted over both processes
+    for key in ("loss", "ce", "kl", "grad_norm"):  # grad_norm catches a missing x num_processes (Adam would not)
+        assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-5), key
+
+    start = load_file(kit["student"] / "model.safetensors")
+    want, got = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert max((want[k] - start[k]).abs().max().item() for k in want) > 1e-4  # the 3 steps did move the weights
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("script", ["sequence_level.py", "on_policy.py", "cross_tokenizer.py"])
+def test_other_scripts_run_on_two_processes(kit, tmp_path, script):
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    args = ["--student", str(kit["student"]), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
+            "--output-dir", str(tmp_path / "run")]
+    if script == "on_policy.py":
+        args += ["--teacher", str(kit["teacher"]), "--lmbda", "1", "--max-new-tokens", "8"]
+    if script == "cross_tokenizer.py":
+        args += ["--teacher", str(kit["teacher_llama"])]
+    launch(2, script, args)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_fsdp2_fused_loss_gradients_match_one_process(kit, tmp_path):
+    """accelerate cannot start FSDP on a CPU-only machine, so this runs torch's fully_shard directly (2 processes,
+    gloo) on a tied-embedding student, as configs/fsdp.yaml does on GPUs, and checks every gradient."""
+    import fsdp_worker
+
+    out = tmp_path / "grads.pt"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "fsdp_worker.py"), str(kit["student"]), str(kit["teacher"]), str(out)])
+    sharded = torch.load(out)
+
+    student = fsdp_worker.tied_student(str(kit["student"]))
+    input_ids, teacher_hidden, teacher_weight = fsdp_worker.batch_and_teacher(str(kit["teacher"]), 0, 1)
+    fsdp_worker.fused_loss(student, input_ids, teacher_hidden, teacher_weight, 4 * 11).backward()
+    want = dict(student.named_parameters())
+    assert sharded.keys() == want.keys()
+    for name, grad in sharded.items():
+        torch.testing.assert_close(grad, want[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert want["model.embed_tokens.weight"].grad.abs().max() > 1e-3
+
+
+def test_a_sharded_head_weight_is_refused_clearly():
+    import common
+
+    with pytest.raises(common.DistillError, match="ZeRO-3"):
+        common.full_weight(torch.nn.Parameter(torch.empty(0)))  # DeepSpeed ZeRO-3's placeholder outside forward
