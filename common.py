@@ -741,6 +741,91 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
                                 num_tokens, alpha, beta, temperature, chunk_size, vocab)
 
 
+def teacher_topk(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, k: int, *, vocab: int,
+                 chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-K next-token log-probabilities at T=1 and the log of the mass outside them.
+
+    teacher_hidden [N, H] -> (topk_ids [N, K] int64, topk_logprobs [N, K] fp32 descending, tail_logprob [N] fp32),
+    chunk by chunk over positions. The tail is logsumexp of the logits outside the top K minus the full
+    logsumexp (exact, no 1 - sum(p) cancellation); -inf when the top K hold all the mass.
+    """
+    ids, logprobs, tails = [], [], []
+    k = min(k, vocab)
+    chunk_size = chunk_size or auto_chunk_size(vocab, teacher_hidden.device)
+    for lo in range(0, teacher_hidden.shape[0], chunk_size):
+        logits = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).float()  # [C, V]
+        lse = logits.logsumexp(-1)
+        top, index = logits.topk(k, dim=-1)
+        tails.append(logits.scatter_(-1, index, float("-inf")).logsumexp(-1) - lse)
+        ids.append(index)
+        logprobs.append(top - lse[:, None])
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(tails)
+
+
+def topk_bucket_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                           tail_logprob: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position D_beta between teacher and student over K+1 buckets: the teacher's cached top-K tokens and one
+    tail bucket for the rest of the vocabulary. [N, V], [N, K], [N, K], [N] -> [N], T^2-scaled.
+
+    Student buckets: log softmax(z / T) at the K ids, and the log of its remaining mass (exact logsumexp over the
+    other tokens). Teacher buckets at temperature T are a *re-tempering* of the T=1 cache:
+        log q_k(T) = log_softmax([l_1 .. l_K, l_tail] / T)
+    which is exact for the K tokens relative to each other but treats the tail as one token; the true tempered
+    tail, sum over the tail tokens of p_v^(1/T), is larger for T > 1 (the cache does not know how the tail mass is
+    spread). At T = 1 the K+1 buckets are exact. beta = 0 is forward KL(teacher || student), 1 reverse; the
+    divergence is that of `generalized_jsd` on the bucket distributions (DistillKit's offline top-K, with a tail).
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    scaled = student_logits.to(dtype) / temperature
+    lse = scaled.logsumexp(-1, keepdim=True)
+    student_top = scaled.gather(-1, topk_ids) - lse  # [N, K]
+    # A large finite floor instead of -inf: an empty tail (K = vocabulary) must give 0 mass, not NaN gradients.
+    floor = -1e30
+    student_tail = scaled.scatter(-1, topk_ids, floor).logsumexp(-1, keepdim=True) - lse  # [N, 1]
+    student_buckets = torch.cat([student_top, student_tail], dim=-1)
+    teacher_tail = tail_logprob.to(dtype).clamp_min(floor)[:, None]
+    teacher_buckets = torch.cat([topk_logprobs.to(dtype), teacher_tail], dim=-1) / temperature
+    return generalized_jsd(student_buckets, teacher_buckets, beta, 1.0) * temperature**2
+
+
+def cached_teacher_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
+                        num_tokens, cache: dict, *, alpha: float, beta: float, temperature: float,
+                        chunk_size: int = 0, vocab: int | None = None):
+    """alpha * CE + (1 - alpha) * `topk_bucket_divergence`, summed over positions / num_tokens, chunk by chunk.
+
+    student_hidden [N, H], student_weight [V, H], targets [N]; cache holds the aligned teacher rows:
+    topk_ids [N, K], topk_logprobs [N, K], tail_logprob [N]. Each chunk's [C, V] logits are recomputed in backward
+    (checkpointing) rather than kept. Returns (loss, ce_sum, kl_sum), the sums detached for logging.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    student_weight = full_weight(student_weight)
+    vocab = vocab or student_weight.shape[0]
+    chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
+    num_tokens = max(float(num_tokens), 1.0)
+
+    def piece(hidden, target, ids, logprobs, tail):
+        logits = hidden @ student_weight[:vocab].T  # [C, V]
+        ce = F.cross_entropy(logits.to(dtype), target, reduction="sum")
+        soft = topk_bucket_divergence(logits, ids, logprobs, tail, beta, temperature).sum()
+        return torch.stack([ce, soft])
+
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    total = student_hidden.new_zeros(2, dtype=dtype)
+    for lo in range(0, student_hidden.shape[0], chunk_size):
+        part = slice(lo, lo + chunk_size)
+        total = total + checkpoint(piece, student_hidden[part], targets[part], cache["topk_ids"][part],
+                                   cache["topk_logprobs"][part], cache["tail_logprob"][part], use_reentrant=False)
+    loss = (alpha * total[0] + (1 - alpha) * total[1]) / num_tokens
+    return loss, total[0].detach(), total[1].detach()
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary (token -> id) and special tokens: equal means same token ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return fingerprint(json.dumps([vocab, tokenizer.all_special_tokens], ensure_ascii=False))
+
+
 @torch.no_grad()
 def agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
               teacher_weight: torch.Tensor, *, vocab: int, temperature: float = 1.0,

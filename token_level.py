@@ -8,6 +8,10 @@
     python token_level.py --data data/teacher_gsm8k.jsonl --kl reverse --output-dir runs/token_rev
     python token_level.py --data data/teacher_gsm8k.jsonl --kl jsd --beta 0.5 --output-dir runs/token_jsd
 
+    # from a teacher top-K cache (cache_teacher.py): the teacher is never loaded
+    python token_level.py --data data/gsm8k_teacher.jsonl --teacher-cache data/gsm8k_teacher.top64 \
+        --output-dir runs/token_cached
+
     # several GPUs, bf16 teacher
     accelerate launch token_level.py --data data/teacher_gsm8k.jsonl --teacher-dtype bfloat16 --bf16 \
         --output-dir runs/token_fwd
@@ -40,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=2.0,
                         help="softmax temperature of the KL term (loss is T^2-scaled)")
     parser.add_argument("--alpha", type=float, default=0.1, help="weight of the cross-entropy term (0..1)")
+    parser.add_argument("--teacher-cache", default=None,
+                        help="train from a cache_teacher.py folder (top-K log-probs + tail) instead of loading "
+                             "--teacher; the KL is then over the K cached tokens plus one tail bucket")
     args = parser.parse_args(argv)
     if not 0 <= args.alpha <= 1:
         parser.error("--alpha must be in [0, 1]")
@@ -57,6 +64,13 @@ def main(argv=None):
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
+    if args.teacher_cache:  # no teacher in memory: its top-K rows ride along with each batch
+        examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student)
+        loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate)
+        train_from_cache(args, loop, beta, vocab)
+        loop.save(tokenizer)
+        loop.finish(skipped=skipped, total=len(rows))
+        return
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id)
     teacher, teacher_tokenizer = common.load_teacher(args, loop.device)
     head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
@@ -83,6 +97,65 @@ def main(argv=None):
 
     loop.save(tokenizer)
     loop.finish(skipped=skipped, total=len(rows))
+
+
+def train_from_cache(args, loop, beta: float, vocab: int) -> None:
+    """The same step with the teacher's distribution read from the cache (common.cached_teacher_loss)."""
+    head = common.output_head(loop.model)
+    for micro_batches, num_tokens in loop:
+        for batch in micro_batches:
+            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+            loss, ce_sum, kl_sum = common.cached_teacher_loss(
+                student_hidden, head.weight, targets, num_tokens, batch, alpha=args.alpha, beta=beta,
+                temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
+            loop.backward(loss, ce=ce_sum / num_tokens, kl=kl_sum / num_tokens)
+        loop.step(num_tokens)
+
+
+def attach_cache(folder, tokenizer, examples: list[dict], student):
+    """Pair every example with its cached teacher rows; refuse a cache from another vocabulary.
+
+    Returns (examples that have a cache row with the same target tokens, the cache's vocabulary size, a collate
+    function that pads the batch and stacks its cached rows in the order shift_for_next_token uses).
+    """
+    import cache_teacher
+
+    manifest, cached = cache_teacher.load_cache(folder)
+    if manifest["vocab_fingerprint"] != common.vocab_fingerprint(tokenizer):
+        raise common.DistillError(f"--teacher-cache {folder}: written with the tokenizer of {manifest['teacher']}, "
+                                  "whose vocabulary differs from the student's (fingerprint "
+                                  f"{manifest['vocab_fingerprint']} vs {common.vocab_fingerprint(tokenizer)}); "
+                                  "a top-K cache is only meaningful for the same token ids (see cross_tokenizer.py)")
+    if manifest["vocab"] > common.output_head(student).weight.shape[0]:
+        raise common.DistillError(f"--teacher-cache {folder}: vocabulary {manifest['vocab']} is larger than the "
+                                  "student's output head")
+    if manifest["template_fingerprint"] != common.fingerprint(tokenizer.chat_template or ""):
+        print("warning: the cache was scored with another chat template; rows whose tokens differ are skipped")
+    kept, missing, differ = [], 0, 0
+    for ex in examples:
+        row = cached.get(ex["id"])
+        targets = [t for t, m in zip(ex["input_ids"][1:], ex["loss_mask"][1:]) if m]
+        if row is None:
+            missing += 1
+        elif row["token_ids"].tolist() != targets:
+            differ += 1
+        else:
+            kept.append({**ex, "cache": row})
+    if missing or differ:
+        print(f"--teacher-cache: skipped {missing} rows absent from the cache and {differ} whose tokens differ "
+              f"from the cached ones ({len(kept)} of {len(examples)} kept)")
+    if not kept:
+        raise common.DistillError(f"--teacher-cache {folder}: no row of --data matches the cache")
+
+    def collate(batch_examples, pad_id=tokenizer.pad_token_id):
+        batch = common.pad_batch(batch_examples, pad_id)
+        for name in ("topk_ids", "topk_logprobs", "tail_logprob"):
+            batch[name] = torch.cat([ex["cache"][name] for ex in batch_examples])
+        batch["topk_ids"] = batch["topk_ids"].long()
+        return batch
+
+    return kept, manifest["vocab"], collate
 
 
 if __name__ == "__main__":
