@@ -4,6 +4,9 @@
     python cross_tokenizer.py --teacher meta-llama/Llama-3.2-1B-Instruct --student Qwen/Qwen2.5-0.5B \
         --data data/teacher_llama.jsonl --top-k 50 --temperature 2.0 --alpha 0.1 --output-dir runs/uld
 
+    # from a teacher cache (cache_teacher.py --teacher meta-llama/Llama-3.2-1B-Instruct ... --output data/llama.top64)
+    python cross_tokenizer.py --data data/teacher_llama.jsonl --teacher-cache data/llama.top64 --output-dir runs/uld_c
+
     # the ULD paper's loss (sorted L1 = closed-form Wasserstein-1), several GPUs
     accelerate launch cross_tokenizer.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct \
         --data data/teacher_smol.jsonl --uld-loss wasserstein --bf16 --output-dir runs/uld_w1
@@ -46,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--alpha", type=float, default=0.1, help="weight of the student's cross-entropy (0..1)")
     parser.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
                         help="kl = KL(teacher||student) of sorted top-K + tail; wasserstein = sorted L1 (ULD paper)")
+    parser.add_argument("--teacher-cache", default=None,
+                        help="read the teacher's top-K log-probs and token offsets from a cache_teacher.py folder "
+                             "instead of loading --teacher (the cache's K must cover --top-k)")
     parser.add_argument("--min-exact-alignment", type=float, default=0.5,
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
@@ -101,8 +107,24 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: i
     # K stays below the smaller vocabulary so that both tails keep some mass (an empty tail opposite a non-empty
     # one would make KL infinite). Real vocabularies are far larger than K; this only matters for toy ones.
     k = min(k, student_logits.shape[-1] - 1, teacher_logits.shape[-1] - 1)
-    p = sorted_topk_with_tail(teacher_logits, k, temperature)
-    q = sorted_topk_with_tail(student_logits, k, temperature)
+    return uld_distance(sorted_topk_with_tail(teacher_logits, k, temperature),
+                        sorted_topk_with_tail(student_logits, k, temperature), kind=kind, temperature=temperature)
+
+
+def cached_teacher_probs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, k: int,
+                         temperature: float) -> torch.Tensor:
+    """The teacher's sorted top-k + tail vector at temperature T from a T=1 cache (cache_teacher.py).
+
+    [N, K_cache], [N] -> [N, k+1] for k <= K_cache: cached tokens beyond k join the tail bucket, then the k+1
+    buckets are re-tempered as k+1 tokens (the tail is treated as one token: see common.topk_bucket_divergence).
+    """
+    logprobs = topk_logprobs.float()
+    tail = torch.cat([logprobs[:, k:], tail_logprob.float()[:, None]], dim=-1).logsumexp(-1, keepdim=True)
+    return F.softmax(torch.cat([logprobs[:, :k], tail], dim=-1) / temperature, dim=-1)
+
+
+def uld_distance(p: torch.Tensor, q: torch.Tensor, *, kind: str, temperature: float) -> torch.Tensor:
+    """[N, K+1] sorted teacher (p) and student (q) bucket vectors -> [N] distance, T^2-scaled (see uld_loss)."""
     if kind == "kl":
         tiny = torch.finfo(q.dtype).tiny
         d = torch.where(p > 0, p * (p.clamp_min(tiny).log() - q.clamp_min(tiny).log()), 0.0).sum(-1)
@@ -116,18 +138,25 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, teacher_hidden, 
 
     Each chunk's [C, V] logits are recomputed in backward (activation checkpointing) rather than kept, so memory
     is a few chunk-sized buffers; top-K selects K values per row, no full-vocabulary sort.
-    Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
+    With `teacher_weight=None`, `teacher_hidden` is instead the teacher's [N, k+1] bucket vectors from a cache
+    (`cached_teacher_probs`). Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
     """
     student_weight = common.full_weight(student_weight)
     vocab_size = student_weight.shape[0]
-    chunk = args.chunk_size or common.auto_chunk_size(max(vocab_size, teacher_weight.shape[0]), student_hidden.device)
+    teacher_vocab = teacher_weight.shape[0] if teacher_weight is not None else 0
+    chunk = args.chunk_size or common.auto_chunk_size(max(vocab_size, teacher_vocab), student_hidden.device)
 
     def piece(h, y, th):
         logits = h @ student_weight.T  # [C, V_s]
-        with torch.no_grad():
-            teacher_logits = th @ teacher_weight.T  # [C, V_t]
         ce = F.cross_entropy(logits.float(), y, reduction="sum")
-        uld = uld_loss(logits, teacher_logits, k=args.top_k, temperature=args.temperature, kind=args.uld_loss).sum()
+        if teacher_weight is None:  # th: cached teacher buckets [C, k+1]
+            q = sorted_topk_with_tail(logits, th.shape[-1] - 1, args.temperature)
+            uld = uld_distance(th, q, kind=args.uld_loss, temperature=args.temperature).sum()
+        else:
+            with torch.no_grad():
+                teacher_logits = th @ teacher_weight.T  # [C, V_t]
+            uld = uld_loss(logits, teacher_logits, k=args.top_k, temperature=args.temperature,
+                           kind=args.uld_loss).sum()
         return ce, uld
 
     ce_sum = uld_sum = student_hidden.new_zeros((), dtype=torch.float32)
@@ -170,6 +199,33 @@ def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length):
     return examples, skipped, stats
 
 
+def encode_from_cache(rows, tokenizer, cached: dict, max_length: int):
+    """Like encode_pairs, with the teacher's tokens read from a cache: its offsets give the alignment and each
+    student example keeps, per completion token, the cached top-K row of its aligned teacher token."""
+    examples, skipped, missing = [], 0, 0
+    exact = count = 0
+    for row in rows:
+        student = common.encode_chat(tokenizer, row["messages"], row["completion"], max_length)
+        teacher = cached.get(row.get("id"))
+        if student is None or teacher is None:
+            skipped += student is None
+            missing += student is not None
+            continue
+        teacher_offsets = [tuple(o) for o in teacher["offsets"].tolist()]
+        aligned = torch.tensor(align_by_end_offsets(student["completion_offsets"], teacher_offsets))
+        student["teacher_topk_logprobs"] = teacher["topk_logprobs"][aligned]
+        student["teacher_tail_logprob"] = teacher["tail_logprob"][aligned]
+        exact += sum(s_end == teacher_offsets[j][1] for (_, s_end), j in zip(student["completion_offsets"],
+                                                                             aligned.tolist()))
+        count += len(aligned)
+        examples.append(student)
+    if missing:
+        print(f"--teacher-cache: skipped {missing} rows absent from the cache")
+    if not examples:
+        raise common.DistillError("--teacher-cache: no row of --data is in the cache")
+    return examples, skipped, {"exact_end_fraction": exact / max(count, 1), "student_tokens": count}
+
+
 def collate_pairs(examples: list[dict], pad_id: int, teacher_pad_id: int) -> dict:
     """Pad both sides; `teacher_rows` [N] indexes the teacher's flattened hidden states, one per student target.
 
@@ -190,6 +246,8 @@ def main(argv=None):
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
+    if args.teacher_cache:
+        return train_from_cache(args, rows, student, tokenizer)
     teacher_tokenizer = common.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code,
                                               what="--teacher")
     examples, skipped, alignment = encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length)
@@ -219,6 +277,39 @@ def main(argv=None):
             loop.backward(loss, ce=ce_sum / num_tokens, uld=uld_sum / num_tokens)
         loop.step(num_tokens)
 
+    loop.save(tokenizer)
+    loop.finish(skipped=skipped, total=len(rows))
+
+
+def train_from_cache(args, rows, student, tokenizer):
+    """The same step with the teacher's top-K read from a cache_teacher.py folder: no teacher loaded."""
+    import cache_teacher
+
+    manifest, cached = cache_teacher.load_cache(args.teacher_cache)
+    k = min(args.top_k, manifest["top_k"], common.output_head(student).weight.shape[0] - 1)
+    if k < args.top_k:
+        print(f"--teacher-cache holds the top {manifest['top_k']}: comparing the top {k} (+ tail)")
+    examples, skipped, alignment = encode_from_cache(rows, tokenizer, cached, args.max_length)
+    print(f"alignment: {alignment['exact_end_fraction']:.1%} of {alignment['student_tokens']} student tokens end "
+          "where their cached teacher token ends")
+
+    def collate(exs):
+        batch = common.pad_batch(exs, tokenizer.pad_token_id)
+        batch["teacher_probs"] = cached_teacher_probs(torch.cat([ex["teacher_topk_logprobs"] for ex in exs]),
+                                                      torch.cat([ex["teacher_tail_logprob"] for ex in exs]), k,
+                                                      args.temperature)  # [N, k+1]
+        return batch
+
+    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate)
+    head = common.output_head(loop.model)
+    for micro_batches, num_tokens in loop:
+        for batch in micro_batches:
+            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+            loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, batch["teacher_probs"],
+                                                       None, num_tokens, args)
+            loop.backward(loss, ce=ce_sum / num_tokens, uld=uld_sum / num_tokens)
+        loop.step(num_tokens)
     loop.save(tokenizer)
     loop.finish(skipped=skipped, total=len(rows))
 

@@ -150,3 +150,29 @@ def test_killed_cache_run_resumes_to_the_same_cache(kit, tmp_path):
 
 def read_complete(folder):
     return cache_teacher.read_manifest(folder).get("complete", False)
+
+
+def test_cross_tokenizer_from_a_cache_equals_the_live_teacher_at_t1(kit, tmp_path):
+    """A cache of the other-vocabulary teacher holding every token: at T=1 the sorted top-k + tail vectors are
+    exact, so the per-step losses of cross_tokenizer.py must match the live teacher's."""
+    import cross_tokenizer
+
+    data = write_rows(tmp_path / "d.jsonl", 12)
+    cache_teacher.main(["--teacher", str(kit["teacher_llama"]), "--data", str(data), "--output",
+                        str(tmp_path / "cache"), "--top-k", "100000", "--logprob-dtype", "float32"])
+    args = ["--student", str(kit["student"]), "--data", str(data), "--max-steps", "3", "--batch-size", "4",
+            "--lr", "1e-3", "--top-k", "20", "--temperature", "1", "--alpha", "0.2"]
+    cross_tokenizer.main([*args, "--teacher", str(kit["teacher_llama"]), "--output-dir", str(tmp_path / "live")])
+    cross_tokenizer.main([*args, "--teacher-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "cached")])
+    live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
+    for key in ("loss", "uld", "ce", "tokens"):
+        assert [m[key] for m in cached] == pytest.approx([m[key] for m in live], rel=1e-4), key
+
+
+def test_cached_teacher_probs_fold_extra_tokens_into_the_tail():
+    import cross_tokenizer
+
+    logits = torch.randn(5, 30, dtype=torch.float64)
+    ids, logprobs, tail = common.teacher_topk(logits, torch.eye(30, dtype=torch.float64), 12, vocab=30)
+    got = cross_tokenizer.cached_teacher_probs(logprobs, tail, 4, 1.0)
+    torch.testing.assert_close(got.double(), cross_tokenizer.sorted_topk_with_tail(logits, 4, 1.0), atol=1e-6, rtol=0)
