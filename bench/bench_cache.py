@@ -9,7 +9,7 @@
    KL(teacher || student) at T=1 on the teacher's answers to the 200 test problems, and exact match.
 3. Cost: a larger random teacher (Qwen2 shape, 12 layers, d=768, same tokenizer) so that holding it matters;
    the same student trains 20 steps with it loaded vs from its K=64 cache. Each run is its own process: peak RSS
-   of that process and the median optimizer-step time (from metrics.jsonl, models already loaded).
+   (VmHWM) of that process and the median optimizer-step time (from metrics.jsonl, models already loaded).
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ def child(out: str, argv: list[str]) -> None:
     import token_level
 
     token_level.main(argv)
-    Path(out).write_text(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child started by a large parent
+    # would report the parent's peak.
+    status = Path("/proc/self/status")
+    if status.exists():
+        peak_kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+    else:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path(out).write_text(json.dumps({"max_rss_mb": peak_kb / 1024}))
 
 
 def run_token_level(argv: list[str], out_dir: Path) -> dict:
