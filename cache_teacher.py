@@ -67,6 +67,15 @@ def complete_shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.safetensors"))
 
 
+def cached_rows(folder: Path) -> list[list]:
+    """[[row id, first, n tokens], ...] of every complete shard, read from the shard headers only."""
+    rows = []
+    for shard in complete_shards(folder):
+        with safe_open(shard, framework="pt") as f:
+            rows += json.loads(f.metadata()["rows"])
+    return rows
+
+
 def load_cache(folder: str | Path) -> tuple[dict, dict[str, dict]]:
     """(manifest, {row id: {"token_ids", "topk_ids", "topk_logprobs", "tail_logprob", "offsets"}}) of a cache."""
     folder = Path(folder)
@@ -119,7 +128,7 @@ def main(argv=None):
         if changed:
             raise common.DistillError(f"--output {out} holds a cache with other {', '.join(changed)}; "
                                       "use a new folder")
-        done = set(load_cache(out)[1])
+        done = {row_id for row_id, _, _ in cached_rows(out)}
     (out / "cache.json").write_text(json.dumps({**header, "complete": False}, indent=2) + "\n")
 
     todo = [row for row in rows if row["id"] not in done]
@@ -150,7 +159,7 @@ def main(argv=None):
         write_shard(out, shard_index, pieces)
 
     shards = complete_shards(out)
-    tokens = sum(len(r["token_ids"]) for r in load_cache(out)[1].values())
+    tokens = sum(n for _, _, n in cached_rows(out))
     size = sum(p.stat().st_size for p in shards)
     manifest = {**header, "complete": True, "rows": len(rows) - skipped, "tokens": tokens,
                 "shards": [p.name for p in shards], "bytes": size, "bytes_per_token": round(size / max(tokens, 1), 1)}
