@@ -130,6 +130,9 @@ def attach_cache(folder, tokenizer, examples: list[dict], student):
     if manifest["vocab"] > common.output_head(student).weight.shape[0]:
         raise common.DistillError(f"--teacher-cache {folder}: vocabulary {manifest['vocab']} is larger than the "
                                   "student's output head")
+    if not manifest.get("complete"):
+        print(f"warning: --teacher-cache {folder} is incomplete (cache_teacher.py was interrupted; re-run it to "
+              "finish); rows it does not hold are skipped")
     if manifest["template_fingerprint"] != common.fingerprint(tokenizer.chat_template or ""):
         print("warning: the cache was scored with another chat template; rows whose tokens differ are skipped")
     kept, missing, differ = [], 0, 0
