@@ -762,30 +762,44 @@ def teacher_topk(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, k: 
     return torch.cat(ids), torch.cat(logprobs), torch.cat(tails)
 
 
+def cached_teacher_log_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, k: int,
+                               temperature: float) -> torch.Tensor:
+    """The teacher's log-probabilities at temperature T over k+1 buckets, from a T=1 top-K cache (cache_teacher.py).
+
+    [N, K], [N] -> [N, k+1] for k <= K: the top k cached tokens (still descending) and one tail bucket holding
+    the rest (cached tokens beyond k join it). Re-tempering: log q(T) = log_softmax([l_1 .. l_k, l_tail] / T),
+    exact for the k tokens relative to each other but treating the tail as one token; the true tempered tail,
+    sum over the tail tokens of p_v^(1/T), is larger for T > 1 (the cache does not know how the tail mass is
+    spread). At T = 1 the buckets are exact. The one place token_level and cross_tokenizer read a cache.
+    """
+    logprobs = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
+    tail = torch.cat([logprobs[:, k:], tail_logprob.to(logprobs.dtype)[:, None]], dim=-1).logsumexp(-1, keepdim=True)
+    # A large finite floor instead of -inf: an empty tail (K = vocabulary) must give 0 mass, not NaN gradients.
+    return F.log_softmax(torch.cat([logprobs[:, :k], tail.clamp_min(_BUCKET_FLOOR)], dim=-1) / temperature, dim=-1)
+
+
+_BUCKET_FLOOR = -1e30
+
+
 def topk_bucket_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                            tail_logprob: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
     """Per-position D_beta between teacher and student over K+1 buckets: the teacher's cached top-K tokens and one
     tail bucket for the rest of the vocabulary. [N, V], [N, K], [N, K], [N] -> [N], T^2-scaled.
 
     Student buckets: log softmax(z / T) at the K ids, and the log of its remaining mass (exact logsumexp over the
-    other tokens). Teacher buckets at temperature T are a *re-tempering* of the T=1 cache:
-        log q_k(T) = log_softmax([l_1 .. l_K, l_tail] / T)
-    which is exact for the K tokens relative to each other but treats the tail as one token; the true tempered
-    tail, sum over the tail tokens of p_v^(1/T), is larger for T > 1 (the cache does not know how the tail mass is
-    spread). At T = 1 the K+1 buckets are exact. beta = 0 is forward KL(teacher || student), 1 reverse; the
-    divergence is that of `generalized_jsd` on the bucket distributions (DistillKit's offline top-K, with a tail).
+    other tokens). Teacher buckets at temperature T are a *re-tempering* of the T=1 cache
+    (`cached_teacher_log_buckets`: exact at T = 1, the tail treated as one token otherwise). beta = 0 is forward
+    KL(teacher || student), 1 reverse; the divergence is that of `generalized_jsd` on the bucket distributions
+    (DistillKit's offline top-K, with a tail).
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     scaled = student_logits.to(dtype) / temperature
     lse = scaled.logsumexp(-1, keepdim=True)
     student_top = scaled.gather(-1, topk_ids) - lse  # [N, K]
-    # A large finite floor instead of -inf: an empty tail (K = vocabulary) must give 0 mass, not NaN gradients.
-    floor = -1e30
-    student_tail = scaled.scatter(-1, topk_ids, floor).logsumexp(-1, keepdim=True) - lse  # [N, 1]
+    student_tail = scaled.scatter(-1, topk_ids, _BUCKET_FLOOR).logsumexp(-1, keepdim=True) - lse  # [N, 1]
     student_buckets = torch.cat([student_top, student_tail], dim=-1)
-    teacher_tail = tail_logprob.to(dtype).clamp_min(floor)[:, None]
-    teacher_buckets = torch.cat([topk_logprobs.to(dtype), teacher_tail], dim=-1) / temperature
-    return generalized_jsd(student_buckets, teacher_buckets, beta, 1.0) * temperature**2
+    teacher_buckets = cached_teacher_log_buckets(topk_logprobs, tail_logprob, topk_ids.shape[-1], temperature)
+    return generalized_jsd(student_buckets, teacher_buckets.to(dtype), beta, 1.0) * temperature**2
 
 
 def cached_teacher_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
@@ -966,7 +980,7 @@ class TrainLoop:
         from transformers import get_cosine_schedule_with_warmup
 
         self.args = args
-        report_to = getattr(args, "report_to", "none")
+        report_to = args.report_to
         if report_to != "none" and importlib.util.find_spec(report_to) is None:
             raise DistillError(f"--report-to {report_to}: the package is not installed (pip install {report_to})")
         self.output_dir = Path(args.output_dir)

@@ -111,18 +111,6 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: i
                         sorted_topk_with_tail(student_logits, k, temperature), kind=kind, temperature=temperature)
 
 
-def cached_teacher_probs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, k: int,
-                         temperature: float) -> torch.Tensor:
-    """The teacher's sorted top-k + tail vector at temperature T from a T=1 cache (cache_teacher.py).
-
-    [N, K_cache], [N] -> [N, k+1] for k <= K_cache: cached tokens beyond k join the tail bucket, then the k+1
-    buckets are re-tempered as k+1 tokens (the tail is treated as one token: see common.topk_bucket_divergence).
-    """
-    logprobs = topk_logprobs.float()
-    tail = torch.cat([logprobs[:, k:], tail_logprob.float()[:, None]], dim=-1).logsumexp(-1, keepdim=True)
-    return F.softmax(torch.cat([logprobs[:, :k], tail], dim=-1) / temperature, dim=-1)
-
-
 def uld_distance(p: torch.Tensor, q: torch.Tensor, *, kind: str, temperature: float) -> torch.Tensor:
     """[N, K+1] sorted teacher (p) and student (q) bucket vectors -> [N] distance, T^2-scaled (see uld_loss)."""
     if kind == "kl":
@@ -139,7 +127,8 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, teacher_hidden, 
     Each chunk's [C, V] logits are recomputed in backward (activation checkpointing) rather than kept, so memory
     is a few chunk-sized buffers; top-K selects K values per row, no full-vocabulary sort.
     With `teacher_weight=None`, `teacher_hidden` is instead the teacher's [N, k+1] bucket vectors from a cache
-    (`cached_teacher_probs`). Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
+    (`common.cached_teacher_log_buckets(...).exp()`).
+    Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
     """
     student_weight = common.full_weight(student_weight)
     vocab_size = student_weight.shape[0]
@@ -295,9 +284,10 @@ def train_from_cache(args, rows, student, tokenizer):
 
     def collate(exs):
         batch = common.pad_batch(exs, tokenizer.pad_token_id)
-        batch["teacher_probs"] = cached_teacher_probs(torch.cat([ex["teacher_topk_logprobs"] for ex in exs]),
-                                                      torch.cat([ex["teacher_tail_logprob"] for ex in exs]), k,
-                                                      args.temperature)  # [N, k+1]
+        topk_logprobs = torch.cat([ex["teacher_topk_logprobs"] for ex in exs])
+        tail_logprob = torch.cat([ex["teacher_tail_logprob"] for ex in exs])
+        batch["teacher_probs"] = common.cached_teacher_log_buckets(  # [N, k+1]
+            topk_logprobs, tail_logprob, k, args.temperature).exp()
         return batch
 
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate)
