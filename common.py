@@ -1317,6 +1317,26 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return results
 
 
+def answer_problems(model, tokenizer, problems: list[dict], *, system_prompt: str, max_new_tokens: int,
+                    batch_size: int, desc: str = "answer") -> list[str]:
+    """Greedy replies to each problem's `prompt`, rendered with this tokenizer's own chat template (the same way
+    generate_data.py renders prompts), decoded without special tokens. Used by eval.py and held-out evaluation
+    during training."""
+    from tqdm.auto import tqdm
+
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    stop_ids = end_of_turn_ids(tokenizer)
+    texts = []
+    for lo in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
+        prompts = [tokenizer(render_chat(tokenizer, [*system, {"role": "user", "content": p["prompt"]}],
+                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                   for p in problems[lo:lo + batch_size]]
+        for result in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids):
+            tokens = result["tokens"][:-1] if result["finished"] else result["tokens"]
+            texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return texts
+
+
 class VLLMSampler:
     """Optional vLLM backend for `generate` (--vllm): same inputs and outputs, at serving speed on a GPU.
 

@@ -118,7 +118,8 @@ def score(model_dir: Path, problems: list[dict], teacher=None) -> dict:
     """Held-out exact match of a model, and its KL / top-1 agreement to the teacher where vocabularies match."""
     model, tokenizer = common.load_model(str(model_dir))
     settings = dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=32, batch_size=50)
-    predictions = evaluate.answer(model, tokenizer, problems, desc=f"eval {model_dir.name}", **settings)
+    predictions = common.answer_problems(model, tokenizer, problems, desc=f"eval {model_dir.name}",
+                                         **settings)
     row = {"exact_match": evaluate.exact_match(predictions, [p["answer"] for p in problems]),
            "kl_to_teacher": None, "top1_agreement": None, "sample": predictions[0]}
     if teacher is not None:
@@ -216,7 +217,7 @@ def main(argv=None):
 
     print("\n== 4. held-out evaluation")
     teacher_model, teacher_tokenizer = common.load_model(str(teacher))
-    teacher_texts = evaluate.answer(teacher_model, teacher_tokenizer, problems, system_prompt=SYSTEM_PROMPT,
+    teacher_texts = common.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=SYSTEM_PROMPT,
                                     max_new_tokens=32, batch_size=50, desc="teacher answers")
     reference = (teacher_model, teacher_tokenizer, teacher_texts)
     results = [{"name": "teacher (4 layers, d=128)", **score(teacher, problems), "seconds": None, "run": None},

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import common
 
@@ -55,22 +54,6 @@ def load_for_eval(name: str, base: str | None = None, *, dtype="auto", device="c
                                  what="--base")
     tokenizer = common.load_tokenizer(name, trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(model, name).merge_and_unload(), tokenizer
-
-
-def answer(model, tokenizer, problems: list[dict], *, system_prompt: str, max_new_tokens: int,
-           batch_size: int, desc: str = "answer") -> list[str]:
-    """Greedy completions for each problem's prompt, rendered with this tokenizer's own chat template."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    stop_ids = common.end_of_turn_ids(tokenizer)
-    texts = []
-    for lo in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
-        prompts = [tokenizer(common.render_chat(tokenizer, [*system, {"role": "user", "content": p["prompt"]}],
-                                                add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-                   for p in problems[lo:lo + batch_size]]
-        for result in common.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids):
-            tokens = result["tokens"][:-1] if result["finished"] else result["tokens"]
-            texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    return texts
 
 
 def exact_match(predictions: list[str], references: list[str | None]) -> float:
@@ -114,14 +97,16 @@ def main(argv=None):
                                      trust_remote_code=args.trust_remote_code)
     settings = dict(system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
                     batch_size=args.batch_size)
-    predictions = answer(model, tokenizer, problems, desc=f"answer {Path(args.model).name}", **settings)
+    predictions = common.answer_problems(model, tokenizer, problems, desc=f"answer {Path(args.model).name}",
+                                         **settings)
     row = {"name": args.name or args.model, "model": args.model, "dataset": args.dataset, "split": args.split,
            "n": len(problems), "exact_match": exact_match(predictions, [p["answer"] for p in problems]),
            "kl_to_teacher": None, "top1_agreement": None}
     if args.teacher:
         teacher, teacher_tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device,
                                                        what="--teacher", trust_remote_code=args.trust_remote_code)
-        teacher_texts = answer(teacher, teacher_tokenizer, problems, desc="teacher answers", **settings)
+        teacher_texts = common.answer_problems(teacher, teacher_tokenizer, problems, desc="teacher answers",
+                                               **settings)
         stats = teacher_agreement(model, tokenizer, teacher, teacher_tokenizer, problems, teacher_texts,
                                   system_prompt=args.system_prompt)
         if stats is None:

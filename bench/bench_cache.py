@@ -74,7 +74,6 @@ def main():
     args = parser.parse_args()
     import common
     import demo
-    import eval as evaluate
     import tiny
 
     demo_dir, out = Path(args.demo), Path(args.out)
@@ -98,8 +97,8 @@ def main():
     cached = run_token_level([*budget, "--teacher-cache", str(out / "cache_k64")], out / "cached_k64")
     problems = common.load_prompt_dataset(str(demo_dir / "task_test.jsonl"))
     teacher_model, teacher_tokenizer = common.load_model(str(teacher))
-    texts = evaluate.answer(teacher_model, teacher_tokenizer, problems, system_prompt=demo.SYSTEM_PROMPT,
-                            max_new_tokens=32, batch_size=50, desc="teacher answers")
+    texts = common.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=demo.SYSTEM_PROMPT,
+                                   max_new_tokens=32, batch_size=50, desc="teacher answers")
     quality = {name: demo.score(out / name, problems, (teacher_model, teacher_tokenizer, texts))
                for name in ("live", "cached_k64")}
     for name, row in quality.items():
