@@ -7,7 +7,8 @@ Everything the four training scripts would otherwise repeat lives here, in the o
 3. data                    - `read_jsonl`, `load_prompt_dataset`, `load_distill_rows`
 4. chat templates, masks   - `render_chat`, `encode_chat`, `end_of_turn_ids`, `pad_batch`
 5. losses (pure functions) - `masked_ce`, `generalized_jsd`, `kl`, `fused_head_loss`
-6. the training loop kit   - `TrainLoop` (accelerate, accumulation by global token count, logging, saving)
+6. the training loop kit   - `TrainLoop` (accelerate, accumulation by global token count, logging, saving,
+                             held-out evaluation: `load_held_out`, `TrainLoop.evaluate`)
 
 Conventions used everywhere:
 - `loss_mask` is aligned with `input_ids`: 1 on the tokens the student is trained to *predict* (the assistant
@@ -32,6 +33,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,12 +110,66 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
                              "every N optimizer steps to OUTPUT_DIR/checkpoint-N (0 = never)")
     parser.add_argument("--resume", default=None,
                         help="continue from a checkpoint folder, or from the latest complete checkpoint in a folder")
+    parser.add_argument("--eval-data", default=None,
+                        help="held-out JSONL in --data's format (messages + completion): every --eval-every steps "
+                             "log eval_loss (this script's training objective on it), eval_ce and the script's other "
+                             "eval_* terms")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="evaluate on --eval-data/--eval-problems every N optimizer steps and after the last "
+                             "(0 = never); eval_* keys join that step's metrics.jsonl row")
+    parser.add_argument("--eval-problems", default=None,
+                        help="held-out problems (.jsonl with question/answer, like GSM8K): also log "
+                             "eval_exact_match, the strict score of the student's greedy answers")
+    parser.add_argument("--eval-max-new-tokens", type=int, default=256,
+                        help="max tokens per greedy answer to --eval-problems")
+    parser.add_argument("--eval-batch-size", type=int, default=None,
+                        help="rows per held-out forward and prompts per generate call (default: --batch-size)")
+    parser.add_argument("--eval-system-prompt", default=None,
+                        help="system message for --eval-problems ('' for none; default: the system message of the "
+                             "first --data row, so problems are asked as the data was generated, else the "
+                             "generate_data.py default)")
+    parser.add_argument("--save-best", default=None, metavar="METRIC",
+                        help=f"keep the model of the best evaluation in OUTPUT_DIR/best, with best.json naming its "
+                             f"step and value; METRIC is an eval_* key this run logs ({', '.join(HIGHER_IS_BETTER)} "
+                             "higher is better, every other one (eval_loss, eval_ce, eval_kl, ...) lower)")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights (peft)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
     parser.add_argument("--lora-target-modules", default="all-linear",
                         help="comma-separated module names for LoRA, or 'all-linear'")
+
+
+# --save-best: these held-out metrics improve upwards; every other eval_* key is a loss or a divergence.
+HIGHER_IS_BETTER = ("eval_exact_match",)
+
+
+def eval_metric_names(args, stats: tuple[str, ...]) -> list[str]:
+    """The eval_* keys a run logs: eval_loss and eval_<stat> for each of the script's held-out `stats` with
+    --eval-data, eval_exact_match with --eval-problems."""
+    names = ["eval_loss", *(f"eval_{stat}" for stat in stats)] if args.eval_data else []
+    return names + (["eval_exact_match"] if args.eval_problems else [])
+
+
+def check_eval_args(parser: argparse.ArgumentParser, args, stats: tuple[str, ...]) -> None:
+    """Refuse held-out flags that would be ignored or that name a metric this run will not log, before any model
+    is loaded. `stats` are the terms the script's objective reports on held-out rows besides eval_loss."""
+    if args.eval_every < 0:
+        parser.error("--eval-every must be >= 0")
+    if args.eval_max_new_tokens < 1 or (args.eval_batch_size is not None and args.eval_batch_size < 1):
+        parser.error("--eval-max-new-tokens and --eval-batch-size must be >= 1")
+    for flag, path in (("--eval-data", args.eval_data), ("--eval-problems", args.eval_problems)):
+        if path is not None and not Path(path).is_file():
+            parser.error(f"{flag} '{path}': no such file")
+    given = [flag for flag, value in (("--eval-data", args.eval_data), ("--eval-problems", args.eval_problems),
+                                      ("--save-best", args.save_best)) if value is not None]
+    if given and not args.eval_every:
+        parser.error(f"{given[0]} needs --eval-every N (how many optimizer steps between evaluations)")
+    if args.eval_every and not (args.eval_data or args.eval_problems):
+        parser.error("--eval-every needs --eval-data and/or --eval-problems (what to evaluate on)")
+    logged = eval_metric_names(args, stats)
+    if args.save_best is not None and args.save_best not in logged:
+        parser.error(f"--save-best {args.save_best}: not a metric this run logs (it logs {', '.join(logged)})")
 
 
 def add_prompt_dataset_args(parser: argparse.ArgumentParser, *, split: str) -> None:
@@ -309,11 +365,11 @@ def load_prompt_dataset(name: str, *, config: str | None = None, split: str = "t
     return rows
 
 
-def load_distill_rows(path: str | Path) -> list[dict]:
+def load_distill_rows(path: str | Path, *, what: str = "--data") -> list[dict]:
     """Rows of a generate_data.py JSONL, validated: each needs `messages` (list) and `completion` (str)."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, what=what)
     if not rows:
-        raise DistillError(f"--data '{path}' holds no rows")
+        raise DistillError(f"{what} '{path}' holds no rows")
     for lineno, row in enumerate(rows, 1):
         for field, kind in (("messages", list), ("completion", str)):
             if not isinstance(row.get(field), kind):
@@ -623,6 +679,47 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> N
         out.copy_(hidden @ weight.T)
 
 
+def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, num_tokens,
+                        alpha, beta, temperature, chunk_size, vocab, *, need_hidden: bool, need_weight: bool):
+    """The chunk loop of `fused_head_loss`: (loss, ce_sum, soft_sum, grad_hidden, grad_weight), each gradient None
+    when not needed. Without gradients (held-out evaluation) the two gradient matmuls per chunk and the head-sized
+    gradient buffer are skipped; the values are computed exactly as with them."""
+    n, device = student_hidden.shape[0], student_hidden.device
+    acc = torch.promote_types(student_hidden.dtype, torch.float32)  # fp32 math for bf16 models, fp64 in tests
+    grad_hidden = torch.empty(student_hidden.shape, dtype=acc, device=device) if need_hidden else None
+    grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=device) if need_weight else None
+    w = student_weight[:vocab]
+    rows = min(chunk_size, n)
+    # Allocated once and reused by every chunk: [rows, vocab] each.
+    buffers = [torch.empty(rows, vocab, dtype=acc, device=device)
+               for _ in range(1 + (alpha < 1) + _spare_buffers(alpha, beta))]
+    ce_sum = torch.zeros((), dtype=acc, device=device)
+    soft_sum = torch.zeros_like(ce_sum)
+    # Autocast (--bf16) would rewrite the matmuls below and reject their out= buffers; precision is explicit.
+    with torch.autocast(device_type=device.type, enabled=False):
+        for lo in range(0, n, chunk_size):
+            h = student_hidden[lo:lo + chunk_size].to(w.dtype)
+            logits, teacher_logits, *spare = (buf[:h.shape[0]] for buf in buffers)
+            _project(h, w, out=logits)
+            if alpha < 1:
+                _project(teacher_hidden[lo:lo + chunk_size], teacher_weight[:vocab], out=teacher_logits)
+            else:
+                spare.append(teacher_logits)
+            ce, soft, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, targets[lo:lo + chunk_size],
+                                                         alpha, beta, temperature, spare)
+            ce_sum += ce
+            soft_sum += soft
+            if need_hidden or need_weight:
+                grad_logits = grad_logits.div_(num_tokens)
+            if need_hidden:
+                grad_hidden[lo:lo + chunk_size] = grad_logits.to(w.dtype) @ w
+            if need_weight:
+                grad_weight[:vocab].addmm_(grad_logits.T, h.to(acc))
+    del buffers
+    loss = (alpha * ce_sum + (1 - alpha) * soft_sum) / num_tokens
+    return loss, ce_sum, soft_sum, grad_hidden, grad_weight
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Project hidden states to logits and compute the loss chunk by chunk, with gradients taken in forward.
 
@@ -632,42 +729,11 @@ class _FusedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
-                num_tokens, alpha, beta, temperature, chunk_size, vocab):
-        n, device = student_hidden.shape[0], student_hidden.device
-        need_w = ctx.needs_input_grad[1]
-        acc = torch.promote_types(student_hidden.dtype, torch.float32)  # fp32 math for bf16 models, fp64 in tests
-        grad_hidden = torch.empty(student_hidden.shape, dtype=acc, device=device)
-        grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=device) if need_w else None
-        w = student_weight[:vocab]
-        rows = min(chunk_size, n)
-        # Allocated once and reused by every chunk: [rows, vocab] each.
-        buffers = [torch.empty(rows, vocab, dtype=acc, device=device)
-                   for _ in range(1 + (alpha < 1) + _spare_buffers(alpha, beta))]
-        ce_sum = torch.zeros((), dtype=acc, device=device)
-        soft_sum = torch.zeros_like(ce_sum)
-        # Autocast (--bf16) would rewrite the matmuls below and reject their out= buffers; precision is explicit.
-        with torch.autocast(device_type=device.type, enabled=False):
-            for lo in range(0, n, chunk_size):
-                h = student_hidden[lo:lo + chunk_size].to(w.dtype)
-                logits, teacher_logits, *spare = (buf[:h.shape[0]] for buf in buffers)
-                _project(h, w, out=logits)
-                if alpha < 1:
-                    _project(teacher_hidden[lo:lo + chunk_size], teacher_weight[:vocab], out=teacher_logits)
-                else:
-                    spare.append(teacher_logits)
-                ce, soft, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, targets[lo:lo + chunk_size],
-                                                             alpha, beta, temperature, spare)
-                ce_sum += ce
-                soft_sum += soft
-                grad_logits = grad_logits.div_(num_tokens)
-                grad_hidden[lo:lo + chunk_size] = grad_logits.to(w.dtype) @ w
-                if need_w:
-                    grad_weight[:vocab].addmm_(grad_logits.T, h.to(acc))
-        del buffers
-        ctx.save_for_backward(grad_hidden, grad_weight if need_w else None)
-        ctx.hidden_dtype, ctx.weight_dtype = student_hidden.dtype, student_weight.dtype
-        loss = (alpha * ce_sum + (1 - alpha) * soft_sum) / num_tokens
+    def forward(ctx, *inputs):
+        loss, ce_sum, soft_sum, grad_hidden, grad_weight = _fused_head_forward(
+            *inputs, need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype, ctx.weight_dtype = inputs[0].dtype, inputs[1].dtype
         ctx.mark_non_differentiable(ce_sum, soft_sum)
         return loss, ce_sum, soft_sum
 
@@ -675,7 +741,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _ce, _soft):
         # In place: a second head-sized copy would double the largest buffer (the graph is used once).
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden.mul_(grad_loss).to(ctx.hidden_dtype)
+        gh = grad_hidden.mul_(grad_loss).to(ctx.hidden_dtype) if grad_hidden is not None else None
         gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
         return gh, gw, None, None, None, None, None, None, None, None, None
 
@@ -737,8 +803,13 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     else:
         teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     num_tokens = max(float(num_tokens), 1.0)
-    return _FusedHeadLoss.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
-                                num_tokens, alpha, beta, temperature, chunk_size, vocab)
+    inputs = (student_hidden, student_weight, teacher_hidden, teacher_weight, targets, num_tokens, alpha, beta,
+              temperature, chunk_size, vocab)
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad):
+        return _FusedHeadLoss.apply(*inputs)
+    # Under no_grad autograd still reports needs_input_grad = True, so the Function would fill its gradients anyway.
+    loss, ce_sum, soft_sum, _, _ = _fused_head_forward(*inputs, need_hidden=False, need_weight=False)
+    return loss, ce_sum, soft_sum
 
 
 def teacher_topk(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, k: int, *, vocab: int,
@@ -851,9 +922,10 @@ def agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teache
     """
     out = {"kl_sum": 0.0, "top1_sum": 0.0, "count": float(student_hidden.shape[0])}
     chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)  # fp32 for bf16 models, fp64 in tests
     for lo in range(0, student_hidden.shape[0], chunk_size):
-        s = (student_hidden[lo:lo + chunk_size] @ student_weight[:vocab].T).float()
-        t = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).float()
+        s = (student_hidden[lo:lo + chunk_size] @ student_weight[:vocab].T).to(dtype)
+        t = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).to(dtype)
         out["kl_sum"] += generalized_jsd(s, t, 0.0, temperature).sum().item()
         out["top1_sum"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
     return out
@@ -959,23 +1031,71 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+@dataclass
+class HeldOut:
+    """What a run is evaluated on while it trains (--eval-data, --eval-problems); see `TrainLoop.evaluate`."""
+
+    tokenizer: object  # the student's: answers --eval-problems, saved with --save-best's model
+    examples: list[dict]  # --eval-data encoded like the training rows (same collate)
+    problems: list[dict]  # --eval-problems rows {"index", "prompt", "answer"}
+    system_prompt: str  # what --eval-problems are asked with
+
+
+def load_held_out(args, rows: list[dict], tokenizer, encode=None) -> HeldOut | None:
+    """The held-out rows and problems of a run, or None without --eval-every.
+
+    `encode(rows) -> (examples, skipped)` turns --eval-data rows into examples exactly as the script encodes its
+    training rows (default: `encode_rows` with the student's tokenizer). `rows` (the training rows) give the
+    default system prompt of --eval-problems: the one the training data was generated with.
+    """
+    if not args.eval_every:
+        return None
+    examples = []
+    if args.eval_data:
+        eval_rows = load_distill_rows(args.eval_data, what="--eval-data")
+        try:
+            examples, skipped = (encode or (lambda r: encode_rows(r, tokenizer, args.max_length)))(eval_rows)
+        except DistillError as err:
+            raise DistillError(f"--eval-data {args.eval_data}: {err}") from None
+        if skipped and is_main_process():
+            print(f"--eval-data: skipped {skipped} of {len(eval_rows)} rows longer than --max-length "
+                  f"{args.max_length}; evaluating on {len(examples)}")
+    problems = []
+    if args.eval_problems:
+        problems = load_prompt_dataset(args.eval_problems)
+        unscorable = [p["index"] for p in problems if p["answer"] is None or extract_answer(p["answer"]) is None]
+        if unscorable:
+            raise DistillError(f"--eval-problems {args.eval_problems}: every row needs 'question' and an 'answer' "
+                               f"holding a number, like GSM8K's (rows {unscorable[:5]} do not)")
+    system_prompt = args.eval_system_prompt
+    if system_prompt is None:
+        first = rows[0]["messages"][0] if rows and rows[0]["messages"] else {}
+        system_prompt = first["content"] if first.get("role") == "system" else DEFAULT_SYSTEM_PROMPT
+    return HeldOut(tokenizer=tokenizer, examples=examples, problems=problems, system_prompt=system_prompt)
+
+
 class TrainLoop:
     """What every training script needs around its own loss: accelerate, optimizer, schedule, accumulation,
     logging and saving. Not a trainer to subclass: the script iterates it and writes the step itself::
 
-        loop = TrainLoop(args, student, examples, pad_id)
+        loop = TrainLoop(args, student, examples, pad_id, held_out=load_held_out(args, rows, tokenizer))
+
+        def objective(batch, num_tokens, held_out=False):   # the script's loss on one micro-batch
+            ...
+            return loss, {"ce": ce_sum / num_tokens}        # sum over masked tokens / global count
+
         for micro_batches, num_tokens in loop:      # one optimizer step
             for batch in micro_batches:
-                loss = ... / num_tokens             # sum over masked tokens / global count
-                loop.backward(loss)
-            loop.step(ce=..., kl=...)               # clip, optimizer, schedule, log
+                loss, stats = objective(batch, num_tokens)
+                loop.backward(loss, **stats)
+            loop.step(num_tokens, evaluate=objective)   # clip, optimizer, schedule, held-out eval when due, log
         loop.save(tokenizer)
 
     `num_tokens` is the number of masked target tokens in *all* micro-batches of the step on *all* processes,
     counted before the first forward, so every micro-batch's loss uses the same denominator.
     """
 
-    def __init__(self, args, model, examples: list[dict], pad_id: int, collate=None):
+    def __init__(self, args, model, examples: list[dict], pad_id: int, collate=None, held_out: HeldOut | None = None):
         from accelerate import Accelerator
         from transformers import get_cosine_schedule_with_warmup
 
@@ -1014,6 +1134,10 @@ class TrainLoop:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._stats: dict[str, float] = {}
         self.rng = random.Random(args.seed)  # for scripts' own draws (on-policy coin); checkpointed with the rest
+        if args.eval_every and held_out is None:
+            raise ValueError("--eval-every: pass held_out=common.load_held_out(...) to TrainLoop")
+        self.held_out = held_out
+        self.best: dict | None = None  # --save-best: {"metric", "step", "value"} so far; checkpointed
         if (args.save_every or args.resume) and self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
             raise DistillError("--save-every/--resume: exact-resume checkpoints cover one process and DDP; under "
                                f"{self.accelerator.distributed_type.name} the optimizer state is sharded and is not "
@@ -1075,8 +1199,9 @@ class TrainLoop:
         for key, value in stats.items():
             self._stats[key] = self._stats.get(key, 0.0) + float(value)
 
-    def step(self, num_tokens: float, **extra) -> dict:
-        """Clip, update, advance the schedule, and log one metrics.jsonl row."""
+    def step(self, num_tokens: float, *, evaluate=None, **extra) -> dict:
+        """Clip, update, advance the schedule, evaluate when due (--eval-every, and after the last step) and log
+        one metrics.jsonl row. `evaluate` is the script's objective for held-out rows (see `TrainLoop.evaluate`)."""
         acc = self.accelerator
         grad_norm = None
         if self.args.max_grad_norm and acc.sync_gradients:
@@ -1092,18 +1217,124 @@ class TrainLoop:
         row = {"step": self.step_num, **summed, "lr": lr, "tokens": int(num_tokens),
                "grad_norm": None if grad_norm is None else float(grad_norm),
                "elapsed_s": round(time.time() - self.start_time, 3), **extra}
+        evaluated = bool(self.args.eval_every) and (self.step_num % self.args.eval_every == 0
+                                                    or self.step_num == self.total_steps)
+        if evaluated:
+            row.update(self.evaluate(evaluate))
+            self._keep_best(row)
         acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=self.step_num)
         if acc.is_main_process:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if self.step_num % self.args.log_every == 0 or self.step_num == self.total_steps:
+            if self.step_num % self.args.log_every == 0 or self.step_num == self.total_steps or evaluated:
                 self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in row.items() if v is not None))
         if self.args.save_every and self.step_num % self.args.save_every == 0 and self.step_num < self.total_steps:
             self.save_checkpoint()
         return row
+
+    # -- held-out evaluation ------------------------------------------------------------------------------------
+
+    def evaluate(self, objective=None) -> dict[str, float]:
+        """eval_* metrics of the model as it is now, on --eval-data and --eval-problems.
+
+        `objective(batch, num_tokens, held_out=True) -> (loss, stats)` is the script's per-micro-batch training
+        objective. Summed over the held-out batches with `num_tokens` = every held-out masked token, `loss` gives
+        eval_loss (the training formula and normalization, on held-out rows) and each stat eval_<stat>; with
+        held_out=True a script may report other stats than in training (token_level: KL at T=1 as eval_kl).
+        eval_exact_match is the strict `score_answers` score of greedy answers to --eval-problems.
+        Rows and problems are sharded across processes and the sums reduced, so the values are a one-process run's.
+        No gradients, eval mode (no dropout); the train mode and every RNG state are put back afterwards, so a run
+        takes the same training steps with or without evaluation.
+        """
+        model, rng = self.model, _get_rng_state()
+        # Module by module: a peft model trains with its base in eval mode and its LoRA dropout in train mode,
+        # which model.train() afterwards would not give back.
+        modes = [(module, module.training) for module in model.modules()]
+        metrics: dict[str, float] = {}
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.held_out.examples:
+                    if objective is None:
+                        raise ValueError("--eval-data: this script's loop.step() must pass evaluate=objective")
+                    metrics.update(self._held_out_sums(objective))
+                if self.held_out.problems:
+                    metrics["eval_exact_match"] = self._held_out_exact_match()
+        finally:
+            for module, training in modes:
+                module.training = training
+            _set_rng_state(rng)
+        return metrics
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.args.eval_batch_size or self.args.batch_size
+
+    def _held_out_sums(self, objective) -> dict[str, float]:
+        acc, examples = self.accelerator, self.held_out.examples
+        num_tokens = float(sum(sum(ex["loss_mask"][1:]) for ex in examples))
+        per_round = self.eval_batch_size * acc.num_processes
+        totals: dict[str, float] = {}
+        for lo in range(0, len(examples), per_round):
+            mine = examples[lo:lo + per_round][acc.process_index::acc.num_processes]
+            # Every process joins every forward (DDP syncs buffers, FSDP gathers weights in it): one left without
+            # rows in the last round runs the first row again and drops the result.
+            weight = 1.0 if mine else 0.0
+            batch = self.collate(mine or examples[:1])
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, stats = objective(batch, num_tokens, held_out=True)
+            for key, value in {"loss": loss, **stats}.items():
+                totals[key] = totals.get(key, 0.0) + weight * float(value)
+        keys = sorted(totals)
+        summed = acc.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device),
+                            reduction="sum")
+        return {f"eval_{key}": value for key, value in zip(keys, summed.tolist())}
+
+    def _held_out_exact_match(self) -> float:
+        acc, problems = self.accelerator, self.held_out.problems
+        mine = problems[acc.process_index::acc.num_processes]
+        # The unwrapped model, as on_policy samples: generation runs a different number of forwards per process.
+        replies = answer_problems(acc.unwrap_model(self.model), self.held_out.tokenizer, mine,
+                                  system_prompt=self.held_out.system_prompt,
+                                  max_new_tokens=self.args.eval_max_new_tokens, batch_size=self.eval_batch_size,
+                                  desc="eval answers")
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            replies = [reply for _, reply in sorted(gather_object([(p["index"], r) for p, r in zip(mine, replies)]))]
+        return float(score_answers(replies, [p["answer"] for p in problems])["strict"])
+
+    def _keep_best(self, row: dict) -> None:
+        """--save-best: when this evaluation beats every earlier one, save the model to OUTPUT_DIR/best."""
+        metric = self.args.save_best
+        if metric is None:
+            return
+        if metric not in row:
+            raise DistillError(f"--save-best {metric}: the evaluation logged only "
+                               f"{', '.join(k for k in row if k.startswith('eval_'))}")
+        value = row[metric]
+        if value != value:  # NaN never counts as an improvement
+            return
+        if self.best is not None:
+            higher = metric in HIGHER_IS_BETTER
+            if not (value > self.best["value"] if higher else value < self.best["value"]):
+                return
+        self.best = {"metric": metric, "step": self.step_num, "value": value,
+                     "better": "higher" if metric in HIGHER_IS_BETTER else "lower"}
+        acc = self.accelerator
+        final, tmp = self.output_dir / "best", self.output_dir / ".best.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.save(self.held_out.tokenizer, tmp)
+        if acc.is_main_process:  # renamed when complete: OUTPUT_DIR/best is never half written
+            (tmp / "best.json").write_text(json.dumps(self.best, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self.bar.write(f"best {metric} so far: {value:.6g} at step {self.step_num}, saved to {final}")
+        acc.wait_for_everyone()
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -1122,7 +1353,7 @@ class TrainLoop:
         if acc.is_main_process:
             acc.unwrap_model(self.model).save_pretrained(tmp, save_function=acc.save)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "step": self.step_num, "elapsed_s": time.time() - self.start_time},
+                        "step": self.step_num, "elapsed_s": time.time() - self.start_time, "best": self.best},
                        tmp / "trainer_state.pt")
             shutil.copy(self.metrics_path, tmp / "metrics.jsonl")
         acc.wait_for_everyone()
@@ -1161,6 +1392,8 @@ class TrainLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_num = state["step"]
+        best = state.get("best")  # --save-best's best so far: a resumed run saves only improvements on it
+        self.best = best if best and best["metric"] == self.args.save_best else None
         rng = torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=False)
         if self.accelerator.is_main_process:
             shutil.copy(folder / "metrics.jsonl", self.metrics_path)
@@ -1230,21 +1463,62 @@ def fingerprint(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def extract_answer(text: str) -> str | None:
-    """The final numeric answer of a solution: '#### N' first, then \\boxed{N}, then the last number.
+# A number as written in a solution: an optional sign (ASCII '-' or the Unicode minus) touching it, an optional
+# '$', digits with thousands separators and decimals. Not preceded by a word character, so identifiers such as
+# 'x2' or 'Qwen2' hold no number. Whether the sign really is a sign is decided by `_is_sign` (it needs context).
+_NUMBER = r"(?P<sign>[-\u2212])?(?P<body>(?:\$\s*)?(?<!\w)\d[\d,]*(?:\.\d+)?)"
+# An operand ends here, so a '-' after it (spaces allowed) is the binary operator: '12 - 5', '(3+4)-2', '50%-5'.
+_OPERAND_END = ")]}%"
 
-    Normalized so that equal numbers compare equal as strings: thousands separators, '$', '%' and spaces are
-    dropped and a trailing '.0' is removed ('$1,234.00' -> '1234'). None when the text holds no number.
+
+def _is_sign(text: str, minus: int) -> bool:
+    """Whether the '-' at `minus` (directly followed by the number) is a sign rather than a subtraction.
+
+    A sign where it cannot be a binary operator: at the start; after an operator or opening punctuation such as
+    '(', '=', ':', ',', '+', '*', '#' ('x = -3', '(-2)', '5 * -3', '#### -3'); after a word only with a space
+    in between ('is -3', but 'n-5' and 'COVID-19' are not negative). Never after a number or a closing bracket
+    or '%', with or without spaces ('12 - 5', '12 -5', '12-5', '(3)-5' all subtract).
+    """
+    before = text[:minus].rstrip()
+    if not before:
+        return True
+    last = before[-1]
+    if last.isdigit() or last in _OPERAND_END:
+        return False
+    if last.isalpha() or last == "_":
+        return text[minus - 1].isspace()
+    return True
+
+
+def _number(text: str, match) -> str | None:
+    sign = match.group("sign")
+    negative = sign is not None and _is_sign(text, match.start("sign"))
+    return _normalize_number(("-" if negative else "") + match.group("body"))
+
+
+def extract_answer(text: str, *, strict: bool = False) -> str | None:
+    """The final numeric answer of a solution, or None.
+
+    strict: only an explicit final answer counts, '#### N' first, then \\boxed{N}; a reply without one (cut off
+    mid-way, or that never states its answer) is None, so it scores as wrong. Lenient (strict=False): the same,
+    then a fallback to the last number in the text, which also credits a reply that was cut off right after
+    computing the right number, or ends on a number that merely looks like the answer. Report strict as the
+    primary score; the gap to lenient measures how often answers lack the final format.
+
+    A '-' counts as a sign only where it cannot be a subtraction (see `_is_sign`): 'She has 12 - 5 left' -> '5',
+    '#### -3' -> '-3'. Normalized so that equal numbers compare equal as strings: thousands separators, '$',
+    '%' and spaces are dropped and a trailing '.0' is removed ('$1,234.00' -> '1234').
     """
     import re
 
-    number = r"-?[$]?\s*\d[\d,]*(?:\.\d+)?"
-    for pattern in (rf"####\s*({number})", rf"\\boxed\{{\s*({number})"):
-        match = re.search(pattern, text)
+    for marker in (r"####\s*(?:\$\s*)?", r"\\boxed\{\s*(?:\$\s*)?"):
+        match = re.search(marker + _NUMBER, text)
         if match:
-            return _normalize_number(match.group(1))
-    numbers = re.findall(number, text)
-    return _normalize_number(numbers[-1]) if numbers else None
+            return _number(text, match)
+    if strict:
+        return None
+    numbers = list(re.finditer(_NUMBER, text))
+    return _number(text, numbers[-1]) if numbers else None
 
 
 def _normalize_number(raw: str) -> str | None:
@@ -1254,6 +1528,55 @@ def _normalize_number(raw: str) -> str | None:
     if "." in cleaned:
         cleaned = cleaned.rstrip("0").rstrip(".")
     return "0" if cleaned in ("-0", "") else cleaned
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for a binomial proportion (95% with the default z = 1.96).
+
+    With p = successes / n:  (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n).
+    Preferred to the normal approximation p ± z·sqrt(p(1-p)/n), which collapses to a zero-width interval at 0%
+    and 100%, can leave [0, 1], and undercovers for small n; Wilson's stays inside [0, 1] and keeps close to its
+    nominal coverage there, which is where small held-out sets and weak students live. n == 0 -> (0.0, 1.0).
+    """
+    if not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = successes / n, z * z
+    denominator = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def judge_answer(prediction: str, reference: str | None) -> dict:
+    """One prediction against its reference: the strict and lenient answers extracted from the prediction, the
+    reference's answer (lenient rule: references are trusted data such as GSM8K's '#### N', None when it holds
+    no number) and whether each matches. A problem without a reference number is never correct."""
+    ref = extract_answer(reference) if reference is not None else None
+    strict, lenient = extract_answer(prediction, strict=True), extract_answer(prediction)
+    return {"strict": strict, "lenient": lenient, "reference": ref,
+            "strict_ok": ref is not None and strict == ref, "lenient_ok": ref is not None and lenient == ref}
+
+
+def score_answers(predictions: list[str], references: list[str | None]) -> dict:
+    """Exact match of `predictions` against `references`, strict and lenient (see `extract_answer`).
+
+    Only problems whose reference holds a number are scored; `n` counts them. Returns n, strict_correct and
+    lenient_correct (counts), strict and lenient (fractions of n) and strict_ci and lenient_ci (Wilson 95%
+    intervals, see `wilson_interval`). Raises DistillError when no reference holds a number.
+    """
+    if len(predictions) != len(references):
+        raise DistillError(f"{len(predictions)} predictions for {len(references)} references")
+    judged = [judge_answer(p, r) for p, r in zip(predictions, references)]
+    judged = [j for j in judged if j["reference"] is not None]
+    if not judged:
+        raise DistillError("no problem has a reference answer with a number (check --answer-field)")
+    n = len(judged)
+    strict = sum(j["strict_ok"] for j in judged)
+    lenient = sum(j["lenient_ok"] for j in judged)
+    return {"n": n, "strict_correct": strict, "lenient_correct": lenient, "strict": strict / n,
+            "lenient": lenient / n, "strict_ci": wilson_interval(strict, n), "lenient_ci": wilson_interval(lenient, n)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

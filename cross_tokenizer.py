@@ -7,6 +7,10 @@
     # from a teacher cache (cache_teacher.py --teacher meta-llama/Llama-3.2-1B-Instruct ... --output data/llama.top64)
     python cross_tokenizer.py --data data/teacher_llama.jsonl --teacher-cache data/llama.top64 --output-dir runs/uld_c
 
+    # held-out ULD objective and CE every 50 steps (eval_loss, eval_ce, eval_uld), keeping the best eval_loss
+    python cross_tokenizer.py --data data/teacher_llama.jsonl --eval-data data/teacher_llama_heldout.jsonl \
+        --eval-every 50 --save-best eval_loss --output-dir runs/uld
+
     # the ULD paper's loss (sorted L1 = closed-form Wasserstein-1), several GPUs
     accelerate launch cross_tokenizer.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct \
         --data data/teacher_smol.jsonl --uld-loss wasserstein --bf16 --output-dir runs/uld_w1
@@ -24,7 +28,8 @@ Total: alpha * CE (student's own tokens of the teacher's completion) + (1 - alph
 student's completion tokens divided by their number in the whole optimizer step.
 
 The log reports how good the alignment is: the share of student tokens whose teacher partner ends at exactly the
-same character, and the mean end-offset gap in characters.
+same character, and the mean end-offset gap in characters. Held-out rows (--eval-data) are encoded and aligned the
+same way and log eval_loss (this objective), eval_ce and eval_uld; from a --teacher-cache they must be cached too.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def parse_args(argv=None):
         parser.error("--alpha must be in [0, 1]")
     if args.top_k < 1 or args.temperature <= 0:
         parser.error("--top-k must be >= 1 and --temperature > 0")
+    common.check_eval_args(parser, args, stats=("ce", "uld"))
     return args
 
 
@@ -188,9 +194,10 @@ def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length):
     return examples, skipped, stats
 
 
-def encode_from_cache(rows, tokenizer, cached: dict, max_length: int):
+def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: bool = False):
     """Like encode_pairs, with the teacher's tokens read from a cache: its offsets give the alignment and each
-    student example keeps, per completion token, the cached top-K row of its aligned teacher token."""
+    student example keeps, per completion token, the cached top-K row of its aligned teacher token. Training rows
+    absent from the cache are skipped; held-out ones are refused (a held-out loss on a subset would mislead)."""
     examples, skipped, missing = [], 0, 0
     exact = count = 0
     for row in rows:
@@ -208,6 +215,9 @@ def encode_from_cache(rows, tokenizer, cached: dict, max_length: int):
                                                                              aligned.tolist()))
         count += len(aligned)
         examples.append(student)
+    if missing and held_out:
+        raise common.DistillError(f"{missing} rows are absent from --teacher-cache; score them into it too: "
+                                  "cache_teacher.py --data EVAL_DATA --output CACHE")
     if missing:
         print(f"--teacher-cache: skipped {missing} rows absent from the cache")
     if not examples:
@@ -245,26 +255,32 @@ def main(argv=None):
     if alignment["exact_end_fraction"] < args.min_exact_alignment:
         print(f"warning: exact alignment {alignment['exact_end_fraction']:.1%} is below --min-exact-alignment "
               f"{args.min_exact_alignment:.0%}; the tokenizers segment this text very differently")
+    eval_set = common.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_pairs(
+        eval_rows, tokenizer, teacher_tokenizer, args.max_length)[:2])
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             collate=lambda exs: collate_pairs(exs, tokenizer.pad_token_id,
-                                                              teacher_tokenizer.pad_token_id))
+                                                              teacher_tokenizer.pad_token_id), held_out=eval_set)
     if loop.accelerator.is_main_process:
         (loop.output_dir / "alignment.json").write_text(json.dumps(alignment, indent=2) + "\n")
     teacher, _ = common.load_teacher(args, loop.device)
     head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
 
+    def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
+        with torch.inference_mode():
+            teacher_hidden = common.backbone_hidden_states(teacher, batch["teacher_input_ids"],
+                                                           batch["teacher_attention_mask"])
+            teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
+        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+        loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, teacher_hidden.clone(),
+                                                   teacher_head.weight, num_tokens, args)
+        return loss, {"ce": ce_sum / num_tokens, "uld": uld_sum / num_tokens}
+
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
-            with torch.inference_mode():
-                teacher_hidden = common.backbone_hidden_states(teacher, batch["teacher_input_ids"],
-                                                               batch["teacher_attention_mask"])
-                teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
-            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, teacher_hidden.clone(),
-                                                       teacher_head.weight, num_tokens, args)
-            loop.backward(loss, ce=ce_sum / num_tokens, uld=uld_sum / num_tokens)
-        loop.step(num_tokens)
+            loss, stats = objective(batch, num_tokens)
+            loop.backward(loss, **stats)
+        loop.step(num_tokens, evaluate=objective)
 
     loop.save(tokenizer)
     loop.finish(skipped=skipped, total=len(rows))
@@ -290,16 +306,24 @@ def train_from_cache(args, rows, student, tokenizer):
             topk_logprobs, tail_logprob, k, args.temperature).exp()
         return batch
 
-    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate)
+    eval_set = common.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(
+        eval_rows, tokenizer, cached, args.max_length, held_out=True)[:2])
+    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
+                            eval_set)
     head = common.output_head(loop.model)
+
+    def objective(batch, num_tokens, held_out=False):
+        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+        loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, batch["teacher_probs"],
+                                                   None, num_tokens, args)
+        return loss, {"ce": ce_sum / num_tokens, "uld": uld_sum / num_tokens}
+
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
-            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, batch["teacher_probs"],
-                                                       None, num_tokens, args)
-            loop.backward(loss, ce=ce_sum / num_tokens, uld=uld_sum / num_tokens)
-        loop.step(num_tokens)
+            loss, stats = objective(batch, num_tokens)
+            loop.backward(loss, **stats)
+        loop.step(num_tokens, evaluate=objective)
     loop.save(tokenizer)
     loop.finish(skipped=skipped, total=len(rows))
 

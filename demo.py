@@ -1,18 +1,28 @@
-"""The offline demo: the four distillation methods side by side on a task a CPU can learn, in one command.
+"""The offline demo: a pretrained base student lifted toward its teacher by the four distillation methods.
 
-    make demo                  # = python demo.py (creates .venv first); at most ~15 minutes on 2 cores
-    python demo.py --quick     # tiny sizes: a smoke test in 2-3 minutes (CI runs it)
+    make demo                  # = python demo.py (creates .venv first); about 10-15 minutes on 2 cores
+    python demo.py --quick     # tiny sizes: a smoke test in about a minute (CI runs it)
+    python demo.py --seeds 3   # the student stage for seeds 0, 1, 2: mean +- std per method (~3x the student stage)
     python demo.py --out DIR   # where everything goes (default demo_out/); re-running reuses finished stages
 
-Stages (each skipped when its output already exists, so an interrupted demo picks up where it stopped):
-  1. tiny random-init models and locally trained tokenizers (tiny.py); a 4-layer teacher is built here
-  2. a procedural GSM8K-style task: short word problems with small numbers, solutions ending in '#### N'
-  3. the teacher learns the task (SFT on the reference solutions) until its held-out exact match is >= 90%
-  4. generate_data.py: the teacher answers the training prompts (greedy) -> teacher_data.jsonl
-  5. the same student, data and step budget through sequence_level, token_level, on_policy; cross_tokenizer
-     distils into a second student with a different (SentencePiece-style) tokenizer
-  6. held-out exact match, KL(teacher || model) where the vocabularies match, and training time for every model;
-     written to OUT/results.md and OUT/results.png (loss curves and accuracies)
+It reproduces the blog's situation on a CPU. The blog's students are pretrained base models: they know language and
+some arithmetic but not the task's answer format, so a base model scores ~9% and distillation lifts it to ~40%.
+Here, in minutes instead of GPU hours:
+  1. pretraining: tiny random-init models learn the domain from plain text that is *not* the chat task -- prose
+     and equations over the same facts ("7 * 8 = 56", "Ana had 9 cups and gave 4 to Ben. That left 9 - 4 = 5
+     cups."), with no chat template, no system prompt and no '#### N' convention. Three models see the same text:
+     the teacher (3 layers, d=128), the student (2 layers, d=64, the teacher's tokenizer) and a second student
+     (2 layers, d=64, a SentencePiece-style tokenizer) for cross-tokenizer distillation.
+  2. the teacher is instruction-tuned on the task (SFT on reference solutions) until held-out exact match >= 90%
+  3. generate_data.py: the teacher answers the training prompts (greedy) -> teacher_data.jsonl; and a dev set
+  4. each method distils the teacher into the pretrained student with the same data, steps and learning rate,
+     tracking held-out loss and exact match on the dev set during training (--eval-data/--eval-problems)
+  5. every model answers the test problems: strict exact match ('#### N' only) with a 95% Wilson interval, the
+     lenient score (last number), KL(teacher || model) and top-1 agreement where the vocabularies match;
+     written to OUT/results.md, results.json and results.png (loss, held-out exact match vs step, accuracies)
+What it shows: each method teaches a model that already knows the facts the task's format and the teacher's way
+of answering. What it does not show: which method is best on real models (the task is small and easy for the
+teacher; one seed; differences of a few points are inside the intervals).
 The numbers are whatever this machine measures; nothing is tuned to make one method win.
 """
 
@@ -22,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -41,12 +52,20 @@ import token_level  # noqa: E402
 
 SYSTEM_PROMPT = "Solve the math word problem. Show the calculation, then give the answer as '#### <number>'."
 SIZES = {  # full, quick
-    "train_problems": (4000, 400), "test_problems": (200, 40), "teacher_data": (800, 64),
-    "teacher_steps": (700, 150), "teacher_extra_rounds": (3, 0), "student_steps": (300, 16),
+    "train_problems": (2000, 200), "dev_problems": (100, 16), "test_problems": (400, 40),
+    "teacher_data": (800, 64), "pretrain_texts": (20000, 2000),
+    "teacher_pretrain_steps": (500, 40), "student_pretrain_steps": (500, 40),
+    "teacher_steps": (400, 60), "teacher_extra_rounds": (2, 0), "student_steps": (300, 12), "eval_every": (50, 6),
 }
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gita", "Hugo", "Ines", "Jon", "Kai", "Lea"]
 ITEMS = ["apples", "pens", "cards", "eggs", "coins", "books", "cups", "toys"]
 BOXES = ["boxes", "bags", "jars", "packs"]
+TITLES = ["Notes", "Practice", "Story time", "Shopping", "Sharing", "Counting", "Homework", "Market day"]
+MODELS = {  # name -> (kit tokenizer folder, arch, size); the kit's own random models are not used
+    "teacher": ("teacher", "qwen2", dict(hidden=128, layers=3, heads=4, kv_heads=2, seed=11)),
+    "student": ("student", "qwen2", dict(hidden=64, layers=2, heads=4, kv_heads=2, seed=12)),
+    "student_other_tokenizer": ("student_nosys", "llama", dict(hidden=64, layers=2, heads=4, kv_heads=2, seed=13)),
+}
 
 
 def make_problem(rng: random.Random) -> tuple[str, str]:
@@ -78,50 +97,134 @@ def make_problem(rng: random.Random) -> tuple[str, str]:
     return question, f"{step}\n#### {c}"
 
 
+def make_pretraining_text(rng: random.Random) -> str:
+    """One document of the pretraining corpus: the task's facts and vocabulary as plain prose and equations.
+
+    Deliberately *not* the chat task: no questions, no system prompt, no template, and no '#### N' answer line. A
+    model that learns this knows the arithmetic and how stories map to equations, but not how to answer a chat
+    prompt -- the position of a pretrained base model before instruction tuning or distillation. Documents span
+    several lines and some open with a markdown heading ('## Notes', '#### Shopping'), as web text does, so the
+    newline and '#' are ordinary tokens to the base model rather than ones it has learned never to emit.
+    """
+    lines = [f"{rng.choice(['##', '###', '####'])} {rng.choice(TITLES)}"] if rng.random() < 0.5 else []
+    for _ in range(rng.randint(1, 3)):
+        name, other = rng.sample(NAMES, 2)
+        item, box = rng.choice(ITEMS), rng.choice(BOXES)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        pairs = [(rng.randint(2, 9), rng.randint(2, 9)) for _ in range(3)]
+        lines.append(rng.choice([
+            f"{a} + {b} = {a + b}. {a + b} - {b} = {a}. {a} * {b} = {a * b}. {a * b} / {b} = {a}.",
+            " ".join(f"{x} * {y} = {x * y}." for x, y in pairs),
+            " ".join(f"{x} + {y} = {x + y}." for x, y in pairs),
+            f"{name} had {a} {item}. Then {other} gave {name} {b} more {item}, so {name} had {a} + {b} = {a + b} "
+            f"{item}.",
+            f"{name} had {a + b} {item} and gave {b} of them to {other}. That left {a + b} - {b} = {a} {item}.",
+            f"{name} bought {a} {box} of {item} with {b} in each, which made {a} * {b} = {a * b} {item}.",
+            f"{name} shared {a * b} {item} equally among {b} friends, and each friend got {a * b} / {b} = {a} "
+            f"{item}.",
+            f"There are {a} {box}. Each holds {b} {item}. In all: {a} * {b} = {a * b} {item}.",
+        ]))
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (re-used across runs)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in 2-3 minutes")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the task and training")
-    return parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in about a minute")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the task, the models and training")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run the student stage (distillation + evaluation) for this many seeds and report "
+                             "mean +- standard deviation per method (teacher and base models are shared)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    return args
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Write rows to `path` through a temporary file, so an interrupted demo never leaves half a file behind."""
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    return path
 
 
 def write_task(path: Path, n: int, seed: int) -> Path:
     """{"question", "answer"} rows, GSM8K's layout, so generate_data.py and eval.py read them unchanged."""
-    if not path.exists():
-        rng = random.Random(seed)
-        with path.open("w") as f:
-            for _ in range(n):
-                question, solution = make_problem(rng)
-                f.write(json.dumps({"question": question, "answer": solution}) + "\n")
-    return path
+    rng = random.Random(seed)
+    return write_jsonl(path, ({"question": q, "answer": s} for q, s in (make_problem(rng) for _ in range(n))))
 
 
 def reference_rows(task: Path, out: Path) -> Path:
     """The task's own solutions as distill rows: what the teacher learns the task from."""
-    if not out.exists():
-        with out.open("w") as f:
-            for i, row in enumerate(common.read_jsonl(task)):
-                messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["question"]}]
-                f.write(json.dumps({"id": f"ref-{i}", "messages": messages, "completion": row["answer"]}) + "\n")
-    return out
+    return write_jsonl(out, ({"id": f"ref-{i}", "completion": row["answer"], "messages": [
+        {"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["question"]}]}
+        for i, row in enumerate(common.read_jsonl(task))))
 
 
 def train_once(script, output_dir: Path, argv: list[str]) -> Path:
-    """Run a training script unless a finished run is already there."""
+    """Run a training script unless a finished run is already there (an interrupted one resumes)."""
     if not (output_dir / "config.json").exists():
-        script.main([*argv, "--output-dir", str(output_dir)])
+        resume = ["--resume", str(output_dir)] if any(output_dir.glob("checkpoint-*")) else []
+        script.main([*argv, "--output-dir", str(output_dir), "--save-every", "100", *resume])
     return output_dir
 
 
-def score(model_dir: Path, problems: list[dict], teacher=None) -> dict:
-    """Held-out exact match of a model, and its KL / top-1 agreement to the teacher where vocabularies match."""
+def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: int) -> Path:
+    """Causal-LM pretraining of a random-init model on the plain-text corpus: every token is a target.
+
+    The same TrainLoop as the training scripts (AdamW, cosine schedule, checkpoints every 100 steps), so an
+    interrupted pretraining resumes; the step is sequence_level's with a mask over the whole text.
+    """
+    folder = out / f"{name}_base"
+    if (folder / "config.json").exists():
+        return folder
+    kit_folder, arch, size = MODELS[name]
+    tokenizer = common.load_tokenizer(str(kit[kit_folder]))
+    init = out / f"{name}_init"
+    if not (init / "config.json").exists():
+        tiny.save_model(init, tiny.build_model(arch, tokenizer, **{**size, "seed": size["seed"] + seed}), tokenizer)
+    model, tokenizer = common.load_model(str(init))
+    examples = []
+    for row in common.read_jsonl(corpus):
+        # BOS where the tokenizer adds one, and EOS: documents end, as in real pretraining data.
+        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append({"input_ids": ids, "loss_mask": [0] + [1] * (len(ids) - 1), "prompt_ids": []})
+    args = sequence_level.parse_args([
+        "--student", str(init), "--data", str(corpus), "--output-dir", str(folder), "--max-steps", str(steps),
+        "--batch-size", "32", "--lr", "3e-3", "--warmup-ratio", "0.05", "--log-every", "250", "--seed", str(seed),
+        "--save-every", "100", *(["--resume", str(folder)] if any(folder.glob("checkpoint-*")) else [])])
+    loop = common.TrainLoop(args, model, examples, tokenizer.pad_token_id)
+    head = common.output_head(loop.model)
+    for micro_batches, num_tokens in loop:
+        for batch in micro_batches:
+            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            hidden, targets = common.shift_for_next_token(hidden, batch)
+            loss, _, _ = common.fused_head_loss(hidden, head.weight, targets, num_tokens, alpha=1.0)
+            loop.backward(loss)
+        loop.step(num_tokens)
+    loop.save(tokenizer)
+    loop.finish(skipped=0, total=len(examples))
+    return folder
+
+
+def score(model_dir: Path, problems: list[dict], teacher=None, predictions_path: Path | None = None) -> dict:
+    """Held-out strict and lenient exact match (with 95% intervals) of a model, and its KL / top-1 agreement to
+    the teacher where vocabularies match. Every reply is written to `predictions_path` for auditing."""
     model, tokenizer = common.load_model(str(model_dir))
-    settings = dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=32, batch_size=50)
-    predictions = common.answer_problems(model, tokenizer, problems, desc=f"eval {model_dir.name}",
-                                         **settings)
-    row = {"exact_match": evaluate.exact_match(predictions, [p["answer"] for p in problems]),
-           "kl_to_teacher": None, "top1_agreement": None, "sample": predictions[0]}
+    predictions = common.answer_problems(model, tokenizer, problems, system_prompt=SYSTEM_PROMPT,
+                                         max_new_tokens=32, batch_size=100, desc=f"eval {model_dir.name}")
+    references = [p["answer"] for p in problems]
+    scores = common.score_answers(predictions, references)
+    if predictions_path is not None:
+        write_jsonl(predictions_path, ({"prompt": p["prompt"], "reply": reply, **common.judge_answer(reply, ref)}
+                                       for p, reply, ref in zip(problems, predictions, references)))
+    row = {"exact_match": scores["strict"], "ci": scores["strict_ci"], "lenient": scores["lenient"],
+           "lenient_ci": scores["lenient_ci"], "n": scores["n"], "kl_to_teacher": None, "top1_agreement": None,
+           "sample": predictions[0]}
     if teacher is not None:
         teacher_model, teacher_tokenizer, teacher_texts = teacher
         stats = evaluate.teacher_agreement(model, tokenizer, teacher_model, teacher_tokenizer, problems,
@@ -131,30 +234,80 @@ def score(model_dir: Path, problems: list[dict], teacher=None) -> dict:
     return row
 
 
-def train_teacher(kit, out: Path, train_task: Path, problems: list[dict], size: dict, seed: int) -> tuple[Path, float]:
-    """SFT the teacher on reference solutions, in rounds, until held-out exact match reaches 90% (or budget ends)."""
+def train_teacher(base: Path, out: Path, train_task: Path, problems: list[dict], size: dict, seed: int):
+    """Instruction-tune the pretrained teacher on reference solutions, in rounds, until held-out exact match on
+    the dev problems reaches 90% (or the budget ends). Returns (folder, dev exact match)."""
     done = out / "teacher_final.json"
     if done.exists():
         info = json.loads(done.read_text())
         return Path(info["path"]), info["exact_match"]
-    tokenizer = common.load_tokenizer(str(kit["teacher"]))
-    init = out / "teacher_init"
-    if not (init / "config.json").exists():
-        tiny.save_model(init, tiny.build_model("qwen2", tokenizer, hidden=128, layers=4, heads=4, kv_heads=2,
-                                               seed=seed + 11), tokenizer)
     data = reference_rows(train_task, out / "reference.jsonl")
-    current, accuracy = init, 0.0
+    current, accuracy = base, 0.0
     for round_ in range(1 + size["teacher_extra_rounds"]):
-        steps, lr = (size["teacher_steps"], "3e-3") if round_ == 0 else (size["teacher_steps"] // 3, "1e-3")
+        steps, lr = (size["teacher_steps"], "3e-3") if round_ == 0 else (size["teacher_steps"] // 2, "1e-3")
         current = train_once(sequence_level, out / f"teacher_round{round_}", [
             "--student", str(current), "--data", str(data), "--max-steps", str(steps), "--batch-size", "32",
             "--lr", lr, "--warmup-ratio", "0.05", "--log-every", "250", "--seed", str(seed + round_)])
         accuracy = score(current, problems)["exact_match"]
-        print(f"teacher after round {round_ + 1}: held-out exact match {accuracy:.1%}")
+        print(f"teacher after round {round_ + 1}: dev exact match {accuracy:.1%}")
         if accuracy >= 0.9:
             break
     done.write_text(json.dumps({"path": str(current), "exact_match": accuracy}) + "\n")
     return current, accuracy
+
+
+def distil_students(out: Path, bases: dict, teacher: Path, teacher_data: Path, dev: dict, size: dict,
+                    seed: int) -> list[tuple[str, Path]]:
+    """The four methods, each from the pretrained student, with the same data, step budget and learning rate."""
+    budget = ["--data", str(teacher_data), "--max-steps", str(size["student_steps"]), "--batch-size", "16",
+              "--lr", "3e-3", "--log-every", "100", "--seed", str(seed),
+              "--eval-data", str(dev["data"]), "--eval-problems", str(dev["problems"]), "--eval-every",
+              str(size["eval_every"]), "--eval-max-new-tokens", "32", "--eval-system-prompt", SYSTEM_PROMPT]
+    runs = [
+        ("sequence_level", sequence_level, bases["student"], []),
+        ("token_level (forward KL, T=2)", token_level, bases["student"],
+         ["--teacher", str(teacher), "--kl", "forward", "--temperature", "2", "--alpha", "0.1"]),
+        ("on_policy (lmbda=0.5, reverse KL)", on_policy, bases["student"],
+         ["--teacher", str(teacher), "--lmbda", "0.5", "--max-new-tokens", "24"]),
+        ("cross_tokenizer (ULD, other tokenizer)", cross_tokenizer, bases["student_other_tokenizer"],
+         ["--teacher", str(teacher), "--top-k", "20", "--temperature", "2", "--alpha", "0.5"]),
+    ]
+    trained = []
+    for name, script, student, extra in runs:
+        print(f"\n-- {name}")
+        trained.append((name, train_once(script, out / script.__name__, ["--student", str(student), *budget,
+                                                                         *extra])))
+    return trained
+
+
+def pct_ci(value: float, ci) -> str:
+    return f"{value:.1%} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def report(results: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| model | exact match (strict) [95% CI] | lenient [95% CI] | KL(teacher‖model) | top-1 agreement "
+             "| training time |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        kl = f"{r['kl_to_teacher']:.3f}" if r["kl_to_teacher"] is not None else "n/a"
+        top1 = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "n/a"
+        secs = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-"
+        lines.append(f"| {r['name']} | {pct_ci(r['exact_match'], r['ci'])} | {pct_ci(r['lenient'], r['lenient_ci'])} "
+                     f"| {kl} | {top1} | {secs} |")
+    return "\n".join(lines)
+
+
+def seeds_report(per_seed: list[list[dict]]) -> str:
+    """Mean +- sample standard deviation of the strict exact match of each method over the seeds."""
+    lines = [f"Over {len(per_seed)} seeds of the student stage (same teacher, data and base models):", "",
+             "| model | strict exact match, mean ± std | per seed |", "|---|---|---|"]
+    for i, row in enumerate(per_seed[0]):
+        values = [results[i]["exact_match"] for results in per_seed]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {row['name']} | {statistics.mean(values):.1%} ± {std:.1%} | "
+                     + ", ".join(f"{v:.1%}" for v in values) + " |")
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], out: Path) -> Path | None:
@@ -163,16 +316,22 @@ def plot(results: list[dict], out: Path) -> Path | None:
     except common.DistillError as error:
         print(f"{error}: no plot")
         return None
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (curves, heldout, bars) = plt.subplots(1, 3, figsize=(17, 4.8))
     runs = {row["name"]: common.read_jsonl(Path(row["run"]) / "metrics.jsonl") for row in results if row.get("run")}
     plot_metrics.draw(curves, runs, "loss", log_y=True)
-    curves.set(ylabel="training loss (each method's own)", title="loss curves")
-    bars.barh([r["name"] for r in results], [100 * r["exact_match"] for r in results], color="tab:blue")
-    bars.set(xlabel="held-out exact match (%)", title="accuracy", xlim=(0, 100))
+    curves.set(ylabel="training loss (each method's own)", title="training loss")
+    plot_metrics.draw(heldout, runs, "eval_exact_match")
+    heldout.set(ylabel="dev exact match (strict)", title="held-out exact match during training", ylim=(-0.02, 1.02))
+    values = [100 * r["exact_match"] for r in results]
+    errors = [[v - 100 * r["ci"][0] for v, r in zip(values, results)],
+              [100 * r["ci"][1] - v for v, r in zip(values, results)]]
+    bars.barh([r["name"] for r in results], values, xerr=errors, color="tab:blue", capsize=3)
+    bars.set(xlabel="test exact match, strict (%), 95% CI", title="accuracy", xlim=(0, 100))
     bars.invert_yaxis()
     fig.tight_layout()
     path = out / "results.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -183,68 +342,76 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
-    kit = tiny.build_kit(Path(args.out) / "models")
+    kit = tiny.build_kit(Path(args.out) / "models")  # only its locally trained tokenizers are used
     train_task = write_task(out / "task_train.jsonl", size["train_problems"], args.seed)
+    dev_task = write_task(out / "task_dev.jsonl", size["dev_problems"], args.seed + 2)
     test_task = write_task(out / "task_test.jsonl", size["test_problems"], args.seed + 1)
+    dev_problems = common.load_prompt_dataset(str(dev_task))
     problems = common.load_prompt_dataset(str(test_task))
 
-    print("\n== 1. the teacher learns the task")
-    teacher, teacher_accuracy = train_teacher(kit, out, train_task, problems, size, args.seed)
+    print("\n== 1. pretraining: the domain as plain text, no chat task")
+    rng = random.Random(args.seed + 3)
+    corpus = write_jsonl(out / "pretrain.jsonl",
+                         ({"text": make_pretraining_text(rng)} for _ in range(size["pretrain_texts"])))
+    bases = {name: pretrain(name, kit, corpus, out, size["teacher_pretrain_steps" if name == "teacher" else
+                                                         "student_pretrain_steps"], args.seed) for name in MODELS}
 
-    print("\n== 2. generate_data.py: the teacher answers the training prompts")
-    teacher_data = out / "teacher_data.jsonl"
-    generate_data.main(["--teacher", str(teacher), "--dataset", str(train_task), "--num-examples",
-                        str(size["teacher_data"]), "--system-prompt", SYSTEM_PROMPT, "--temperature", "0",
-                        "--max-new-tokens", "32", "--batch-size", "64", "--output", str(teacher_data)])
+    print("\n== 2. the teacher is instruction-tuned on the task")
+    teacher, teacher_dev = train_teacher(bases["teacher"], out, train_task, dev_problems, size, args.seed)
 
-    print("\n== 3. four ways to distil it, same data, same step budget")
-    budget = ["--data", str(teacher_data), "--max-steps", str(size["student_steps"]), "--batch-size", "16",
-              "--lr", "3e-3", "--log-every", "100", "--seed", str(args.seed)]
-    runs = [
-        ("sequence_level", sequence_level, kit["student"], []),
-        ("token_level (forward KL, T=2)", token_level, kit["student"],
-         ["--teacher", str(teacher), "--kl", "forward", "--temperature", "2", "--alpha", "0.1"]),
-        ("on_policy (lmbda=0.5, reverse KL)", on_policy, kit["student"],
-         ["--teacher", str(teacher), "--lmbda", "0.5", "--beta", "1", "--max-new-tokens", "24"]),
-        ("cross_tokenizer (ULD, other tokenizer)", cross_tokenizer, kit["student_nosys"],
-         ["--teacher", str(teacher), "--top-k", "20", "--temperature", "2", "--alpha", "0.1"]),
-    ]
-    trained = []
-    for name, script, student, extra in runs:
-        print(f"\n-- {name}")
-        run_dir = train_once(script, out / script.__name__, ["--student", str(student), *budget, *extra])
-        trained.append((name, run_dir))
+    print("\n== 3. generate_data.py: the teacher answers the training prompts and the dev prompts")
+    teacher_data, dev_data = out / "teacher_data.jsonl", out / "dev_teacher_data.jsonl"
+    for task, n, path in ((train_task, size["teacher_data"], teacher_data),
+                          (dev_task, size["dev_problems"], dev_data)):
+        generate_data.main(["--teacher", str(teacher), "--dataset", str(task), "--num-examples", str(n),
+                            "--system-prompt", SYSTEM_PROMPT, "--temperature", "0", "--max-new-tokens", "32",
+                            "--batch-size", "64", "--output", str(path)])
+    dev = {"data": dev_data, "problems": dev_task}
 
-    print("\n== 4. held-out evaluation")
+    print("\n== 4. evaluation of the teacher and the base students on the test problems")
     teacher_model, teacher_tokenizer = common.load_model(str(teacher))
     teacher_texts = common.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=SYSTEM_PROMPT,
-                                    max_new_tokens=32, batch_size=50, desc="teacher answers")
+                                           max_new_tokens=32, batch_size=100, desc="teacher answers")
     reference = (teacher_model, teacher_tokenizer, teacher_texts)
-    results = [{"name": "teacher (4 layers, d=128)", **score(teacher, problems), "seconds": None, "run": None},
-               {"name": "student before distillation", **score(kit["student"], problems, reference),
-                "seconds": None, "run": None},
-               {"name": "2nd student before (other tokenizer)", **score(kit["student_nosys"], problems, reference),
-                "seconds": None, "run": None}]
-    for name, run_dir in trained:
-        metrics = common.read_jsonl(run_dir / "metrics.jsonl")
-        results.append({"name": name, **score(run_dir, problems, reference), "seconds": metrics[-1]["elapsed_s"],
-                        "run": str(run_dir)})
+    predictions = out / "predictions"
+    predictions.mkdir(exist_ok=True)
+    fixed = [
+        {"name": "teacher (pretrained, then instruction-tuned)",
+         **score(teacher, problems, predictions_path=predictions / "teacher.jsonl"), "seconds": None, "run": None},
+        {"name": "base student (pretrained only)",
+         **score(bases["student"], problems, reference, predictions / "student_base.jsonl"),
+         "seconds": None, "run": None},
+        {"name": "base 2nd student (other tokenizer)",
+         **score(bases["student_other_tokenizer"], problems, reference,
+                 predictions / "student_other_tokenizer_base.jsonl"), "seconds": None, "run": None},
+    ]
 
-    lines = [f"Held-out: {len(problems)} problems; students trained {size['student_steps']} steps of 16 sequences "
-             f"on {size['teacher_data']} teacher completions. Teacher exact match after training: "
-             f"{teacher_accuracy:.1%}.", "",
-             "| model | exact match | KL(teacher‖model) | top-1 agreement | training time |",
-             "|---|---|---|---|---|"]
-    for r in results:
-        kl = f"{r['kl_to_teacher']:.3f}" if r["kl_to_teacher"] is not None else "n/a"
-        top1 = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "n/a"
-        secs = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-"
-        lines.append(f"| {r['name']} | {r['exact_match']:.1%} | {kl} | {top1} | {secs} |")
-    report = "\n".join(lines)
-    (out / "results.md").write_text(report + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    per_seed = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        print(f"\n== 5. distillation, seed {seed}: four methods, same data, same step budget")
+        seed_out = out if seed == args.seed else out / f"seed{seed}"
+        seed_out.mkdir(exist_ok=True)
+        trained = distil_students(seed_out, bases, teacher, teacher_data, dev, size, seed)
+        results = list(fixed)
+        for name, run_dir in trained:
+            metrics = common.read_jsonl(run_dir / "metrics.jsonl")
+            results.append({"name": name, **score(run_dir, problems, reference,
+                                                  predictions / f"{run_dir.name}-seed{seed}.jsonl"),
+                            "seconds": metrics[-1]["elapsed_s"], "run": str(run_dir)})
+        per_seed.append(results)
+
+    results = per_seed[0]
+    text = report(results, (
+        f"Test: {len(problems)} held-out problems, greedy, strict = '#### N' only (lenient = also the last number). "
+        f"Students: {size['student_steps']} steps of 16 sequences on {size['teacher_data']} teacher completions "
+        f"(seed {args.seed}), from bases pretrained {size['student_pretrain_steps']} steps on plain text. "
+        f"Teacher dev exact match after instruction tuning: {teacher_dev:.1%}."))
+    if args.seeds > 1:
+        text += "\n\n" + seeds_report(per_seed)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(per_seed if args.seeds > 1 else results, indent=2) + "\n")
     picture = plot(results, out)
-    print("\n" + report)
+    print("\n" + text)
     print(f"\nfinished in {time.time() - start:.0f}s. {out / 'results.md'}" + (f", {picture}" if picture else ""))
 
 

@@ -1,18 +1,29 @@
-"""Evaluate a model on GSM8K-style problems: greedy answers, exact match on the final number.
+"""Evaluate a model on GSM8K-style problems: greedy answers, exact match on the final number, with 95% CIs.
 
-    # a distilled student on the GSM8K test split
+    # a distilled student on the GSM8K test split, keeping every answer for auditing
     python eval.py --model runs/token_fwd --dataset openai/gsm8k --dataset-config main --split test \
-        --num-examples 500 --output results.jsonl
+        --num-examples 500 --output results.jsonl --save-predictions runs/token_fwd/predictions.jsonl
 
     # a LoRA adapter, plus how close the student is to its teacher (same tokenizer)
     python eval.py --model runs/sequence_lora --base Qwen/Qwen2.5-0.5B --teacher Qwen/Qwen2.5-1.5B-Instruct \
         --dataset openai/gsm8k --dataset-config main --split test --output results.jsonl
 
-Each model answers with its own chat template and the same system prompt as generate_data.py. The prediction
-and the reference are both reduced by `common.extract_answer` ('#### N', else \\boxed{N}, else the last number).
+    # only print the table of the rows already in results.jsonl
+    python -c "import common, eval; print(eval.markdown_table(common.read_jsonl('results.jsonl')))"
+
+Each model answers with its own chat template and the same system prompt as generate_data.py. Answers are scored
+by `common.score_answers` two ways. Strict (the primary number, `exact_match`): the reply must state its answer
+as '#### N' or \\boxed{N}; a reply cut off before it, or that never states one, is wrong. Lenient
+(`exact_match_lenient`): the same, else the last number in the reply. The reference is read leniently ('#### N'
+in GSM8K). A '-' counts as a minus sign only where it cannot be a subtraction ('12 - 5' ends on 5, not -5). Both
+come with a Wilson 95% confidence interval: on 500 problems a score near 50% is uncertain by about +-4.4
+points, so smaller differences between two rows are not evidence that one model is better.
+
 With --teacher (sharing the student's vocabulary), the teacher also answers the same prompts greedily and the
 report adds the mean KL(teacher || student) and top-1 agreement over those held-out teacher completions.
-One JSON row per run is appended to --output, and the table of all rows there is printed.
+One JSON row per run is appended to --output, and the table of all rows there is printed. --save-predictions
+writes one JSON row per problem (prompt, reply, extracted answers, reference, verdicts) so the score can be
+re-checked by hand: the strict score is the mean of strict_ok over the rows whose `reference` is not null.
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     parser.add_argument("--teacher", default=None, help="also report KL and top-1 agreement to this teacher")
     parser.add_argument("--output", default="results.jsonl", help="JSONL to append this run's row to")
+    parser.add_argument("--save-predictions", default=None, metavar="FILE",
+                        help="write one JSONL row per problem (prompt, reply, extracted strict and lenient answers, "
+                             "reference, strict_ok, lenient_ok) to audit the score (overwrites FILE)")
     return parser.parse_args(argv)
 
 
@@ -56,14 +70,6 @@ def load_for_eval(name: str, base: str | None = None, *, dtype="auto", device="c
     return PeftModel.from_pretrained(model, name).merge_and_unload(), tokenizer
 
 
-def exact_match(predictions: list[str], references: list[str | None]) -> float:
-    scored = [(common.extract_answer(p), common.extract_answer(r)) for p, r in zip(predictions, references)
-              if r is not None and common.extract_answer(r) is not None]
-    if not scored:
-        raise common.DistillError("no problem has a reference answer with a number (check --answer-field)")
-    return sum(pred == ref for pred, ref in scored) / len(scored)
-
-
 def teacher_agreement(student, tokenizer, teacher, teacher_tokenizer, problems, teacher_texts, *,
                       system_prompt: str) -> dict[str, float] | None:
     """Mean KL(teacher || student) (T=1) and top-1 agreement on the teacher's own completions; None when the
@@ -79,13 +85,64 @@ def teacher_agreement(student, tokenizer, teacher, teacher_tokenizer, problems, 
     return common.heldout_agreement(student, teacher, examples, tokenizer.pad_token_id, vocab=vocab)
 
 
+def score_row(predictions: list[str], references: list[str | None]) -> dict:
+    """The exact-match fields of a results row: strict (`exact_match`, the primary score) and lenient fractions,
+    their counts and Wilson 95% intervals [low, high], over the `n` problems that have a reference number."""
+    s = common.score_answers(predictions, references)
+    return {"n": s["n"], "exact_match": s["strict"], "exact_match_ci": list(s["strict_ci"]),
+            "correct": s["strict_correct"], "exact_match_lenient": s["lenient"],
+            "exact_match_lenient_ci": list(s["lenient_ci"]), "correct_lenient": s["lenient_correct"]}
+
+
+def format_score(fraction: float | None, ci, n: int | None = None) -> str:
+    """'62.5% [57.7, 67.1]': a fraction and its 95% interval in percent. Without a stored interval, one is
+    recomputed from n (rows written before intervals were recorded); '-' when there is no score at all."""
+    if fraction is None:
+        return "-"
+    if ci is None and n:
+        ci = common.wilson_interval(round(fraction * n), n)
+    interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci is not None else ""
+    return f"{fraction:.1%}{interval}"
+
+
+# Rows written before strict scoring hold one number from the earlier rule, which fell back to the last number.
+OLD_RULE_NOTE = ("\n\n† written before strict scoring: its single exact match used the earlier rule ('#### N', "
+                 "\\boxed{N}, else the last number, any '-' read as a sign), so it is shown as lenient.")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | exact match | KL(teacher‖model) | top-1 agreement | n |", "|---|---|---|---|---|"]
+    """All rows as a markdown table: strict exact match with its 95% CI first, then lenient, KL, top-1 and n."""
+    lines = ["| model | exact match (95% CI) | lenient (95% CI) | KL(teacher‖model) | top-1 agreement | n |",
+             "|---|---|---|---|---|---|"]
+    old_rows = False
     for row in rows:
+        n = row.get("n")
+        if "exact_match_lenient" in row:
+            strict = format_score(row.get("exact_match"), row.get("exact_match_ci"), n)
+            lenient = format_score(row["exact_match_lenient"], row.get("exact_match_lenient_ci"), n)
+        else:
+            # Never in the strict column, where it would look comparable to (and better than) strict scores.
+            old_rows = True
+            strict, lenient = "-", format_score(row.get("exact_match"), None, n) + " †"
         kl = f"{row['kl_to_teacher']:.3f}" if row.get("kl_to_teacher") is not None else "-"
         top1 = f"{row['top1_agreement']:.1%}" if row.get("top1_agreement") is not None else "-"
-        lines.append(f"| {row['name']} | {row['exact_match']:.1%} | {kl} | {top1} | {row['n']} |")
-    return "\n".join(lines)
+        lines.append(f"| {row['name']} | {strict} | {lenient} | {kl} | {top1} | {n if n is not None else '-'} |")
+    return "\n".join(lines) + (OLD_RULE_NOTE if old_rows else "")
+
+
+def save_predictions(path: str | Path, problems: list[dict], predictions: list[str], *, name: str,
+                     model: str) -> None:
+    """One JSON row per problem with everything needed to re-check its verdict by hand (see the module doc)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for problem, reply in zip(problems, predictions):
+            verdict = common.judge_answer(reply, problem["answer"])
+            f.write(json.dumps({"name": name, "model": model, "index": problem["index"], "prompt": problem["prompt"],
+                                "reply": reply, "strict": verdict["strict"], "lenient": verdict["lenient"],
+                                "reference_text": problem["answer"], "reference": verdict["reference"],
+                                "strict_ok": verdict["strict_ok"], "lenient_ok": verdict["lenient_ok"]},
+                               ensure_ascii=False) + "\n")
 
 
 def main(argv=None):
@@ -99,9 +156,12 @@ def main(argv=None):
                     batch_size=args.batch_size)
     predictions = common.answer_problems(model, tokenizer, problems, desc=f"answer {Path(args.model).name}",
                                          **settings)
-    row = {"name": args.name or args.model, "model": args.model, "dataset": args.dataset, "split": args.split,
-           "n": len(problems), "exact_match": exact_match(predictions, [p["answer"] for p in problems]),
-           "kl_to_teacher": None, "top1_agreement": None}
+    name = args.name or args.model
+    row = {"name": name, "model": args.model, "dataset": args.dataset, "split": args.split,
+           **score_row(predictions, [p["answer"] for p in problems]), "kl_to_teacher": None, "top1_agreement": None}
+    if args.save_predictions:
+        save_predictions(args.save_predictions, problems, predictions, name=name, model=args.model)
+        row["predictions"] = str(args.save_predictions)
     if args.teacher:
         teacher, teacher_tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device,
                                                        what="--teacher", trust_remote_code=args.trust_remote_code)

@@ -4,6 +4,10 @@
     python on_policy.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B \
         --data data/teacher_gsm8k.jsonl --lmbda 0.5 --beta 1.0 --max-new-tokens 256 --output-dir runs/on_policy
 
+    # held-out divergence, CE and KL every 25 steps; keep the model with the lowest held-out KL
+    python on_policy.py --data data/teacher_gsm8k.jsonl --eval-data data/teacher_gsm8k_heldout.jsonl \
+        --eval-every 25 --save-best eval_kl --output-dir runs/on_policy
+
     # fully on-policy, generalized JSD, several GPUs
     accelerate launch on_policy.py --data data/teacher_gsm8k.jsonl --lmbda 1.0 --beta 0.5 --bf16 \
         --teacher-dtype bfloat16 --output-dir runs/gkd_jsd
@@ -20,6 +24,10 @@ separate flags and are never mixed. Teacher and student must share a vocabulary.
 metrics.jsonl adds per step: on_policy (bool), gen_len (mean sampled tokens), cut_frac (share of samples that hit
 --max-new-tokens without ending), and the seconds spent sampling (gen_s), in the teacher's forward (teacher_s) and in
 the student's forward + backward (student_s).
+
+Held-out evaluation (--eval-data) is off-policy: no samples are drawn for it. eval_loss is this loss
+(T^2 * D_beta at --temperature) on the teacher's held-out completions; eval_ce and eval_kl (KL(teacher || student)
+at T=1) are measured on the same tokens.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be in [0, 1]")
     if args.temperature <= 0 or args.gen_temperature < 0:
         parser.error("--temperature must be > 0 and --gen-temperature >= 0")
+    common.check_eval_args(parser, args, stats=("ce", "kl"))
     return args
 
 
@@ -109,7 +118,8 @@ def main(argv=None):
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
-    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id)
+    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+                            held_out=common.load_held_out(args, rows, tokenizer))
     teacher, teacher_tokenizer = common.load_teacher(args, loop.device)
     head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
     vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
@@ -119,6 +129,24 @@ def main(argv=None):
     sampler = common.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
                                  trust_remote_code=args.trust_remote_code) if args.vllm else None
 
+    def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
+        timer = timer or Timer()
+        with timer("teacher"), torch.inference_mode():
+            teacher_hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
+        with timer("student"):
+            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+            loss, ce_sum, _ = common.fused_head_loss(
+                student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
+                teacher_weight=teacher_head.weight, alpha=0.0, beta=args.beta, temperature=args.temperature,
+                chunk_size=args.chunk_size, vocab=vocab)
+        if not held_out:
+            return loss, {}
+        stats = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
+                                 chunk_size=args.chunk_size)  # KL(teacher || student) at T=1
+        return loss, {"ce": ce_sum / num_tokens, "kl": stats["kl_sum"] / num_tokens}
+
     for micro_batches, num_tokens in loop:
         timer, stats = Timer(), {}
         on_policy = loop.rng.random() < args.lmbda  # same seed on every process: all take the same kind of step
@@ -127,18 +155,10 @@ def main(argv=None):
                 micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler)
             num_tokens = loop.count_tokens(micro_batches)  # lengths are only known after sampling
         for batch in micro_batches:
-            with timer("teacher"), torch.inference_mode():
-                teacher_hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
-                teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
-            with timer("student"):
-                hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-                student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-                loss, _, kl_sum = common.fused_head_loss(
-                    student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
-                    teacher_weight=teacher_head.weight, alpha=0.0, beta=args.beta, temperature=args.temperature,
-                    chunk_size=args.chunk_size, vocab=vocab)
+            loss, _ = objective(batch, num_tokens, timer=timer)
+            with timer("student"):  # forward above, backward here
                 loop.backward(loss)
-        loop.step(num_tokens, on_policy=on_policy, **stats, **timer.seconds)
+        loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **timer.seconds)
 
     loop.save(tokenizer)
     loop.finish(skipped=skipped, total=len(rows))

@@ -12,6 +12,11 @@
     python token_level.py --data data/gsm8k_teacher.jsonl --teacher-cache data/gsm8k_teacher.top64 \
         --output-dir runs/token_cached
 
+    # held-out loss and KL every 50 steps, plus greedy exact match on 200 GSM8K test problems; keep the best
+    python token_level.py --data data/teacher_gsm8k.jsonl --eval-data data/teacher_gsm8k_heldout.jsonl \
+        --eval-problems data/gsm8k_test200.jsonl --eval-every 50 --save-best eval_exact_match \
+        --epochs 15 --output-dir runs/token_fwd
+
     # several GPUs, bf16 teacher
     accelerate launch token_level.py --data data/teacher_gsm8k.jsonl --teacher-dtype bfloat16 --bf16 \
         --output-dir runs/token_fwd
@@ -21,6 +26,10 @@ is forward KL, reverse KL or the generalized JSD (common.generalized_jsd), and b
 assistant completion tokens (plus the closing end-of-turn token) divided by the number of such tokens in the
 whole step. Teacher and student must share a vocabulary (padded heads are fine); otherwise use cross_tokenizer.py.
 The [tokens, vocab] logits are never formed for a batch: both heads are applied chunk by chunk inside the loss.
+
+Held-out rows (--eval-data) log eval_loss (this loss), eval_ce and eval_kl = KL(teacher || student) at T=1 whatever
+--kl and --temperature (comparable across runs; the training row's kl is the T^2-scaled training term). From a
+--teacher-cache the held-out rows must be in the cache too, and eval_kl is not logged (the cache holds top-K only).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ def parse_args(argv=None):
         parser.error("--beta must be in [0, 1]")
     if args.temperature <= 0:
         parser.error("--temperature must be > 0")
+    common.check_eval_args(parser, args, stats=("ce",) if args.teacher_cache else ("ce", "kl"))
     return args
 
 
@@ -64,36 +74,46 @@ def main(argv=None):
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
+    eval_set = common.load_held_out(args, rows, tokenizer)
     if args.teacher_cache:  # no teacher in memory: its top-K rows ride along with each batch
-        examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student)
-        loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate)
+        examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, eval_set)
+        loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
+                                eval_set)
         train_from_cache(args, loop, beta, vocab)
         loop.save(tokenizer)
         loop.finish(skipped=skipped, total=len(rows))
         return
-    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id)
+    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+                            held_out=eval_set)
     teacher, teacher_tokenizer = common.load_teacher(args, loop.device)
     head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
     vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
                                      teacher_head.weight.shape[0])
     common.warn_template_mismatch(tokenizer, teacher_tokenizer)
 
+    def objective(batch, num_tokens, held_out=False, preflight=False):  # training and held-out rows alike
+        with torch.inference_mode():
+            teacher_hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
+        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+        if preflight:
+            common.preflight(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
+                             temperature=args.temperature)
+        loss, ce_sum, kl_sum = common.fused_head_loss(
+            student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_head.weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
+            chunk_size=args.chunk_size, vocab=vocab)
+        if held_out:  # eval_kl: plain KL(teacher || student) at T=1, whatever this run's divergence
+            kl_sum = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight,
+                                      vocab=vocab, chunk_size=args.chunk_size)["kl_sum"]
+        return loss, {"ce": ce_sum / num_tokens, "kl": kl_sum / num_tokens}
+
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
-            with torch.inference_mode():
-                teacher_hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
-                teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
-            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            if loop.step_num == 0 and batch is micro_batches[0]:
-                common.preflight(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
-                                 temperature=args.temperature)
-            loss, ce_sum, kl_sum = common.fused_head_loss(
-                student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
-                teacher_weight=teacher_head.weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
-                chunk_size=args.chunk_size, vocab=vocab)
-            loop.backward(loss, ce=ce_sum / num_tokens, kl=kl_sum / num_tokens)
-        loop.step(num_tokens)
+            loss, stats = objective(batch, num_tokens, preflight=loop.step_num == 0 and batch is micro_batches[0])
+            loop.backward(loss, **stats)
+        loop.step(num_tokens, evaluate=objective)
 
     loop.save(tokenizer)
     loop.finish(skipped=skipped, total=len(rows))
@@ -102,22 +122,31 @@ def main(argv=None):
 def train_from_cache(args, loop, beta: float, vocab: int) -> None:
     """The same step with the teacher's distribution read from the cache (common.cached_teacher_loss)."""
     head = common.output_head(loop.model)
+
+    def objective(batch, num_tokens, held_out=False):
+        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+        loss, ce_sum, kl_sum = common.cached_teacher_loss(
+            student_hidden, head.weight, targets, num_tokens, batch, alpha=args.alpha, beta=beta,
+            temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
+        stats = {"ce": ce_sum / num_tokens}
+        if not held_out:  # held out, no eval_kl: this top-K bucket divergence is not the KL other runs log
+            stats["kl"] = kl_sum / num_tokens
+        return loss, stats
+
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
-            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            loss, ce_sum, kl_sum = common.cached_teacher_loss(
-                student_hidden, head.weight, targets, num_tokens, batch, alpha=args.alpha, beta=beta,
-                temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
-            loop.backward(loss, ce=ce_sum / num_tokens, kl=kl_sum / num_tokens)
-        loop.step(num_tokens)
+            loss, stats = objective(batch, num_tokens)
+            loop.backward(loss, **stats)
+        loop.step(num_tokens, evaluate=objective)
 
 
-def attach_cache(folder, tokenizer, examples: list[dict], student):
+def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None):
     """Pair every example with its cached teacher rows; refuse a cache from another vocabulary.
 
     Returns (examples that have a cache row with the same target tokens, the cache's vocabulary size, a collate
-    function that pads the batch and stacks its cached rows in the order shift_for_next_token uses).
+    function that pads the batch and stacks its cached rows in the order shift_for_next_token uses). The
+    held-out examples (--eval-data) are paired too, in place; every one of them must be in the cache.
     """
     import cache_teacher
 
@@ -135,21 +164,32 @@ def attach_cache(folder, tokenizer, examples: list[dict], student):
               "finish); rows it does not hold are skipped")
     if manifest["template_fingerprint"] != common.fingerprint(tokenizer.chat_template or ""):
         print("warning: the cache was scored with another chat template; rows whose tokens differ are skipped")
-    kept, missing, differ = [], 0, 0
-    for ex in examples:
-        row = cached.get(ex["id"])
-        targets = [t for t, m in zip(ex["input_ids"][1:], ex["loss_mask"][1:]) if m]
-        if row is None:
-            missing += 1
-        elif row["token_ids"].tolist() != targets:
-            differ += 1
-        else:
-            kept.append({**ex, "cache": row})
+
+    def pair(examples):
+        kept, missing, differ = [], 0, 0
+        for ex in examples:
+            row = cached.get(ex["id"])
+            targets = [t for t, m in zip(ex["input_ids"][1:], ex["loss_mask"][1:]) if m]
+            if row is None:
+                missing += 1
+            elif row["token_ids"].tolist() != targets:
+                differ += 1
+            else:
+                kept.append({**ex, "cache": row})
+        return kept, missing, differ
+
+    kept, missing, differ = pair(examples)
     if missing or differ:
         print(f"--teacher-cache: skipped {missing} rows absent from the cache and {differ} whose tokens differ "
               f"from the cached ones ({len(kept)} of {len(examples)} kept)")
     if not kept:
         raise common.DistillError(f"--teacher-cache {folder}: no row of --data matches the cache")
+    if eval_set is not None and eval_set.examples:
+        eval_set.examples, missing, differ = pair(eval_set.examples)
+        if missing or differ:  # a held-out loss on a silent subset would not compare with other runs
+            raise common.DistillError(
+                f"--eval-data with --teacher-cache: {missing} held-out rows are absent from the cache and {differ} "
+                f"differ from it; score them into it too: cache_teacher.py --data EVAL_DATA --output {folder}")
 
     def collate(batch_examples, pad_id=tokenizer.pad_token_id):
         batch = common.pad_batch(batch_examples, pad_id)

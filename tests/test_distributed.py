@@ -6,6 +6,7 @@ accelerate's own `--cpu` flag starts a single process unless MPI is set up, so t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,8 +36,16 @@ def launch(processes: int, script: str, args: list[str]):
 
 def test_token_level_two_processes_match_one(kit, tmp_path):
     data = write_rows(tmp_path / "d.jsonl", 24)
+    # Held-out rows and problems sharded over the processes: 5 rows in rounds of 2 x 2 leave one process a round
+    # without rows, which must still join the forward.
+    held_out = write_rows(tmp_path / "e.jsonl", 5, seed=9)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": json.loads(row)["messages"][-1]["content"], "answer": "#### 1"})
+                                + "\n" for row in held_out.read_text().splitlines()[:3]))
     common_args = ["--student", str(kit["student"]), "--teacher", str(kit["teacher"]), "--data", str(data),
-                   "--max-steps", "3", "--grad-accum", "2", "--lr", "1e-3", "--kl", "reverse", "--seed", "1"]
+                   "--max-steps", "3", "--grad-accum", "2", "--lr", "1e-3", "--kl", "reverse", "--seed", "1",
+                   "--eval-data", str(held_out), "--eval-problems", str(problems), "--eval-every", "2",
+                   "--eval-batch-size", "2", "--eval-max-new-tokens", "4"]
     launch(1, "token_level.py", [*common_args, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
     launch(2, "token_level.py", [*common_args, "--batch-size", "2", "--output-dir", str(tmp_path / "two")])
 
@@ -44,6 +53,10 @@ def test_token_level_two_processes_match_one(kit, tmp_path):
     assert [m["tokens"] for m in two] == [m["tokens"] for m in one]  # counted over both processes
     for key in ("loss", "ce", "kl", "grad_norm"):  # grad_norm catches a missing x num_processes (Adam would not)
         assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-5), key
+    assert [m["step"] for m in two if "eval_loss" in m] == [2, 3]
+    for key in ("eval_loss", "eval_ce", "eval_kl", "eval_exact_match"):
+        assert [m.get(key) for m in two if "eval_loss" in m] == pytest.approx(
+            [m.get(key) for m in one if "eval_loss" in m], rel=1e-5), key
 
     start = load_file(kit["student"] / "model.safetensors")
     want, got = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
