@@ -12,12 +12,16 @@ token_level.py trains on), the cache holds the token id the teacher read, the te
 log-probabilities at T=1, the log of the probability mass outside the top K, and the token's (start, end)
 character offsets in the completion. Layout of --output:
 
-    cache.json                 teacher, K, vocabulary fingerprint, chat-template fingerprint, shards, bytes/token
+    cache.json                 teacher, teacher fingerprint (weights + tokenizer), K, vocabulary fingerprint,
+                               chat-template fingerprint, shards, bytes/token
     shard-00000.safetensors    token_ids int32 [N], topk_ids int32 [N, K], topk_logprobs float16 [N, K],
-                               tail_logprob float32 [N], offsets int32 [N, 2]; metadata "rows": [[id, first, n]]
+                               tail_logprob float32 [N], offsets int32 [N, 2];
+                               metadata "rows": [[id, first, n, fingerprint of the row's messages + completion]]
 
 Shards are written under a temporary name and renamed when complete; re-running the same command after a crash
-keeps the complete shards and scores only the rows they do not hold.
+keeps the complete shards and scores only the rows they do not hold. Adding rows to a cache from another teacher,
+K, template or dtype is refused, and so is a row whose id is cached for another prompt or completion; readers
+skip (training) or refuse (held-out) a cached row whose fingerprint differs from their data row's.
 """
 
 from __future__ import annotations
@@ -43,17 +47,17 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", default="Qwen/Qwen2.5-1.5B-Instruct", help="teacher model: hub id or folder")
     parser.add_argument("--data", required=True, help="JSONL written by generate_data.py (messages + completion)")
     parser.add_argument("--output", required=True, help="cache folder to write (resumed when it exists)")
-    parser.add_argument("--top-k", type=int, default=64, help="teacher log-probabilities kept per token")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward")
-    parser.add_argument("--shard-rows", type=int, default=2000, help="rows per safetensors shard")
-    parser.add_argument("--max-length", type=int, default=1024, help="longer rows are skipped and counted")
+    parser.add_argument("--top-k", type=common.POSITIVE_INT, default=64,
+                        help="teacher log-probabilities kept per token")
+    parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=8, help="rows per teacher forward")
+    parser.add_argument("--shard-rows", type=common.POSITIVE_INT, default=2000, help="rows per safetensors shard")
+    parser.add_argument("--max-length", type=common.bounded(int, 2), default=1024,
+                        help="longer rows are skipped and counted")
     parser.add_argument("--logprob-dtype", default="float16", choices=sorted(LOGPROB_DTYPES),
                         help="storage dtype of the top-K log-probabilities (float16 halves the cache)")
-    parser.add_argument("--chunk-size", type=int, default=0, help="positions per [chunk, vocab] projection (0 = auto)")
-    args = parser.parse_args(argv)
-    if args.top_k < 1 or args.shard_rows < 1 or args.batch_size < 1:
-        parser.error("--top-k, --shard-rows and --batch-size must be >= 1")
-    return args
+    parser.add_argument("--chunk-size", type=common.bounded(int, 0, note=" (0 = automatic)"), default=0,
+                        help="positions per [chunk, vocab] projection (0 = auto)")
+    return parser.parse_args(argv)
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -68,31 +72,34 @@ def complete_shards(folder: Path) -> list[Path]:
 
 
 def cached_rows(folder: Path) -> list[list]:
-    """[[row id, first, n tokens], ...] of every complete shard, read from the shard headers only."""
+    """[[row id, first, n tokens, row fingerprint], ...] of every complete shard, read from the shard headers only.
+    The fingerprint (`common.row_fingerprint`: messages + completion) is None in caches of older versions."""
     rows = []
     for shard in complete_shards(folder):
         with safe_open(shard, framework="pt") as f:
-            rows += json.loads(f.metadata()["rows"])
+            rows += [[*row, None][:4] for row in json.loads(f.metadata()["rows"])]
     return rows
 
 
 def load_cache(folder: str | Path) -> tuple[dict, dict[str, dict]]:
-    """(manifest, {row id: {"token_ids", "topk_ids", "topk_logprobs", "tail_logprob", "offsets"}}) of a cache."""
+    """(manifest, {row id: {"token_ids", "topk_ids", "topk_logprobs", "tail_logprob", "offsets", "row_fingerprint"}})
+    of a cache; a reader must check "row_fingerprint" against its data row (None: an older cache, not checkable)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     rows = {}
     for shard in complete_shards(folder):
         with safe_open(shard, framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not iterable)
-            for row_id, first, n in json.loads(f.metadata()["rows"]):
+            for row_id, first, n, *fingerprint in json.loads(f.metadata()["rows"]):
                 rows[row_id] = {name: t[first:first + n] for name, t in tensors.items()}
+                rows[row_id]["row_fingerprint"] = fingerprint[0] if fingerprint else None
     return manifest, rows
 
 
 def write_shard(folder: Path, index: int, pieces: list[dict]) -> None:
     rows, first = [], 0
     for piece in pieces:
-        rows.append([piece["id"], first, len(piece["token_ids"])])
+        rows.append([piece["id"], first, len(piece["token_ids"]), piece["row_fingerprint"]])
         first += len(piece["token_ids"])
     tensors = {name: torch.cat([p[name] for p in pieces]).contiguous()
                for name in ("token_ids", "topk_ids", "topk_logprobs", "tail_logprob", "offsets")}
@@ -101,9 +108,46 @@ def write_shard(folder: Path, index: int, pieces: list[dict]) -> None:
     os.replace(tmp, folder / f"shard-{index:05d}.safetensors")
 
 
+def check_resumable(out: Path, header: dict, rows: list[dict]) -> set[str]:
+    """The ids already cached in `out`, after checking that the cache is this run's recipe and that every cached
+    row was scored on the same messages and completion as --data's row of that id."""
+    if not (out / "cache.json").exists():
+        return set()
+    old = read_manifest(out)
+    changed = [k for k in ("teacher_fingerprint", "top_k", "vocab_fingerprint", "template_fingerprint",
+                           "logprob_dtype") if old.get(k) != header[k]]
+    if changed:
+        raise common.DistillError(f"--output {out} holds a cache of teacher '{old.get('teacher')}' with another "
+                                  f"{', '.join(changed)} (or from an older cache_teacher.py); use a new folder")
+    cached = cached_rows(out)
+    if any(fingerprint is None for *_, fingerprint in cached):
+        raise common.DistillError(f"--output {out} was written by an older cache_teacher.py that did not record "
+                                  "what each row was scored on; use a new folder")
+    wanted = {row["id"]: common.row_fingerprint(row) for row in rows}
+    clash = [row_id for row_id, _, _, fingerprint in cached if row_id in wanted and wanted[row_id] != fingerprint]
+    if clash:
+        raise common.DistillError(f"--output {out}: {len(clash)} cached rows (e.g. id {clash[0]}) were scored on "
+                                  "another prompt or completion than the --data row of that id; use a new folder")
+    return {row_id for row_id, *_ in cached}
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output)
+    common.check_output_path(out, "--output", folder=True)
+    leftover = sorted(p.name for p in out.iterdir() if p.name != common.LOCK_NAME) if out.exists() else []
+    if leftover and "cache.json" not in leftover:
+        raise common.DistillError(f"--output {out} is a non-empty folder without a cache.json "
+                                  f"({', '.join(leftover[:5])}); choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    common.lock_output(out / common.LOCK_NAME, "--output", out)  # one cache_teacher.py per folder at a time
+    try:
+        return cache_into(args, out)
+    finally:
+        common.unlock_output(out / common.LOCK_NAME)
+
+
+def cache_into(args, out: Path) -> dict:
     rows = common.load_distill_rows(args.data)
     ids = [row.get("id") for row in rows]
     if None in ids or len(set(ids)) != len(ids):
@@ -118,17 +162,10 @@ def main(argv=None):
     args.top_k = min(args.top_k, vocab)  # K = vocabulary caches the whole distribution (tail empty)
     header = {"teacher": args.teacher, "data": str(args.data), "top_k": args.top_k, "vocab": vocab,
               "vocab_fingerprint": common.vocab_fingerprint(tokenizer),
+              "teacher_fingerprint": common.model_fingerprint(args.teacher),
               "template_fingerprint": common.fingerprint(tokenizer.chat_template or ""),
               "logprob_dtype": args.logprob_dtype}
-    out.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if (out / "cache.json").exists():  # resuming: the cache must be the same recipe
-        old = read_manifest(out)
-        changed = [k for k in ("top_k", "vocab_fingerprint", "logprob_dtype") if old.get(k) != header[k]]
-        if changed:
-            raise common.DistillError(f"--output {out} holds a cache with other {', '.join(changed)}; "
-                                      "use a new folder")
-        done = {row_id for row_id, _, _ in cached_rows(out)}
+    done = check_resumable(out, header, rows)
     (out / "cache.json").write_text(json.dumps({**header, "complete": False}, indent=2) + "\n")
 
     todo = [row for row in rows if row["id"] not in done]
@@ -142,11 +179,20 @@ def main(argv=None):
             teacher_hidden, token_ids = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
             topk_ids, topk_logprobs, tail = common.teacher_topk(teacher_hidden, head.weight, args.top_k,
                                                                 vocab=vocab, chunk_size=args.chunk_size)
+        # The top-1 log-probability is finite for any finite logits; NaN or inf logits make it NaN.
+        bad = (~torch.isfinite(topk_logprobs[:, 0])).nonzero().flatten().tolist()
+        if bad:
+            ends = torch.tensor([len(ex["completion_offsets"]) for ex in group]).cumsum(0).tolist()
+            row = next(i for i, end in enumerate(ends) if bad[0] < end)
+            token = bad[0] - (ends[row - 1] if row else 0) + 1
+            raise common.nonfinite_logits_error("--teacher", f"on --data row id={group[row]['id']}, completion "
+                                                f"token {token} (nothing of this batch was cached)")
         first = 0
         for ex in group:  # masked positions come out row by row, in order
             n = len(ex["completion_offsets"])
             part = slice(first, first + n)
-            pieces.append({"id": ex["id"], "token_ids": token_ids[part].int().cpu(),
+            pieces.append({"id": ex["id"], "row_fingerprint": ex["row_fingerprint"],
+                           "token_ids": token_ids[part].int().cpu(),
                            "topk_ids": topk_ids[part].int().cpu(),
                            "topk_logprobs": topk_logprobs[part].to(LOGPROB_DTYPES[args.logprob_dtype]).cpu(),
                            "tail_logprob": tail[part].float().cpu(),
@@ -159,7 +205,7 @@ def main(argv=None):
         write_shard(out, shard_index, pieces)
 
     shards = complete_shards(out)
-    tokens = sum(n for _, _, n in cached_rows(out))
+    tokens = sum(n for _, _, n, _ in cached_rows(out))
     size = sum(p.stat().st_size for p in shards)
     manifest = {**header, "complete": True, "rows": len(rows) - skipped, "tokens": tokens,
                 "shards": [p.name for p in shards], "bytes": size, "bytes_per_token": round(size / max(tokens, 1), 1)}

@@ -12,7 +12,8 @@ Everything the four training scripts would otherwise repeat lives here, in the o
 
 Conventions used everywhere:
 - `loss_mask` is aligned with `input_ids`: 1 on the tokens the student is trained to *predict* (the assistant
-  completion plus the end-of-turn token that closes it). Logits at position i predict token i+1, so losses pair
+  completion, whitespace the template writes around it, and the end-of-turn token that closes it, which a row cut
+  at --max-new-tokens leaves out: see `encode_chat`). Logits at position i predict token i+1, so losses pair
   `hidden[:, :-1]` with `input_ids[:, 1:]` and `loss_mask[:, 1:]` (see `shift_for_next_token`).
 - Every loss is a *sum* over masked positions divided by `num_tokens`, the number of masked tokens in the whole
   optimizer step (all micro-batches, all processes). That makes the result independent of how the global batch
@@ -53,6 +54,15 @@ class DistillError(Exception):
     """A problem with the user's input (file, row, flag). `run_main` prints it as one line, no traceback."""
 
 
+class ModelError(DistillError):
+    """A problem with a model itself (no chat template), the same for every row: reported without a row."""
+
+
+def first_line(err: BaseException) -> str:
+    """A library error's first line: the one-line reports here never carry a multi-line message."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def run_main(main) -> None:
     """Run a script's `main()`, turning `DistillError` into one clear message and exit status 2."""
     try:
@@ -62,13 +72,58 @@ def run_main(main) -> None:
         sys.exit(2)
 
 
+def bounded(kind: type = float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, note: str = ""):
+    """An argparse `type=` that also checks the value's range: every numeric flag is declared with one, so a value
+    that would silently mean something else (a negative --max-grad-norm turns clipping into gradient ascent, a
+    negative --max-steps saves an untrained model) stops the script as it parses its command line, with one line
+    naming the flag: `error: argument --lr: must be a number >= 0, got '-1'`. NaN and infinities never pass.
+
+    kind: int or float; low/high: the bounds, inclusive unless low_open/high_open; note: what the edge values
+    mean, appended to the message (e.g. " (0 = off)").
+    """
+    show = str if kind is int else "{:g}".format
+    if low is not None and high is not None:
+        rule = f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        rule = f"{'>' if low_open else '>='} {show(low)}"
+    else:
+        rule = f"{'<' if high_open else '<='} {show(high)}"
+    what = f"{'an integer' if kind is int else 'a number'} {rule}{note}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        ok = math.isfinite(value)
+        if low is not None:
+            ok = ok and (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
+    return parse
+
+
+# The ranges most flags share.
+POSITIVE_INT = bounded(int, 1)
+NON_NEGATIVE = bounded(float, 0)
+FRACTION = bounded(float, 0, 1)
+POSITIVE_FRACTION = bounded(float, 0, 1, low_open=True)  # top-p 0 would keep no token at all
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every script that loads a model (training, generation, evaluation)."""
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype to load weights in; 'auto' = float32 on CPU, bfloat16 on a GPU that supports it")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model/tokenizer code from the hub repo to run (off by default: it executes code)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch RNGs")
+    parser.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0,
+                        help="seed for python, numpy and torch RNGs (0 to 2^32-1, numpy's range)")
 
 
 def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_default: str,
@@ -85,44 +140,60 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
                             help="the teacher that wrote --data; only recorded in run_config.json (never loaded)")
     parser.add_argument("--data", required=True, help="JSONL written by generate_data.py (messages + completion)")
     parser.add_argument("--output-dir", required=True, help="where the trained model and metrics.jsonl go")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run (overrides --epochs)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --max-steps is unset")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    parser.add_argument("--max-length", type=int, default=1024,
+    parser.add_argument("--max-steps", type=bounded(int, 1, note=" (leave it out to train for --epochs)"),
+                        default=None, help="optimizer steps to run (overrides --epochs; unset = --epochs)")
+    parser.add_argument("--epochs", type=bounded(float, 0, low_open=True), default=1.0,
+                        help="passes over the data when --max-steps is unset (fractions allowed)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="sequences per micro-batch per process")
+    parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
+                        help="micro-batches accumulated per optimizer step")
+    parser.add_argument("--lr", type=NON_NEGATIVE, default=lr, help="peak learning rate (AdamW)")
+    parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--warmup-ratio", type=FRACTION, default=0.03,
+                        help="fraction of steps of linear warmup (0..1)")
+    parser.add_argument("--max-grad-norm", type=bounded(float, 0, note=" (0 = off)"), default=1.0,
+                        help="clip the global gradient norm (0 = off)")
+    parser.add_argument("--max-length", type=bounded(int, 2), default=1024,
                         help="max tokens of prompt + completion; longer rows are skipped and counted")
+    parser.add_argument("--truncated", default="no-eos", choices=["no-eos", "skip"],
+                        help="rows generate_data.py cut at --max-new-tokens (finish_reason 'length'): 'no-eos' "
+                             "trains on their text without the end-of-turn token, so the student never learns to "
+                             "stop mid-answer (what TRL and most SFT do with a cut sequence); 'skip' leaves them "
+                             "out, losing the longest answers. Counted in the end-of-run report either way")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the student (GPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the student's activations in backward to save memory")
-    parser.add_argument("--chunk-size", type=int, default=0,
+    parser.add_argument("--chunk-size", type=bounded(int, 0, note=" (0 = automatic)"), default=0,
                         help="positions per chunk when projecting hidden states to the vocabulary in the loss "
                              "(0 = automatic: ~128 MB per [chunk, vocab] float32 buffer)")
-    parser.add_argument("--log-every", type=int, default=1, help="print a metrics line every N steps")
+    parser.add_argument("--log-every", type=POSITIVE_INT, default=1, help="print a metrics line every N steps")
     parser.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="also send each step's metrics to this tracker through accelerate (metrics.jsonl is "
                              "always written); tensorboard logs go to OUTPUT_DIR/runs")
-    parser.add_argument("--save-every", type=int, default=0,
+    parser.add_argument("--save-every", type=bounded(int, 0, note=" (0 = never)"), default=0,
                         help="write a resumable checkpoint (weights, optimizer, schedule, RNG, data position) "
                              "every N optimizer steps to OUTPUT_DIR/checkpoint-N (0 = never)")
     parser.add_argument("--resume", default=None,
-                        help="continue from a checkpoint folder, or from the latest complete checkpoint in a folder")
+                        help="continue from a checkpoint folder, or from the latest complete checkpoint in a folder; "
+                             "refused if the data, models or loss differ from the checkpoint's run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="clear a non-empty --output-dir holding an earlier run first (without it, or --resume, "
+                             "a non-empty --output-dir is refused)")
+    parser.add_argument("--save-total-limit", type=int, default=0, metavar="N",
+                        help="keep only the newest N checkpoints of --save-every, deleting older ones (0 = keep all)")
     parser.add_argument("--eval-data", default=None,
                         help="held-out JSONL in --data's format (messages + completion): every --eval-every steps "
                              "log eval_loss (this script's training objective on it), eval_ce and the script's other "
                              "eval_* terms")
-    parser.add_argument("--eval-every", type=int, default=0,
+    parser.add_argument("--eval-every", type=bounded(int, 0, note=" (0 = never)"), default=0,
                         help="evaluate on --eval-data/--eval-problems every N optimizer steps and after the last "
                              "(0 = never); eval_* keys join that step's metrics.jsonl row")
     parser.add_argument("--eval-problems", default=None,
                         help="held-out problems (.jsonl with question/answer, like GSM8K): also log "
                              "eval_exact_match, the strict score of the student's greedy answers")
-    parser.add_argument("--eval-max-new-tokens", type=int, default=256,
+    parser.add_argument("--eval-max-new-tokens", type=POSITIVE_INT, default=256,
                         help="max tokens per greedy answer to --eval-problems")
-    parser.add_argument("--eval-batch-size", type=int, default=None,
+    parser.add_argument("--eval-batch-size", type=POSITIVE_INT, default=None,
                         help="rows per held-out forward and prompts per generate call (default: --batch-size)")
     parser.add_argument("--eval-system-prompt", default=None,
                         help="system message for --eval-problems ('' for none; default: the system message of the "
@@ -133,9 +204,11 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
                              f"step and value; METRIC is an eval_* key this run logs ({', '.join(HIGHER_IS_BETTER)} "
                              "higher is better, every other one (eval_loss, eval_ce, eval_kl, ...) lower)")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights (peft)")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    parser.add_argument("--lora-r", type=POSITIVE_INT, default=16, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=POSITIVE_INT, default=32,
+                        help="LoRA scaling alpha (the update is scaled by alpha / r)")
+    parser.add_argument("--lora-dropout", type=bounded(float, 0, 1, high_open=True), default=0.05,
+                        help="LoRA dropout probability")
     parser.add_argument("--lora-target-modules", default="all-linear",
                         help="comma-separated module names for LoRA, or 'all-linear'")
 
@@ -154,10 +227,6 @@ def eval_metric_names(args, stats: tuple[str, ...]) -> list[str]:
 def check_eval_args(parser: argparse.ArgumentParser, args, stats: tuple[str, ...]) -> None:
     """Refuse held-out flags that would be ignored or that name a metric this run will not log, before any model
     is loaded. `stats` are the terms the script's objective reports on held-out rows besides eval_loss."""
-    if args.eval_every < 0:
-        parser.error("--eval-every must be >= 0")
-    if args.eval_max_new_tokens < 1 or (args.eval_batch_size is not None and args.eval_batch_size < 1):
-        parser.error("--eval-max-new-tokens and --eval-batch-size must be >= 1")
     for flag, path in (("--eval-data", args.eval_data), ("--eval-problems", args.eval_problems)):
         if path is not None and not Path(path).is_file():
             parser.error(f"{flag} '{path}': no such file")
@@ -179,7 +248,7 @@ def add_prompt_dataset_args(parser: argparse.ArgumentParser, *, split: str) -> N
     parser.add_argument("--split", default=split, help="dataset split")
     parser.add_argument("--prompt-field", default="question", help="field holding the prompt (problem) text")
     parser.add_argument("--answer-field", default="answer", help="field with the reference answer ('' for none)")
-    parser.add_argument("--num-examples", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--num-examples", type=POSITIVE_INT, default=None, help="use only the first N prompts")
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system message ('' for none); folded into the user turn if the template has no "
                              "system role. generate_data.py and eval.py share the default")
@@ -195,7 +264,7 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the optional vLLM sampling backend (generate_data.py, on_policy.py)."""
     parser.add_argument("--vllm", action="store_true",
                         help="sample with vLLM instead of transformers' generate (needs vllm and a CUDA GPU)")
-    parser.add_argument("--vllm-gpu-memory", type=float, default=0.3,
+    parser.add_argument("--vllm-gpu-memory", type=POSITIVE_FRACTION, default=0.3,
                         help="fraction of GPU memory vLLM may take (weights + KV cache)")
 
 
@@ -219,11 +288,31 @@ def resolve_dtype(name: str | None, device: torch.device | str = "cpu") -> torch
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _check_source(name: str, what: str) -> None:
-    """A path-looking name that does not exist would otherwise become a confusing hub lookup."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_source(name: str, what: str, *, model: bool = False) -> None:
+    """A path-looking name that does not exist would otherwise become a confusing hub lookup, and a local folder
+    that cannot hold what is asked of it (empty, a tokenizer without a model) a transformers traceback."""
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().exists():
+    folder = Path(name).expanduser()
+    if looks_local and not folder.exists():
         raise DistillError(f"{what} '{name}' not found: no such local folder")
+    if not folder.is_dir():
+        return
+    files = sorted(p.name for p in folder.iterdir())
+    if not files:
+        raise DistillError(f"{what} '{name}' is an empty folder")
+    if model and "adapter_config.json" in files:  # a peft adapter: transformers loads its base model by name
+        return
+    if model and "config.json" not in files:
+        if any(f in files for f in _TOKENIZER_FILES):
+            raise DistillError(f"{what} '{name}' holds a tokenizer but no model (no config.json): pass the folder "
+                               "that holds the model's config.json and weights")
+        raise DistillError(f"{what} '{name}' holds no config.json, so it is not a model folder "
+                           f"(it has: {', '.join(files[:8])}{', ...' if len(files) > 8 else ''})")
+    if model and not any(f.endswith((".safetensors", ".bin")) for f in files):
+        raise DistillError(f"{what} '{name}' has a config.json but no weights (*.safetensors or *.bin)")
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "model"):
@@ -232,8 +321,10 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "m
     _check_source(name, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise DistillError(f"cannot load the tokenizer of {what} '{name}': {err}") from None
+    except (OSError, ValueError) as err:  # ValueError: a folder without tokenizer files, an unknown model type
+        raise DistillError(f"cannot load the tokenizer of {what} '{name}': {first_line(err)}") from None
+    # render_chat names the flag when the template is missing or rejects a row
+    tokenizer.distill_flag = what
     if tokenizer.pad_token_id is None:
         # Padding is always masked by position (attention_mask / loss_mask), never by token id, so reusing EOS as
         # the pad token cannot hide the real EOS from the loss (the TRL <1.9 pad==eos bug).
@@ -246,6 +337,7 @@ def load_model(name: str, *, dtype: str | None = "auto", trust_remote_code: bool
     """Load a causal LM and its tokenizer from a hub id or a local folder."""
     from transformers import AutoModelForCausalLM
 
+    _check_source(name, what, model=True)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code, what=what)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -255,6 +347,45 @@ def load_model(name: str, *, dtype: str | None = "auto", trust_remote_code: bool
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
+
+
+# What of a model folder decides its outputs: weights, config, tokenizer and template (not READMEs).
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json", ".jinja", ".model")
+_MODEL_FILE_NAMES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json")
+
+
+def model_fingerprint(name: str) -> str:
+    """A cheap content fingerprint of a model (hub id or folder): equal means the same weights and tokenizer.
+
+    Small files are hashed whole; each weight file by its size, its first and last MiB (a safetensors header names
+    every tensor's shape and dtype) and 128 blocks of 4 KiB spread over it, so a 15 GB checkpoint costs
+    milliseconds. Training changes nearly every weight, so two fine-tunes of one base never share the samples.
+    A hub id is fingerprinted from its cached snapshot; one not cached locally by its name alone.
+    """
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not cached (or not a hub id): nothing local to read
+            return fingerprint(f"hub:{name}")
+    digest = hashlib.sha1()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or not (path.name in _MODEL_FILE_NAMES or path.name.endswith(_MODEL_FILE_SUFFIXES)):
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}\n".encode())
+        with path.open("rb") as f:
+            if size <= 4 * 2**20:
+                digest.update(f.read())
+                continue
+            offsets = [0, size - 2**20] + [size * i // 129 for i in range(1, 129)]
+            for offset in offsets:
+                f.seek(offset)
+                digest.update(f.read(2**20 if offset in offsets[:2] else 4096))
+    return digest.hexdigest()[:16]
 
 
 def maybe_lora(model, args):
@@ -301,8 +432,13 @@ def read_jsonl(path: str | Path, *, what: str = "--data") -> list[dict]:
     if not path.is_file():
         raise DistillError(f"{what}: file '{path}' not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:  # decoded line by line, so that a bad byte is reported by line instead of as a traceback
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DistillError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
+                                   f"{err.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -335,12 +471,18 @@ def load_prompt_dataset(name: str, *, config: str | None = None, split: str = "t
                 ds = datasets.load_dataset(str(local), config, split=split)
         elif suffix in (".jsonl", ".json"):
             # Read it ourselves so a bad line is reported by number instead of as a pyarrow traceback.
-            if suffix == ".json" and local.read_text(encoding="utf-8").lstrip().startswith("["):
-                ds = datasets.Dataset.from_list(json.loads(local.read_text(encoding="utf-8")))
+            if suffix == ".json" and _read_text(local).lstrip().startswith("["):
+                try:
+                    ds = datasets.Dataset.from_list(json.loads(_read_text(local)))
+                except json.JSONDecodeError as err:
+                    raise DistillError(f"{local}: malformed JSON ({err})") from None
             else:
                 ds = datasets.Dataset.from_list(read_jsonl(local, what="--dataset"))
         elif suffix in (".parquet", ".csv"):
-            ds = datasets.load_dataset(suffix[1:], data_files=str(local), split="train")
+            try:
+                ds = datasets.load_dataset(suffix[1:], data_files=str(local), split="train")
+            except Exception as err:  # pyarrow/pandas raise many types (bad encoding, malformed file)
+                raise DistillError(f"--dataset '{name}': cannot read it: {first_line(err)}") from None
         else:
             raise DistillError(f"--dataset '{name}': unsupported file type (use .jsonl, .json, .parquet or .csv)")
     else:
@@ -365,17 +507,50 @@ def load_prompt_dataset(name: str, *, config: str | None = None, split: str = "t
     return rows
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DistillError(f"{path}: not valid UTF-8 (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                           "save the file as UTF-8") from None
+
+
 def load_distill_rows(path: str | Path, *, what: str = "--data") -> list[dict]:
-    """Rows of a generate_data.py JSONL, validated: each needs `messages` (list) and `completion` (str)."""
+    """Rows of a generate_data.py JSONL, validated: each needs `messages` (a list of {"role", "content"} with text
+    in both) and `completion` (str). Rows with an empty completion are skipped and counted: they would train
+    nothing but the end-of-turn token."""
     rows = read_jsonl(path, what=what)
     if not rows:
         raise DistillError(f"{what} '{path}' holds no rows")
     for lineno, row in enumerate(rows, 1):
+        where = f"{path}: row {lineno} (id={row.get('id')})"
         for field, kind in (("messages", list), ("completion", str)):
             if not isinstance(row.get(field), kind):
-                raise DistillError(f"{path}: row {lineno} (id={row.get('id')}) has no '{field}' "
-                                   f"({kind.__name__}); was it written by generate_data.py?")
+                raise DistillError(f"{where} has no '{field}' ({kind.__name__}); was it written by generate_data.py?")
+        for i, message in enumerate(row["messages"]):
+            if not isinstance(message, dict):
+                raise DistillError(f"{where}: messages[{i}] is {type(message).__name__}, not an object with "
+                                   "'role' and 'content'")
+            for key in ("role", "content"):
+                value = message.get(key)
+                if not isinstance(value, str):  # a null content would be rendered as the text "None"
+                    shown = "missing" if key not in message else f"{json.dumps(value)[:40]}, not text"
+                    raise DistillError(f"{where}: messages[{i}].{key} is {shown}")
+    empty = [row for row in rows if not row["completion"].strip()]
+    if len(empty) == len(rows):
+        raise DistillError(f"{what} '{path}': every completion is empty")
+    if empty:
+        ids = ", ".join(str(row.get("id")) for row in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        if is_main_process():
+            print(f"{what} {path}: skipping {len(empty)} of {len(rows)} rows with an empty completion (ids {ids}); "
+                  "they would train only the end-of-turn token")
+        rows = [row for row in rows if row["completion"].strip()]
     return rows
+
+
+def row_fingerprint(row: dict) -> str:
+    """What a cached teacher row was scored on: the row's messages and completion."""
+    return fingerprint(json.dumps([row["messages"], row["completion"]], ensure_ascii=False, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,20 +565,38 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool)
     """
     import jinja2
 
+    name, flag = getattr(tokenizer, "name_or_path", "?"), getattr(tokenizer, "distill_flag", "model")
     if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "?")
-        raise DistillError(
-            f"tokenizer '{name}' has no chat template. Use an Instruct/chat checkpoint, or set one and save it: "
-            f"tok.chat_template = open('template.jinja').read(); tok.save_pretrained('{name}')")
+        raise ModelError(
+            f"{flag} '{name}' has no chat template (a base model?): use an Instruct/chat checkpoint, or save a copy "
+            f"with one to a new folder (tokenizer.chat_template = ...; model and tokenizer .save_pretrained(NEW)) "
+            f"and pass NEW as {flag}")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except jinja2.exceptions.TemplateError:
-        if not messages or messages[0]["role"] != "system":
-            raise
+    except jinja2.exceptions.TemplateError as err:
+        error = err
+    if messages and messages[0]["role"] == "system":
         system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
         if rest and rest[0]["role"] == "user":
             rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
-        return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except jinja2.exceptions.TemplateError as err:
+            error = err
+    roles = ", ".join(dict.fromkeys(m["role"] for m in messages))
+    raise DistillError(f"the chat template of {flag} '{name}' rejects these messages (roles: {roles}): {error}")
+
+
+@contextlib.contextmanager
+def about_row(row: dict, index: int, what: str | None = "--data"):
+    """Prefix a DistillError raised while encoding a row with the row it is about."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except DistillError as err:
+        where = f"row {index + 1} (id={row.get('id')})"
+        raise DistillError(f"{what + ' ' if what else ''}{where}: {err}") from None
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -412,14 +605,19 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: int | None = None) -> dict | None:
+def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: int | None = None, *,
+                end_of_turn: bool = True) -> dict | None:
     """Tokenize prompt + completion with the tokenizer's template and build the assistant mask.
 
     The completion is located by *character offsets* in the rendered text (no `{% generation %}` markers and no
     guessing of header token ids needed). `loss_mask[i] = 1` for every token overlapping the completion's
-    characters, plus the first token after it when it is a special token: the end-of-turn token that closes the
-    turn (`<|im_end|>`, `<|eot_id|>`, `</s>`), which is how the student learns to stop. Everything else
-    (system/user text, headers, what the template appends after the end-of-turn token, padding) is 0.
+    characters, plus the first special token after it: the end-of-turn token that closes the turn (`<|im_end|>`,
+    `<|eot_id|>`, `</s>`), which is how the student learns to stop. Whitespace-only tokens the template puts
+    between the generation prompt and the completion, or between the completion and the end-of-turn token
+    (Llama-2-chat renders `' ' + content.strip() + ' ' + eos_token` after `[/INST]`), are masked too: the model
+    writes them itself when it answers. Everything else (system/user text, headers, what the template appends
+    after the end-of-turn token, padding) is 0. With `end_of_turn=False` (an answer cut at --max-new-tokens) the
+    closing whitespace and the end-of-turn token stay 0: the text did not end there.
 
     Returns {"input_ids", "loss_mask", "prompt_ids", "completion_offsets"}, or None when longer than
     `max_length`. `prompt_ids` is the prompt alone with the generation header, as a model is prompted to answer;
@@ -441,12 +639,20 @@ def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: in
     end = start + len(completion)
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    loss_mask = [1 if (s < end and e > start) else 0 for s, e in offsets]
-    after = next((i for i, (s, e) in enumerate(offsets) if s >= end and e > s), None)
-    if after is None or input_ids[after] not in _special_ids(tokenizer):
+    # Whitespace between the generation prompt and the completion: no prompt holds it, so the model writes it.
+    opening = len(prefix) if full_text[len(prefix):start].isspace() else start
+    loss_mask = [1 if (s < end and e > start) or (opening <= s < e <= start) else 0 for s, e in offsets]
+    after = next((i for i, (s, e) in enumerate(offsets) if s >= end and e > s), len(offsets))
+    closing = []  # whitespace-only tokens before the end-of-turn token
+    while after < len(offsets) and full_text[offsets[after][0]:offsets[after][1]].isspace():
+        closing.append(after)
+        after += 1
+    if after == len(offsets) or input_ids[after] not in _special_ids(tokenizer):
         raise DistillError(f"tokenizer '{tokenizer.name_or_path}': the chat template closes the assistant turn "
                            "with no special end-of-turn token, so the student could never learn to stop")
-    loss_mask[after] = 1
+    if end_of_turn:
+        for i in (*closing, after):
+            loss_mask[i] = 1
     # The first token can never be a target (nothing predicts it).
     loss_mask[0] = 0
     if max_length is not None and len(input_ids) > max_length:
@@ -454,10 +660,13 @@ def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: in
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     # Character spans of the masked tokens relative to the completion string the caller passed (cross-tokenizer
     # alignment); the end-of-turn token covers a virtual character just past the completion's end, so that both
-    # tokenizers' end-of-turn tokens pair with each other and not with the last word.
+    # tokenizers' end-of-turn tokens pair with each other and not with the last word. Whitespace the template
+    # adds around the completion is clamped to an empty span at the completion's start or end (never past the
+    # end, where it would take the end-of-turn token's place).
     spans = [(min(max(s - start, 0), len(completion)) + lead, min(max(e - start, 0), len(completion)) + lead)
              for (s, e), m in zip(offsets, loss_mask) if m]
-    spans[-1] = (original_length, original_length + 1)
+    if end_of_turn:
+        spans[-1] = (original_length, original_length + 1)
     return {"input_ids": input_ids, "loss_mask": loss_mask, "prompt_ids": prompt_ids, "completion_offsets": spans}
 
 
@@ -472,21 +681,52 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
-def encode_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Encode generate_data rows for training; returns (examples, number skipped for exceeding max_length)."""
+def is_cut(row: dict) -> bool:
+    """Whether generate_data.py stopped this row's completion at --max-new-tokens rather than at end of turn."""
+    return row.get("finish_reason") == "length"
+
+
+def encode_rows(rows: list[dict], tokenizer, max_length: int, what: str | None = "--data", *,
+                truncated: str = "no-eos") -> tuple[list[dict], int]:
+    """Encode generate_data rows for training; returns (examples, number skipped for exceeding max_length).
+    An error names the row (`what` row N (id=...)).
+
+    truncated (--truncated): what to do with rows cut at --max-new-tokens (`is_cut`): "no-eos" encodes them
+    without the end-of-turn token in the mask, "skip" leaves them out (not counted in the number returned; see
+    `cut_rows_note`). Training on a cut answer's end-of-turn token would teach the student to stop mid-sentence.
+    """
     from tqdm.auto import tqdm
 
-    examples, skipped = [], 0
-    for row in tqdm(rows, desc="tokenize", disable=len(rows) < 2000 or not is_main_process()):
-        enc = encode_chat(tokenizer, row["messages"], row["completion"], max_length)
+    examples, skipped, cut = [], 0, 0
+    for index, row in enumerate(tqdm(rows, desc="tokenize", disable=len(rows) < 2000 or not is_main_process())):
+        if is_cut(row) and truncated == "skip":
+            cut += 1
+            continue
+        with about_row(row, index, what):
+            enc = encode_chat(tokenizer, row["messages"], row["completion"], max_length, end_of_turn=not is_cut(row))
         if enc is None:
             skipped += 1
             continue
         enc["id"] = row.get("id")
+        enc["row_fingerprint"] = row_fingerprint(row)  # pairs the row with its --teacher-cache entry
         examples.append(enc)
+    if not examples and cut:
+        raise DistillError(f"no row left to train on: {cut} cut at --max-new-tokens (--truncated skip), {skipped} "
+                           f"longer than --max-length {max_length}; use --truncated no-eos")
     if not examples:
         raise DistillError(f"every row is longer than --max-length {max_length}; raise it")
     return examples, skipped
+
+
+def cut_rows_note(rows: list[dict], truncated: str) -> str | None:
+    """The end-of-run report's line about rows cut at --max-new-tokens (None when there are none)."""
+    cut = sum(is_cut(row) for row in rows)
+    if not cut:
+        return None
+    where = "cut at --max-new-tokens by generate_data.py (finish_reason 'length'"
+    if truncated == "skip":
+        return f"skipped {cut} of {len(rows)} rows {where}; --truncated skip)"
+    return f"{cut} of {len(rows)} rows were {where}): trained without their end-of-turn token (--truncated no-eos)"
 
 
 def pad_batch(examples: list[dict], pad_id: int, *, side: str = "right") -> dict[str, torch.Tensor]:
@@ -911,14 +1151,34 @@ def vocab_fingerprint(tokenizer) -> str:
     return fingerprint(json.dumps([vocab, tokenizer.all_special_tokens], ensure_ascii=False))
 
 
+def check_finite_logits(logits: torch.Tensor, what: str, where: str, dtype_flag: str = "--dtype") -> None:
+    """Stop when a model's logits [..., V] hold NaN or +inf, or a row is all -inf (no distribution at all).
+
+    Computed on them, a KL comes out 0 (NaN > 0 is false, so every term is dropped), an argmax picks an arbitrary
+    token, and a sample is garbage: nothing downstream would notice. A -inf for *some* tokens is fine (masked
+    vocabulary entries). One reduction: amax propagates NaN.
+    """
+    if not torch.isfinite(logits.amax(-1)).all():
+        raise nonfinite_logits_error(what, where, dtype_flag)
+
+
+def nonfinite_logits_error(what: str, where: str, dtype_flag: str = "--dtype") -> DistillError:
+    return DistillError(f"{what}'s logits are not finite (NaN or inf) {where}: its weights hold NaN/inf or its "
+                        f"forward overflows; load it in float32 or bfloat16 instead of float16 ({dtype_flag}), or "
+                        "check the checkpoint")
+
+
 @torch.no_grad()
 def agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-              teacher_weight: torch.Tensor, *, vocab: int, temperature: float = 1.0,
-              chunk_size: int = 0) -> dict[str, float]:
+              teacher_weight: torch.Tensor, *, vocab: int, temperature: float = 1.0, chunk_size: int = 0,
+              names: tuple[str, str] = ("the student", "the teacher"), where: str = "",
+              dtype_flags: tuple[str, str] = ("--dtype", "--dtype")) -> dict[str, float]:
     """Sums over positions of KL(teacher || student) at temperature T (T^2-scaled) and of top-1 agreement.
 
     Shapes as in `fused_head_loss`. Returns {"kl_sum", "top1_sum", "count"}; divide by count for means (kept as
     sums so callers can add them across batches and processes). Chunked: no [N, vocab] tensor is formed.
+    Non-finite logits raise DistillError naming the model (`names`: student's, teacher's), `where` and the flag
+    that sets its dtype (`dtype_flags`).
     """
     out = {"kl_sum": 0.0, "top1_sum": 0.0, "count": float(student_hidden.shape[0])}
     chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
@@ -926,6 +1186,8 @@ def agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teache
     for lo in range(0, student_hidden.shape[0], chunk_size):
         s = (student_hidden[lo:lo + chunk_size] @ student_weight[:vocab].T).to(dtype)
         t = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).to(dtype)
+        check_finite_logits(t, names[1], where, dtype_flags[1])
+        check_finite_logits(s, names[0], where, dtype_flags[0])
         out["kl_sum"] += generalized_jsd(s, t, 0.0, temperature).sum().item()
         out["top1_sum"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
     return out
@@ -933,8 +1195,10 @@ def agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teache
 
 @torch.no_grad()
 def heldout_agreement(student, teacher, examples: list[dict], pad_id: int, *, vocab: int | None = None,
-                      temperature: float = 1.0, batch_size: int = 8) -> dict[str, float]:
-    """Mean KL(teacher || student) and top-1 agreement over the completion tokens of `examples`."""
+                      temperature: float = 1.0, batch_size: int = 8,
+                      names: tuple[str, str] = ("the student", "the teacher")) -> dict[str, float]:
+    """Mean KL(teacher || student) and top-1 agreement over the completion tokens of `examples`; non-finite
+    logits raise DistillError naming the model (`names`)."""
     student_head, teacher_head = output_head(student), output_head(teacher)
     vocab = vocab or min(student_head.weight.shape[0], teacher_head.weight.shape[0])
     device = next(student.parameters()).device
@@ -946,7 +1210,8 @@ def heldout_agreement(student, teacher, examples: list[dict], pad_id: int, *, vo
         t_hidden, _ = shift_for_next_token(backbone_hidden_states(teacher, batch["input_ids"],
                                                                  batch["attention_mask"]), batch)
         stats = agreement(s_hidden, student_head.weight, t_hidden, teacher_head.weight, vocab=vocab,
-                          temperature=temperature)
+                          temperature=temperature, names=names,
+                          where="on the held-out completions")
         for key in total:
             total[key] += stats[key]
     count = max(total["count"], 1.0)
@@ -967,9 +1232,11 @@ def backbone_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
 
 def preflight(student_hidden, student_weight, teacher_hidden, teacher_weight, *, vocab: int,
               temperature: float) -> dict[str, float]:
-    """Print how far apart teacher and student start, on the first batch (a sanity check before hours of GPU)."""
+    """Print how far apart teacher and student start, on the first batch (a sanity check before hours of GPU).
+    Non-finite logits of either model stop the run here, naming it, before any update."""
     stats = agreement(student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight,
-                      vocab=vocab, temperature=temperature)
+                      vocab=vocab, temperature=temperature, names=("--student", "--teacher"),
+                      where="on the first batch (pre-flight)", dtype_flags=("--dtype", "--teacher-dtype"))
     count = max(stats["count"], 1.0)
     result = {"kl": stats["kl_sum"] / count, "top1": stats["top1_sum"] / count}
     if is_main_process():
@@ -1031,6 +1298,171 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# -- output folders: checks, locks, checkpoint files --------------------------------------------------------------
+
+LOCK_NAME = ".lock"  # in a run's --output-dir (and a cache folder), held while the run lives
+_HELD_LOCKS: dict[str, int] = {}  # resolved lock path -> open descriptor, for the locks this process holds
+
+
+def check_output_path(path: Path, flag: str, *, folder: bool) -> None:
+    """Refuse, before any work is done, an output that cannot be written: a file where a folder is wanted (or
+    the reverse), a parent that is a file, a place without write permission."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise DistillError(f"{flag} '{path}' is a file, not a folder")
+        if not folder and path.is_dir():
+            raise DistillError(f"{flag} '{path}' is a folder; give the path of a file to write")
+        target = path
+    else:
+        target = path.absolute().parent
+        while not target.exists():
+            target = target.parent
+        if not target.is_dir():
+            raise DistillError(f"{flag} '{path}': '{target}' is a file, so no folder can be made there")
+    if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+        raise DistillError(f"{flag} '{path}': no permission to write to '{target}'")
+
+
+def lock_output(lock_path: Path, flag: str, output: Path, *, record_pid: bool = True) -> None:
+    """Hold an exclusive lock on `lock_path` (created if absent) until `unlock_output` or the end of this process,
+    so that a second run writing the same output is refused instead of interleaving its files with this one's.
+    An advisory lock (flock): the kernel drops it when the process dies, so a killed run leaves no stale lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: runs are not guarded against each other
+        return
+    # A run of this process that ended in an exception (a test, a notebook) may still hold it: take it back.
+    unlock_output(lock_path)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() if record_pid else ""
+        os.close(fd)
+        raise DistillError(f"{flag} '{output}' is in use by another run{f' (pid {holder})' if holder else ''}: "
+                           f"wait for it to end, or choose another {flag}") from None
+    if record_pid:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD_LOCKS[str(Path(lock_path).resolve())] = fd
+
+
+def unlock_output(lock_path: Path) -> None:
+    fd = _HELD_LOCKS.pop(str(Path(lock_path).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A hash of a file's bytes (streamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def save_state(obj, folder: Path, name: str) -> None:
+    """Write `obj` as NAME.json, with its tensors in NAME.tensors (safetensors format). No pickle: reading it back
+    (`load_state`) can only build dicts, lists, tuples, numbers, strings, numpy arrays and tensors, never run code
+    from the file. Holds what optimizer, scheduler and RNG states are made of (dicts with int keys included)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(x):
+        if torch.is_tensor(x):
+            key = str(len(tensors))
+            tensors[key] = x.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {k: encode(v) for k, v in x.items()}
+            return {"__items__": [[encode(k), encode(v)] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [encode(v) for v in x]}
+        if isinstance(x, list):
+            return [encode(v) for v in x]
+        if type(x).__module__ == "numpy":
+            return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)} if hasattr(x, "shape") and x.shape else x.item()
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"save_state: cannot store a {type(x).__name__}")
+
+    text = json.dumps(encode(obj))
+    save_file(tensors, folder / f"{name}.tensors")
+    (folder / f"{name}.json").write_text(text)
+
+
+def load_state(folder: Path, name: str):
+    """Read what `save_state` wrote."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / f"{name}.tensors")
+
+    def decode(x):
+        if isinstance(x, list):
+            return [decode(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if x.keys() == {"__tensor__"}:
+            return tensors[x["__tensor__"]]
+        if x.keys() == {"__tuple__"}:
+            return tuple(decode(v) for v in x["__tuple__"])
+        if x.keys() == {"__items__"}:
+            return {decode(k): decode(v) for k, v in x["__items__"]}
+        if x.keys() == {"__ndarray__", "dtype"}:
+            import numpy as np
+
+            return np.array(x["__ndarray__"], dtype=np.dtype(x["dtype"]))
+        return {k: decode(v) for k, v in x.items()}
+
+    try:
+        return decode(json.loads((folder / f"{name}.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DistillError(f"--resume '{folder}': {name} is damaged ({type(err).__name__}: {err})") from None
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoint-N folders in `folder`, oldest first."""
+    found = [p for p in Path(folder).glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """--resume PATH: PATH itself when it is a checkpoint, else the latest complete checkpoint in it."""
+    folder = Path(path)
+    older = ("was written by an older version as a pickle (trainer_state.pt), which is not loaded: unpickling a "
+             "file can run any code in it. Continue it with the version that wrote it, or start a new run")
+    if (folder / "trainer_state.json").exists():
+        return folder
+    if (folder / "trainer_state.pt").exists():
+        raise DistillError(f"--resume '{folder}' {older}")
+    found = complete_checkpoints(folder)
+    if found:
+        return found[-1]
+    if any((p / "trainer_state.pt").exists() for p in folder.glob("checkpoint-*")):
+        raise DistillError(f"--resume '{folder}': its checkpoints {older}")
+    raise DistillError(f"--resume '{path}': no complete checkpoint there (checkpoint-N with trainer_state.json)")
+
+
+# --resume compares the new run's settings (`TrainLoop._run_settings`) with the checkpoint's. Where and how often
+# to write, and paths whose content is compared instead, are not compared; the schedule, evaluation and numerics
+# may change (applied, reported, recorded); every other difference changes what is trained and is refused.
+_RESUME_IGNORED = {"output_dir", "resume", "overwrite", "save_every", "save_total_limit", "log_every", "report_to",
+                   "chunk_size", "eval_batch_size", "gradient_checkpointing", "trust_remote_code", "vllm",
+                   "vllm_gpu_memory", "min_exact_alignment"}
+_RESUME_ADJUSTABLE = {"lr", "weight_decay", "warmup_ratio", "max_steps", "epochs", "max_grad_norm", "eval_every",
+                      "eval_data", "eval_data_content", "eval_problems", "eval_max_new_tokens", "eval_system_prompt",
+                      "save_best", "dtype", "teacher_dtype", "bf16", "data", "student", "teacher", "teacher_cache"}
+_SETTING_NAMES = {"data_content": "--data content", "eval_data_content": "--eval-data content",
+                  "student_content": "--student weights/tokenizer", "teacher_content": "--teacher weights/tokenizer",
+                  "teacher_cache_content": "--teacher-cache teacher/K", "training_rows": "training rows",
+                  "processes": "processes"}
+
+
 @dataclass
 class HeldOut:
     """What a run is evaluated on while it trains (--eval-data, --eval-problems); see `TrainLoop.evaluate`."""
@@ -1054,7 +1486,8 @@ def load_held_out(args, rows: list[dict], tokenizer, encode=None) -> HeldOut | N
     if args.eval_data:
         eval_rows = load_distill_rows(args.eval_data, what="--eval-data")
         try:
-            examples, skipped = (encode or (lambda r: encode_rows(r, tokenizer, args.max_length)))(eval_rows)
+            examples, skipped = (encode or (lambda r: encode_rows(r, tokenizer, args.max_length, None,
+                                                                  truncated=args.truncated)))(eval_rows)
         except DistillError as err:
             raise DistillError(f"--eval-data {args.eval_data}: {err}") from None
         if skipped and is_main_process():
@@ -1108,15 +1541,15 @@ class TrainLoop:
                                        log_with=None if report_to == "none" else report_to,
                                        project_dir=self.output_dir / "runs")
         seed_everything(args.seed)
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "run_config.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-        if report_to != "none":  # trackers take flat scalars only
-            self.accelerator.init_trackers(self.output_dir.name, config={
-                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+        if (args.save_every or args.resume) and self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            raise DistillError("--save-every/--resume: exact-resume checkpoints cover one process and DDP; under "
+                               f"{self.accelerator.distributed_type.name} the optimizer state is sharded and is not "
+                               "saved by this loop yet")
+        self.examples, self.pad_id = examples, pad_id
+        # Everything is checked before anything is written: the folder, the lock, the checkpoint to continue.
+        resume_from = self._claim_output_dir()
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.examples, self.pad_id = examples, pad_id
         self.collate = collate or (lambda exs: pad_batch(exs, pad_id))
         per_epoch = math.ceil(len(examples) / (args.batch_size * self.accelerator.num_processes))
         self.steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
@@ -1138,11 +1571,141 @@ class TrainLoop:
             raise ValueError("--eval-every: pass held_out=common.load_held_out(...) to TrainLoop")
         self.held_out = held_out
         self.best: dict | None = None  # --save-best: {"metric", "step", "value"} so far; checkpointed
-        if (args.save_every or args.resume) and self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-            raise DistillError("--save-every/--resume: exact-resume checkpoints cover one process and DDP; under "
-                               f"{self.accelerator.distributed_type.name} the optimizer state is sharded and is not "
-                               "saved by this loop yet")
-        self._resume_state = self._load_checkpoint(args.resume) if args.resume else None
+        self._resume_state = self._load_checkpoint(resume_from) if resume_from else None
+        if self.accelerator.is_main_process:
+            config = vars(args) | ({"resume_history": self._history} if self._history else {})
+            (self.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        if report_to != "none":  # trackers take flat scalars only
+            self.accelerator.init_trackers(self.output_dir.name, config={
+                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+
+    # -- the output folder --------------------------------------------------------------------------------------
+
+    def _claim_output_dir(self) -> Path | None:
+        """Check --output-dir, --resume and --overwrite, lock the folder for this run's lifetime, clear it on
+        --overwrite; returns the checkpoint folder to continue from, or None. The main process decides and every
+        process raises the same error, so no process waits forever on one that has given up."""
+        acc = self.accelerator
+        error, folder = None, None
+        self._settings, self._history, self._changes = None, [], []
+        if acc.is_main_process:
+            try:
+                folder = self._claim_on_main()
+            except DistillError as err:
+                error = str(err)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error, folder = broadcast_object_list([error, None if folder is None else str(folder)])
+        if error:
+            raise DistillError(error)
+        return None if folder is None else Path(folder)
+
+    def _claim_on_main(self) -> Path | None:
+        args, out = self.args, self.output_dir
+        overwrite = getattr(args, "overwrite", False)
+        if getattr(args, "save_total_limit", 0) < 0:
+            raise DistillError("--save-total-limit must be >= 0 (0 = keep every checkpoint)")
+        check_output_path(out, "--output-dir", folder=True)
+        existed = out.is_dir()
+        if existed:  # before looking inside: a run writing there now would change what we see
+            lock_output(out / LOCK_NAME, "--output-dir", out)
+        try:
+            self._settings = self._run_settings()
+            folder = find_checkpoint(args.resume) if args.resume else None
+            inside = folder is not None and folder.resolve().parent == out.resolve()
+            if folder is not None:
+                self._check_resume_settings(folder)
+            present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if existed else []
+            if inside and overwrite:
+                raise DistillError(f"--overwrite with --resume {args.resume}: clearing --output-dir would delete the "
+                                   "checkpoint being resumed; drop --overwrite")
+            if present and not inside:
+                listed = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+                if not overwrite:
+                    raise DistillError(f"--output-dir '{out}' is not empty ({listed}): pass --resume {out} to continue "
+                                       "the run there, --overwrite to clear it first, or choose another --output-dir")
+                self._check_overwrite(present)
+        except DistillError:
+            if existed:
+                unlock_output(out / LOCK_NAME)
+            raise
+        if not existed:
+            out.mkdir(parents=True)
+            lock_output(out / LOCK_NAME, "--output-dir", out)
+        elif present and overwrite:
+            for name in present:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            print(f"--overwrite: cleared {len(present)} entries of {out}")
+        return folder
+
+    def _check_overwrite(self, present: list[str]) -> None:
+        """--overwrite clears only a folder that holds a run, and never one holding this run's inputs or the
+        working directory (`--output-dir . --overwrite` must not empty a project)."""
+        out = self.output_dir.resolve()
+        if "run_config.json" not in present:
+            raise DistillError(f"--overwrite: '{self.output_dir}' holds no run_config.json, so it is not a run folder "
+                               "this tool wrote; not clearing it (empty it yourself or choose another --output-dir)")
+        protected = {"the working directory": Path.cwd(), "your home folder": Path.home()}
+        for key in ("data", "eval_data", "eval_problems", "student", "teacher", "teacher_cache", "resume"):
+            value = getattr(self.args, key, None)
+            if value and Path(value).expanduser().exists():
+                protected[f"--{key.replace('_', '-')} '{value}'"] = Path(value).expanduser()
+        for what, path in protected.items():
+            path = path.resolve()
+            if path == out or out in path.parents:
+                raise DistillError(f"--overwrite: '{self.output_dir}' holds {what}; not clearing it")
+
+    # -- what a checkpoint continues ----------------------------------------------------------------------------
+
+    def _run_settings(self) -> dict:
+        """What this run trains, for --resume to compare: the flags, plus content fingerprints of the data, models
+        and teacher cache (a path may stay the same while what it holds changes, or move while it does not)."""
+        args = self.args
+        settings = json.loads(json.dumps(vars(args), default=str))
+        settings["data_content"] = file_fingerprint(args.data) if Path(args.data).is_file() else None
+        if getattr(args, "eval_data", None):
+            settings["eval_data_content"] = file_fingerprint(args.eval_data)
+        settings["student_content"] = model_fingerprint(args.student)
+        cache = getattr(args, "teacher_cache", None)
+        if cache:
+            manifest = json.loads((Path(cache) / "cache.json").read_text()) if (Path(cache) / "cache.json").exists() \
+                else {}
+            settings["teacher_cache_content"] = fingerprint(json.dumps(
+                [manifest.get(k) for k in ("teacher_fingerprint", "top_k", "vocab_fingerprint", "logprob_dtype")]))
+        elif hasattr(args, "teacher_dtype") and args.teacher:  # a script that loads --teacher
+            settings["teacher_content"] = model_fingerprint(args.teacher)
+        settings["training_rows"] = len(self.examples)
+        settings["processes"] = self.accelerator.num_processes
+        return settings
+
+    def _check_resume_settings(self, folder: Path) -> None:
+        """Refuse to continue a checkpoint with a change to what is trained (data, models, loss, batch layout):
+        the run would silently be two runs in one. The schedule and evaluation may change: applied, reported
+        and recorded in run_config.json's resume_history."""
+        try:
+            old = json.loads((folder / "trainer_state.json").read_text()).get("settings") or {}
+        except (OSError, json.JSONDecodeError) as err:
+            raise DistillError(f"--resume '{folder}': cannot read trainer_state.json ({err})") from None
+        refused, changed = [], []
+        for key in {**old, **self._settings}:
+            value, before = self._settings.get(key), old.get(key)
+            # A flag unknown to one side is a version difference; a content key on one side only is a different
+            # kind of run (a live teacher against a --teacher-cache)
+            if key in _RESUME_IGNORED or value == before or (key not in _SETTING_NAMES and (key not in old or
+                                                                                           key not in self._settings)):
+                continue
+            name = _SETTING_NAMES.get(key, f"--{key.replace('_', '-')}")
+            (changed if key in _RESUME_ADJUSTABLE else refused).append(f"{name} {value} (checkpoint: {before})")
+        if refused:
+            raise DistillError(f"--resume '{folder}': this run would train something else than the checkpoint's: "
+                               f"{'; '.join(refused)}. Use the checkpoint's settings, or start a new run (another "
+                               "--output-dir, or --overwrite)")
+        if changed:
+            print(f"--resume: continuing {folder} with changed settings, applied from its step on: "
+                  f"{'; '.join(changed)}")
+        self._changes = changed
 
     # -- data ---------------------------------------------------------------------------------------------------
 
@@ -1204,16 +1767,18 @@ class TrainLoop:
         one metrics.jsonl row. `evaluate` is the script's objective for held-out rows (see `TrainLoop.evaluate`)."""
         acc = self.accelerator
         grad_norm = None
-        if self.args.max_grad_norm and acc.sync_gradients:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        if acc.sync_gradients:  # clipping at infinity (--max-grad-norm 0) changes nothing but measures the norm
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm or math.inf)
         lr = self.scheduler.get_last_lr()[0]
+        # Reduced before the update, so that every process sees the same values and stops together.
+        summed = {k: acc.reduce(torch.tensor(v, device=self.device), reduction="sum").item()
+                  for k, v in sorted(self._stats.items())}
+        self._stats = {}
+        self._check_finite_step(summed.get("loss"), None if grad_norm is None else float(grad_norm), lr)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_num += 1
-        summed = {k: acc.reduce(torch.tensor(v, device=self.device), reduction="sum").item()
-                  for k, v in sorted(self._stats.items())}
-        self._stats = {}
         row = {"step": self.step_num, **summed, "lr": lr, "tokens": int(num_tokens),
                "grad_norm": None if grad_norm is None else float(grad_norm),
                "elapsed_s": round(time.time() - self.start_time, 3), **extra}
@@ -1232,8 +1797,49 @@ class TrainLoop:
                 self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in row.items() if v is not None))
         if self.args.save_every and self.step_num % self.args.save_every == 0 and self.step_num < self.total_steps:
+            self.check_weights_finite(f"checkpoint-{self.step_num}")
             self.save_checkpoint()
         return row
+
+    def _check_finite_step(self, loss: float | None, grad_norm: float | None, lr: float) -> None:
+        """Stop before an update with a non-finite loss or gradient norm: AdamW would write NaN into every weight
+        it touches, and the run would go on to save them with exit status 0."""
+        bad = [f"{name} is {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+               if value is not None and not math.isfinite(value)]
+        if not bad:
+            return
+        teacher = bool(getattr(self.args, "teacher", None)) and hasattr(self.args, "teacher_dtype")
+        models, dtypes = ("--student's or --teacher's", "--dtype, --teacher-dtype") if teacher else (
+            "--student's", "--dtype")
+        raise DistillError(
+            f"step {self.step_num + 1}: --student's {' and '.join(bad)} (not finite): training stopped before this "
+            f"update and nothing was saved. The run diverged, or a forward pass overflowed ({models}): try a lower "
+            f"--lr (this step's: {lr:.3g}), --max-grad-norm 1, or float32/bfloat16 ({dtypes}) instead of float16")
+
+    def check_weights_finite(self, what: str) -> None:
+        """Refuse to save weights holding NaN or inf (`what`: the model or checkpoint about to be written).
+
+        A step whose loss and gradient were finite can still overflow the weights (a huge --lr, float16 weights).
+        Only trainable parameters can have changed; each process counts its own (its shard under FSDP) and the
+        counts are summed, so all processes stop together.
+        """
+        names, counts = [], [torch.zeros((), dtype=torch.long, device=self.device)]
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                local = param.detach()
+                local = local.to_local() if hasattr(local, "to_local") else local
+                names.append(name)
+                counts.append(torch.isfinite(local).logical_not_().sum().to(self.device))
+        counts = torch.stack(counts)
+        total = int(self.accelerator.reduce(counts.sum(), reduction="sum").item())
+        if total:
+            local_bad = counts[1:].nonzero().flatten().tolist()
+            first = names[local_bad[0]] if local_bad else None
+            raise DistillError(
+                f"not saving {what}: {total} weights of --student are not finite after step {self.step_num}"
+                f"{f' (first: {first})' if first else ''}; the updates overflowed them. Try a lower --lr "
+                "(or more --warmup-ratio), --max-grad-norm 1, or float32/bfloat16 weights (--dtype) instead of "
+                "float16")
 
     # -- held-out evaluation ------------------------------------------------------------------------------------
 
@@ -1339,9 +1945,11 @@ class TrainLoop:
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """OUTPUT_DIR/checkpoint-N: weights (or adapter), optimizer, schedule, RNG of every process, data position
-        and metrics so far. Written under a temporary name and renamed when complete, so a run killed while
-        saving never leaves a checkpoint that --resume would pick up."""
+        """OUTPUT_DIR/checkpoint-N: weights (or adapter), optimizer, schedule, RNG of every process, data position,
+        the run's settings and metrics so far. Written under a temporary name and renamed when complete, so a run
+        killed while saving never leaves a checkpoint that --resume would pick up. The state is JSON plus
+        safetensors (`save_state`): resuming never unpickles, so a checkpoint from elsewhere cannot run code.
+        With --save-total-limit N only the newest N checkpoints are kept."""
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{self.step_num}"
         tmp = self.output_dir / f".checkpoint-{self.step_num}.tmp"
@@ -1349,29 +1957,26 @@ class TrainLoop:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save({"rng": _get_rng_state(), "script_rng": self.rng.getstate()}, tmp / f"rng_{acc.process_index}.pt")
+        save_state({"rng": _get_rng_state(), "script_rng": self.rng.getstate()}, tmp, f"rng_{acc.process_index}")
         if acc.is_main_process:
             acc.unwrap_model(self.model).save_pretrained(tmp, save_function=acc.save)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "step": self.step_num, "elapsed_s": time.time() - self.start_time, "best": self.best},
-                       tmp / "trainer_state.pt")
+            save_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "step": self.step_num, "elapsed_s": time.time() - self.start_time, "best": self.best,
+                        "settings": self._settings, "history": self._history}, tmp, "trainer_state")
             shutil.copy(self.metrics_path, tmp / "metrics.jsonl")
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            limit = getattr(self.args, "save_total_limit", 0)
+            for old in complete_checkpoints(self.output_dir)[:-limit] if limit else []:
+                shutil.rmtree(old)
         acc.wait_for_everyone()
         return final
 
-    def _load_checkpoint(self, path: str) -> dict:
-        folder = Path(path)
-        if not (folder / "trainer_state.pt").exists():
-            found = sorted((p for p in folder.glob("checkpoint-*") if (p / "trainer_state.pt").exists()),
-                           key=lambda p: int(p.name.split("-")[1]))
-            if not found:
-                raise DistillError(f"--resume '{path}': no complete checkpoint there (checkpoint-N with "
-                                   "trainer_state.pt)")
-            folder = found[-1]
+    def _load_checkpoint(self, folder: Path) -> dict:
+        """Weights, optimizer, schedule, data position and --save-best's best so far from `folder` (found and
+        checked by `_claim_output_dir`); the RNG states are returned for `__iter__` to restore."""
         from safetensors.torch import load_file
 
         model = self.accelerator.unwrap_model(self.model)
@@ -1388,32 +1993,60 @@ class TrainLoop:
             if set(missing) - tied or unexpected:
                 raise DistillError(f"--resume '{folder}': weights do not match the model "
                                    f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        state = load_state(folder, "trainer_state")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The checkpoint's optimizer carries its own peak lr and weight decay: this run's flags win (a changed one
+        # was reported by _check_resume_settings). Unchanged, this recomputes exactly the lr the schedule had.
+        groups = self.optimizer.param_groups
+        for group, decay in zip(groups, (self.args.weight_decay, 0.0)):
+            group["initial_lr"], group["weight_decay"] = self.args.lr, decay
+        self.scheduler.base_lrs = [self.args.lr] * len(groups)
+        self.scheduler._last_lr = [self.args.lr * fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
+        for group, lr in zip(groups, self.scheduler._last_lr):
+            group["lr"] = lr
         self.step_num = state["step"]
         best = state.get("best")  # --save-best's best so far: a resumed run saves only improvements on it
         self.best = best if best and best["metric"] == self.args.save_best else None
-        rng = torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=False)
+        self._history = list(state.get("history") or []) + (
+            [{"step": self.step_num, "checkpoint": str(folder), "changed": self._changes}] if self._changes else [])
+        rng_name = f"rng_{self.accelerator.process_index}"
+        if not (folder / f"{rng_name}.json").exists():
+            raise DistillError(f"--resume '{folder}': no {rng_name}.json (saved by fewer processes than this run)")
+        rng = load_state(folder, rng_name)
         if self.accelerator.is_main_process:
             shutil.copy(folder / "metrics.jsonl", self.metrics_path)
             print(f"resuming from {folder} at step {self.step_num}")
+            if folder.resolve().parent == self.output_dir.resolve():
+                # Later checkpoints belong to the trajectory this run replaces; left there, a later --resume
+                # would pick one of them up.
+                for later in complete_checkpoints(self.output_dir):
+                    if int(later.name.split("-")[1]) > self.step_num:
+                        shutil.rmtree(later)
+                        print(f"removed {later}: later than the checkpoint this run continues")
         return {"rng": rng["rng"], "script_rng": rng["script_rng"], "elapsed_s": state["elapsed_s"]}
 
-    def finish(self, *, skipped: int, total: int) -> None:
-        """The end-of-run report: where things are, and what was left out of training."""
+    def finish(self, *, skipped: int, total: int, rows: list[dict] | None = None) -> None:
+        """The end-of-run report: where things are, and what was left out of training. Releases --output-dir.
+        `rows` (the --data rows) adds how many were cut at --max-new-tokens and what --truncated did with them."""
         self.accelerator.end_training()  # flushes and closes the trackers
         if not self.accelerator.is_main_process:
             return
+        unlock_output(self.output_dir / LOCK_NAME)
         print(f"done: {self.step_num} steps in {time.time() - self.start_time:.1f}s; "
               f"model in {self.output_dir}, metrics in {self.metrics_path}")
         if skipped:
             print(f"skipped {skipped} of {total} rows longer than --max-length {self.args.max_length}")
+        note = cut_rows_note(rows or [], getattr(self.args, "truncated", "no-eos"))
+        if note:
+            print(note)
 
     def save(self, tokenizer, path: str | Path | None = None) -> Path:
-        """Save the student (or its LoRA adapter) and tokenizer as a normal Hugging Face folder."""
+        """Save the student (or its LoRA adapter) and tokenizer as a normal Hugging Face folder; never weights that
+        hold NaN or inf (DistillError instead, see `check_weights_finite`)."""
         path = Path(path or self.output_dir)
         acc = self.accelerator
+        self.check_weights_finite(str(path))
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model)  # a collective under FSDP/DeepSpeed: gathered to rank 0
         if acc.is_main_process:
@@ -1585,8 +2218,10 @@ def score_answers(predictions: list[str], references: list[str | None]) -> dict:
 
 @torch.no_grad()  # not inference_mode: a model that updates a buffer here (dynamic RoPE) trains next
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop_ids: list[int] | None = None) -> list[dict]:
+             top_p: float = 1.0, stop_ids: list[int] | None = None, what: str = "the model") -> list[dict]:
     """Batched, left-padded sampling with a KV cache; stops as soon as every row has produced a stop token.
+    Logits with NaN or inf raise DistillError naming the model (`what`, e.g. "--teacher") and the token: sampled
+    from, they would give garbage that looks like text.
 
     Returns one dict per prompt: `tokens` (new tokens up to and including the first stop token) and `finished`
     (False when cut at max_new_tokens). Only the settings given here apply (temperature 0 = greedy; top-p
@@ -1608,8 +2243,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     try:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         new_tokens = []
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()  # [B, V]
+            # NaN/inf in a row still writing (amax propagates NaN); read at the sync below, not a second one
+            nonfinite = ~(torch.isfinite(logits.amax(-1)) | finished).all()
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 if top_p < 1:  # keep the smallest set of most likely tokens whose mass reaches top_p
@@ -1623,7 +2260,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             token = torch.where(finished, tokenizer.pad_token_id, token)
             new_tokens.append(token)
             finished |= torch.isin(token, stops)
-            if finished.all():
+            done, bad = torch.stack([finished.all(), nonfinite]).tolist()
+            if bad:
+                raise nonfinite_logits_error(what, f"at generated token {step + 1}")
+            if done:
                 break
             mask = full_mask[:, :mask.shape[1] + 1]
             positions = positions[:, -1:] + 1
@@ -1641,10 +2281,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
 
 
 def answer_problems(model, tokenizer, problems: list[dict], *, system_prompt: str, max_new_tokens: int,
-                    batch_size: int, desc: str = "answer") -> list[str]:
+                    batch_size: int, desc: str = "answer", what: str = "the model") -> list[str]:
     """Greedy replies to each problem's `prompt`, rendered with this tokenizer's own chat template (the same way
     generate_data.py renders prompts), decoded without special tokens. Used by eval.py and held-out evaluation
-    during training."""
+    during training. `what` names the model when its logits are not finite."""
     from tqdm.auto import tqdm
 
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -1654,7 +2294,8 @@ def answer_problems(model, tokenizer, problems: list[dict], *, system_prompt: st
         prompts = [tokenizer(render_chat(tokenizer, [*system, {"role": "user", "content": p["prompt"]}],
                                          add_generation_prompt=True), add_special_tokens=False)["input_ids"]
                    for p in problems[lo:lo + batch_size]]
-        for result in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids):
+        for result in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                               what=what):
             tokens = result["tokens"][:-1] if result["finished"] else result["tokens"]
             texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     return texts

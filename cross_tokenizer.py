@@ -49,22 +49,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_train_args(parser, teacher=True, student_default="Qwen/Qwen2.5-0.5B",
                           teacher_default="meta-llama/Llama-3.2-1B-Instruct")
-    parser.add_argument("--top-k", type=int, default=50, help="probabilities compared per position (plus a tail)")
-    parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the ULD term")
-    parser.add_argument("--alpha", type=float, default=0.1, help="weight of the student's cross-entropy (0..1)")
+    parser.add_argument("--top-k", type=common.POSITIVE_INT, default=50,
+                        help="probabilities compared per position (plus a tail)")
+    parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
+                        help="softmax temperature of the ULD term (> 0)")
+    parser.add_argument("--alpha", type=common.FRACTION, default=0.1,
+                        help="weight of the student's cross-entropy (0..1)")
     parser.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
                         help="kl = KL(teacher||student) of sorted top-K + tail; wasserstein = sorted L1 (ULD paper)")
     parser.add_argument("--teacher-cache", default=None,
                         help="read the teacher's top-K log-probs and token offsets from a cache_teacher.py folder "
                              "instead of loading --teacher (the cache's K must cover --top-k)")
-    parser.add_argument("--min-exact-alignment", type=float, default=0.5,
+    parser.add_argument("--min-exact-alignment", type=common.FRACTION, default=0.5,
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
     args = parser.parse_args(argv)
-    if not 0 <= args.alpha <= 1:
-        parser.error("--alpha must be in [0, 1]")
-    if args.top_k < 1 or args.temperature <= 0:
-        parser.error("--top-k must be >= 1 and --temperature > 0")
     common.check_eval_args(parser, args, stats=("ce", "uld"))
     return args
 
@@ -163,17 +162,26 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, teacher_hidden, 
     return loss, ce_sum.detach(), uld_sum.detach()
 
 
-def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length):
+def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length, what: str | None = "--data", *,
+                 truncated: str = "no-eos"):
     """Encode every row with both tokenizers (each with its own chat template) and align the completions.
 
     Adds to each student example `teacher_ids` and `teacher_targets` (for each student completion token, the index
-    in `teacher_ids` of its aligned teacher token). Returns (examples, skipped, alignment stats).
+    in `teacher_ids` of its aligned teacher token). Returns (examples, skipped, alignment stats). Rows cut at
+    --max-new-tokens are encoded on both sides without the end-of-turn token, or left out (`truncated`, as in
+    `common.encode_rows`).
     """
-    examples, skipped = [], 0
+    examples, skipped, cut = [], 0, 0
     exact = gap = count = 0
-    for row in rows:
-        student = common.encode_chat(tokenizer, row["messages"], row["completion"], max_length)
-        teacher = common.encode_chat(teacher_tokenizer, row["messages"], row["completion"], max_length)
+    for index, row in enumerate(rows):
+        if common.is_cut(row) and truncated == "skip":
+            cut += 1
+            continue
+        with common.about_row(row, index, what):
+            student = common.encode_chat(tokenizer, row["messages"], row["completion"], max_length,
+                                         end_of_turn=not common.is_cut(row))
+            teacher = common.encode_chat(teacher_tokenizer, row["messages"], row["completion"], max_length,
+                                         end_of_turn=not common.is_cut(row))
         if student is None or teacher is None:
             skipped += 1
             continue
@@ -188,24 +196,33 @@ def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length):
             gap += abs(s_end - t_end)
             count += 1
     if not examples:
-        raise common.DistillError(f"every row is longer than --max-length {max_length} for one of the tokenizers")
+        raise common.DistillError(f"no row left to train on: {skipped} longer than --max-length {max_length} for one "
+                                  f"of the tokenizers, {cut} cut at --max-new-tokens (--truncated skip)")
     stats = {"exact_end_fraction": exact / max(count, 1), "mean_end_gap_chars": gap / max(count, 1),
              "student_tokens": count}
     return examples, skipped, stats
 
 
-def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: bool = False):
+def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: bool = False, *,
+                      truncated: str = "no-eos"):
     """Like encode_pairs, with the teacher's tokens read from a cache: its offsets give the alignment and each
     student example keeps, per completion token, the cached top-K row of its aligned teacher token. Training rows
     absent from the cache are skipped; held-out ones are refused (a held-out loss on a subset would mislead)."""
-    examples, skipped, missing = [], 0, 0
+    examples, skipped, missing, differ = [], 0, 0, 0
     exact = count = 0
-    for row in rows:
-        student = common.encode_chat(tokenizer, row["messages"], row["completion"], max_length)
+    for index, row in enumerate(rows):
+        if common.is_cut(row) and truncated == "skip":
+            continue  # counted in the end-of-run report
+        with common.about_row(row, index, None if held_out else "--data"):
+            student = common.encode_chat(tokenizer, row["messages"], row["completion"], max_length,
+                                         end_of_turn=not common.is_cut(row))
         teacher = cached.get(row.get("id"))
         if student is None or teacher is None:
             skipped += student is None
             missing += student is not None
+            continue
+        if teacher["row_fingerprint"] != common.row_fingerprint(row):  # the id was cached for another row
+            differ += 1
             continue
         teacher_offsets = [tuple(o) for o in teacher["offsets"].tolist()]
         aligned = torch.tensor(align_by_end_offsets(student["completion_offsets"], teacher_offsets))
@@ -215,11 +232,13 @@ def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: 
                                                                              aligned.tolist()))
         count += len(aligned)
         examples.append(student)
-    if missing and held_out:
-        raise common.DistillError(f"{missing} rows are absent from --teacher-cache; score them into it too: "
-                                  "cache_teacher.py --data EVAL_DATA --output CACHE")
-    if missing:
-        print(f"--teacher-cache: skipped {missing} rows absent from the cache")
+    if (missing or differ) and held_out:
+        raise common.DistillError(f"{missing} rows are absent from --teacher-cache and {differ} were cached for "
+                                  "another prompt or completion; score them into it: cache_teacher.py --data "
+                                  "EVAL_DATA --output CACHE")
+    if missing or differ:
+        print(f"--teacher-cache: skipped {missing} rows absent from the cache and {differ} whose prompt or "
+              "completion differ from the cached ones")
     if not examples:
         raise common.DistillError("--teacher-cache: no row of --data is in the cache")
     return examples, skipped, {"exact_end_fraction": exact / max(count, 1), "student_tokens": count}
@@ -249,14 +268,15 @@ def main(argv=None):
         return train_from_cache(args, rows, student, tokenizer)
     teacher_tokenizer = common.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code,
                                               what="--teacher")
-    examples, skipped, alignment = encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length)
+    examples, skipped, alignment = encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length,
+                                                truncated=args.truncated)
     print(f"alignment: {alignment['exact_end_fraction']:.1%} of {alignment['student_tokens']} student tokens end "
           f"where their teacher token ends; mean end-offset gap {alignment['mean_end_gap_chars']:.2f} characters")
     if alignment["exact_end_fraction"] < args.min_exact_alignment:
         print(f"warning: exact alignment {alignment['exact_end_fraction']:.1%} is below --min-exact-alignment "
               f"{args.min_exact_alignment:.0%}; the tokenizers segment this text very differently")
     eval_set = common.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_pairs(
-        eval_rows, tokenizer, teacher_tokenizer, args.max_length)[:2])
+        eval_rows, tokenizer, teacher_tokenizer, args.max_length, None, truncated=args.truncated)[:2])
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             collate=lambda exs: collate_pairs(exs, tokenizer.pad_token_id,
                                                               teacher_tokenizer.pad_token_id), held_out=eval_set)
@@ -283,7 +303,7 @@ def main(argv=None):
         loop.step(num_tokens, evaluate=objective)
 
     loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows))
+    loop.finish(skipped=skipped, total=len(rows), rows=rows)
 
 
 def train_from_cache(args, rows, student, tokenizer):
@@ -291,10 +311,14 @@ def train_from_cache(args, rows, student, tokenizer):
     import cache_teacher
 
     manifest, cached = cache_teacher.load_cache(args.teacher_cache)
+    if any(row["row_fingerprint"] is None for row in cached.values()):
+        raise common.DistillError(f"--teacher-cache {args.teacher_cache}: written by an older cache_teacher.py that "
+                                  "did not record what each row was scored on; re-create it")
     k = min(args.top_k, manifest["top_k"], common.output_head(student).weight.shape[0] - 1)
     if k < args.top_k:
         print(f"--teacher-cache holds the top {manifest['top_k']}: comparing the top {k} (+ tail)")
-    examples, skipped, alignment = encode_from_cache(rows, tokenizer, cached, args.max_length)
+    examples, skipped, alignment = encode_from_cache(rows, tokenizer, cached, args.max_length,
+                                                     truncated=args.truncated)
     print(f"alignment: {alignment['exact_end_fraction']:.1%} of {alignment['student_tokens']} student tokens end "
           "where their cached teacher token ends")
 
@@ -307,7 +331,7 @@ def train_from_cache(args, rows, student, tokenizer):
         return batch
 
     eval_set = common.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(
-        eval_rows, tokenizer, cached, args.max_length, held_out=True)[:2])
+        eval_rows, tokenizer, cached, args.max_length, held_out=True, truncated=args.truncated)[:2])
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
                             eval_set)
     head = common.output_head(loop.model)
@@ -325,7 +349,7 @@ def train_from_cache(args, rows, student, tokenizer):
             loop.backward(loss, **stats)
         loop.step(num_tokens, evaluate=objective)
     loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows))
+    loop.finish(skipped=skipped, total=len(rows), rows=rows)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ SIZES = {  # full, quick
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gita", "Hugo", "Ines", "Jon", "Kai", "Lea"]
 ITEMS = ["apples", "pens", "cards", "eggs", "coins", "books", "cups", "toys"]
 BOXES = ["boxes", "bags", "jars", "packs"]
-TITLES = ["Notes", "Practice", "Story time", "Shopping", "Sharing", "Counting", "Homework", "Market day"]
+TITLES = ["Notes", "Practice", "Story", "Shopping", "Sharing", "Counting", "Homework", "Exercise", "Day"]
 MODELS = {  # name -> (kit tokenizer folder, arch, size); the kit's own random models are not used
     "teacher": ("teacher", "qwen2", dict(hidden=128, layers=3, heads=4, kv_heads=2, seed=11)),
     "student": ("student", "qwen2", dict(hidden=64, layers=2, heads=4, kv_heads=2, seed=12)),
@@ -106,8 +106,11 @@ def make_pretraining_text(rng: random.Random) -> str:
     several lines and some open with a markdown heading ('## Notes', '#### Shopping'), as web text does, so the
     newline and '#' are ordinary tokens to the base model rather than ones it has learned never to emit.
     """
-    lines = [f"{rng.choice(['##', '###', '####'])} {rng.choice(TITLES)}"] if rng.random() < 0.5 else []
+    lines = []
     for _ in range(rng.randint(1, 3)):
+        if rng.random() < 0.5:  # a markdown heading, sometimes numbered ('#### Exercise 4')
+            title = rng.choice(TITLES) + (f" {rng.randint(1, 20)}" if rng.random() < 0.5 else "")
+            lines.append(f"{rng.choice(['##', '###', '####'])} {title}")
         name, other = rng.sample(NAMES, 2)
         item, box = rng.choice(ITEMS), rng.choice(BOXES)
         a, b = rng.randint(2, 9), rng.randint(2, 9)
@@ -168,7 +171,8 @@ def reference_rows(task: Path, out: Path) -> Path:
 def train_once(script, output_dir: Path, argv: list[str]) -> Path:
     """Run a training script unless a finished run is already there (an interrupted one resumes)."""
     if not (output_dir / "config.json").exists():
-        resume = ["--resume", str(output_dir)] if any(output_dir.glob("checkpoint-*")) else []
+        # an interrupted stage continues from its last checkpoint; one cut before its first starts over
+        resume = ["--resume", str(output_dir)] if any(output_dir.glob("checkpoint-*")) else ["--overwrite"]
         script.main([*argv, "--output-dir", str(output_dir), "--save-every", "100", *resume])
     return output_dir
 
@@ -196,7 +200,7 @@ def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: in
     args = sequence_level.parse_args([
         "--student", str(init), "--data", str(corpus), "--output-dir", str(folder), "--max-steps", str(steps),
         "--batch-size", "32", "--lr", "3e-3", "--warmup-ratio", "0.05", "--log-every", "250", "--seed", str(seed),
-        "--save-every", "100", *(["--resume", str(folder)] if any(folder.glob("checkpoint-*")) else [])])
+        "--save-every", "100", *(["--resume", str(folder)] if any(folder.glob("checkpoint-*")) else ["--overwrite"])])
     loop = common.TrainLoop(args, model, examples, tokenizer.pad_token_id)
     head = common.output_head(loop.model)
     for micro_batches, num_tokens in loop:

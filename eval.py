@@ -46,8 +46,8 @@ def parse_args(argv=None):
                                                       "(default: the adapter's base_model_name_or_path)")
     parser.add_argument("--name", default=None, help="row name in the results table (default: --model)")
     common.add_prompt_dataset_args(parser, split="test")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per answer")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    parser.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=512, help="max tokens per answer")
+    parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=32, help="prompts per generate call")
     parser.add_argument("--teacher", default=None, help="also report KL and top-1 agreement to this teacher")
     parser.add_argument("--output", default="results.jsonl", help="JSONL to append this run's row to")
     parser.add_argument("--save-predictions", default=None, metavar="FILE",
@@ -82,7 +82,8 @@ def teacher_agreement(student, tokenizer, teacher, teacher_tokenizer, problems, 
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     examples = [common.encode_chat(tokenizer, [*system, {"role": "user", "content": p["prompt"]}], text)
                 for p, text in zip(problems, teacher_texts)]
-    return common.heldout_agreement(student, teacher, examples, tokenizer.pad_token_id, vocab=vocab)
+    return common.heldout_agreement(student, teacher, examples, tokenizer.pad_token_id, vocab=vocab,
+                                    names=("--model", "--teacher"))
 
 
 def score_row(predictions: list[str], references: list[str | None]) -> dict:
@@ -155,7 +156,7 @@ def main(argv=None):
     settings = dict(system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
                     batch_size=args.batch_size)
     predictions = common.answer_problems(model, tokenizer, problems, desc=f"answer {Path(args.model).name}",
-                                         **settings)
+                                         what="--model", **settings)
     name = args.name or args.model
     row = {"name": name, "model": args.model, "dataset": args.dataset, "split": args.split,
            **score_row(predictions, [p["answer"] for p in problems]), "kl_to_teacher": None, "top1_agreement": None}
@@ -166,7 +167,7 @@ def main(argv=None):
         teacher, teacher_tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device,
                                                        what="--teacher", trust_remote_code=args.trust_remote_code)
         teacher_texts = common.answer_problems(teacher, teacher_tokenizer, problems, desc="teacher answers",
-                                               **settings)
+                                               what="--teacher", **settings)
         stats = teacher_agreement(model, tokenizer, teacher, teacher_tokenizer, problems, teacher_texts,
                                   system_prompt=args.system_prompt)
         if stats is None:

@@ -11,9 +11,11 @@
     python generate_data.py --teacher ./my_teacher --dataset prompts.jsonl --prompt-field prompt \
         --answer-field "" --temperature 0 --output data/mine.jsonl
 
-Each output row: {"id", "messages": [system, user], "completion", "answer", "teacher", "generation",
-"finish_reason", "completion_tokens"}. The run is resumable: re-running the same command skips ids already in
-the output, a killed run loses at most the batch in flight, and a torn last line is cut off before appending.
+Each output row: {"id", "messages": [system, user], "completion", "answer", "teacher", "teacher_fingerprint",
+"generation", "finish_reason", "completion_tokens"}. The run is resumable: re-running the same command skips ids
+already in the output, a killed run loses at most the batch in flight, and a torn last line is cut off before
+appending. Appending with another teacher (other weights) or other sampling settings is refused, and so is a
+second generate_data.py writing the same --output at the same time.
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ def parse_args(argv=None):
     common.add_model_args(parser)
     parser.add_argument("--teacher", default="Qwen/Qwen2.5-1.5B-Instruct", help="teacher: hub id or local folder")
     common.add_prompt_dataset_args(parser, split="train")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per completion")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    parser.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=512,
+                        help="max tokens per completion; a completion cut there is written with finish_reason "
+                             "'length' (see the training scripts' --truncated)")
+    parser.add_argument("--temperature", type=common.bounded(float, 0, note=" (0 = greedy)"), default=0.7,
+                        help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=common.POSITIVE_FRACTION, default=0.95,
+                        help="nucleus sampling threshold, in (0, 1]")
+    parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=16, help="prompts per generate() call")
     parser.add_argument("--output", required=True, help="JSONL file to write (appended to when resuming)")
     common.add_vllm_args(parser)
     return parser.parse_args(argv)
@@ -57,14 +63,50 @@ def load_done(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in common.read_jsonl(path, what="--output")}
 
 
+def check_same_generation(path: Path, done: dict[str, dict], teacher: str, teacher_fingerprint: str,
+                          settings: dict) -> None:
+    """Refuse to append to rows written by another teacher or with other sampling settings: the file would hold
+    two distributions under one name. The seed may differ (other draws from the same distribution); rows of an
+    older version without a teacher fingerprint are compared by the --teacher name only."""
+    for row in done.values():
+        theirs = row.get("generation") or {}
+        differ = [f"--{k.replace('_', '-')} {v} (file: {theirs[k]})" for k, v in settings.items()
+                  if k != "seed" and k in theirs and theirs[k] != v]
+        if row.get("teacher_fingerprint") is not None and row["teacher_fingerprint"] != teacher_fingerprint:
+            differ.insert(0, f"--teacher '{teacher}' (file: '{row.get('teacher')}', other weights)")
+        elif row.get("teacher_fingerprint") is None and row.get("teacher") != teacher:
+            differ.insert(0, f"--teacher '{teacher}' (file: '{row.get('teacher')}')")
+        if differ:
+            raise common.DistillError(f"--output {path} holds rows generated otherwise (row {row.get('id')}): "
+                                      f"{'; '.join(differ)}; appending would mix them: write to a new --output")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    common.seed_everything(args.seed)
     out_path = Path(args.output)
+    common.check_output_path(out_path, "--output", folder=False)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    created = not out_path.exists()
+    # The output file itself is the lock: a second generate_data.py writing it is refused, not interleaved.
+    common.lock_output(out_path, "--output", out_path, record_pid=False)
+    try:
+        generate_into(args, out_path)
+    finally:
+        if created and out_path.stat().st_size == 0:
+            out_path.unlink()  # nothing was written: leave no empty file behind
+        common.unlock_output(out_path)
+
+
+def generate_into(args, out_path: Path) -> None:
+    common.seed_everything(args.seed)
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed}
+    teacher_fingerprint = common.model_fingerprint(args.teacher)
     prompts = common.prompts_from_args(args)
     done = load_done(out_path)
+    check_same_generation(out_path, done, args.teacher, teacher_fingerprint, settings)
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    todo = []
+    todo, redo = [], 0
     for row in prompts:
         row_id = f"{args.split}-{row['index']}"
         messages = system + [{"role": "user", "content": row["prompt"]}]
@@ -72,9 +114,16 @@ def main(argv=None):
             if done[row_id]["messages"] != messages:
                 raise common.DistillError(f"{out_path}: row id {row_id} was written for a different prompt or "
                                           "system prompt; write to a new --output")
-            continue
+            if str(done[row_id].get("completion") or "").strip():
+                continue
+            # An empty completion (from a broken run) is not an answer: generate it again. The new row is appended
+            # and wins over the empty one (load_done keeps the last row of an id; training skips empty rows).
+            redo += 1
         todo.append({"id": row_id, "messages": messages, "answer": row["answer"]})
-    print(f"{len(prompts)} prompts, {len(done)} already in {out_path}, {len(todo)} to generate")
+    if redo:
+        print(f"{out_path}: {redo} row{'s' if redo > 1 else ''} with an empty completion (left by a broken run?) "
+              "will be generated again")
+    print(f"{len(prompts)} prompts, {len(done) - redo} already in {out_path}, {len(todo)} to generate")
     if not todo:
         return
 
@@ -88,10 +137,7 @@ def main(argv=None):
         teacher, tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
                                                trust_remote_code=args.trust_remote_code)
     stop_ids = common.end_of_turn_ids(tokenizer)
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "seed": args.seed}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    cut = 0
+    cut = written = empty = 0
     with out_path.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="generate") as bar:
         for lo in range(0, len(todo), args.batch_size):
             batch = todo[lo:lo + args.batch_size]
@@ -99,17 +145,22 @@ def main(argv=None):
             torch.manual_seed(args.seed + int(common.fingerprint(batch[0]["id"]), 16) % 2**31)
             prompt_ids = [tokenizer(common.render_chat(tokenizer, r["messages"], add_generation_prompt=True),
                                     add_special_tokens=False)["input_ids"] for r in batch]
-            sample = sampler.generate if args.vllm else partial(common.generate, teacher, tokenizer)
+            sample = sampler.generate if args.vllm else partial(common.generate, teacher, tokenizer, what="--teacher")
             results = sample(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, stop_ids=stop_ids)
             lines = []
             for row, res in zip(batch, results):
                 tokens = res["tokens"][:-1] if res["finished"] else res["tokens"]
+                completion = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                if not completion:  # a row saying "answered" would keep it from ever being generated again
+                    empty += 1
+                    continue
                 cut += not res["finished"]
+                written += 1
                 lines.append(json.dumps({
-                    "id": row["id"], "messages": row["messages"],
-                    "completion": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                    "answer": row["answer"], "teacher": args.teacher, "generation": settings,
+                    "id": row["id"], "messages": row["messages"], "completion": completion,
+                    "answer": row["answer"], "teacher": args.teacher, "teacher_fingerprint": teacher_fingerprint,
+                    "generation": settings,
                     "finish_reason": "stop" if res["finished"] else "length", "completion_tokens": len(tokens),
                 }, ensure_ascii=False) + "\n")
             # One write + fsync per batch: a kill loses at most this batch, and at worst tears its last line.
@@ -117,8 +168,15 @@ def main(argv=None):
             out.flush()
             os.fsync(out.fileno())
             bar.update(len(batch))
-    print(f"wrote {len(todo)} rows to {out_path}" +
-          (f"; {cut} hit --max-new-tokens without an end-of-turn token" if cut else ""))
+    if empty and not written:
+        raise common.DistillError(f"--teacher returned an empty completion for every prompt ({empty}); nothing was "
+                                  "written. Check that it is a chat model whose template matches its training, and "
+                                  "its --dtype")
+    print(f"wrote {written} rows to {out_path}" +
+          (f"; {cut} hit --max-new-tokens without an end-of-turn token (finish_reason 'length')" if cut else ""))
+    if empty:
+        print(f"warning: {empty} prompts got an empty completion and were not written; re-running generates them "
+              "again")
 
 
 if __name__ == "__main__":

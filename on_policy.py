@@ -47,20 +47,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_train_args(parser, teacher=True, student_default="Qwen/Qwen2.5-0.5B",
                           teacher_default="Qwen/Qwen2.5-1.5B-Instruct")
-    parser.add_argument("--lmbda", type=float, default=0.5, help="probability that a step is on-policy (0..1)")
-    parser.add_argument("--beta", type=float, default=1.0,
+    parser.add_argument("--lmbda", type=common.FRACTION, default=0.5,
+                        help="probability that a step is on-policy (0..1)")
+    parser.add_argument("--beta", type=common.FRACTION, default=1.0,
                         help="generalized JSD weight: 0 = forward KL, 1 = reverse KL (default), between = JSD")
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the loss")
-    parser.add_argument("--gen-temperature", type=float, default=1.0, help="sampling temperature of the student")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold of the student")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="max tokens the student samples per prompt")
+    parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=1.0,
+                        help="softmax temperature of the loss (> 0)")
+    parser.add_argument("--gen-temperature", type=common.bounded(float, 0, note=" (0 = greedy)"), default=1.0,
+                        help="sampling temperature of the student (0 = greedy)")
+    parser.add_argument("--top-p", type=common.POSITIVE_FRACTION, default=0.95,
+                        help="nucleus sampling threshold of the student, in (0, 1]")
+    parser.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=256,
+                        help="max tokens the student samples per prompt; a sample cut there is trained without an "
+                             "end-of-turn token (like a --truncated no-eos row)")
     common.add_vllm_args(parser)
     args = parser.parse_args(argv)
-    for name in ("lmbda", "beta"):
-        if not 0 <= getattr(args, name) <= 1:
-            parser.error(f"--{name} must be in [0, 1]")
-    if args.temperature <= 0 or args.gen_temperature < 0:
-        parser.error("--temperature must be > 0 and --gen-temperature >= 0")
     common.check_eval_args(parser, args, stats=("ce", "kl"))
     return args
 
@@ -84,7 +85,7 @@ def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, samp
         sampler.load_weights(student)
         sample = sampler.generate
     else:
-        sample = partial(common.generate, student, tokenizer)
+        sample = partial(common.generate, student, tokenizer, what="--student")
     samples = sample(prompts, max_new_tokens=args.max_new_tokens, temperature=args.gen_temperature,
                      top_p=args.top_p, stop_ids=stop_ids)
     examples = sampled_examples(prompts, samples)
@@ -117,7 +118,7 @@ def main(argv=None):
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
-    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
+    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             held_out=common.load_held_out(args, rows, tokenizer))
     teacher, teacher_tokenizer = common.load_teacher(args, loop.device)
@@ -161,7 +162,7 @@ def main(argv=None):
         loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **timer.seconds)
 
     loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows))
+    loop.finish(skipped=skipped, total=len(rows), rows=rows)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def main(argv=None):
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
-    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
+    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             held_out=common.load_held_out(args, rows, tokenizer))
     head = common.output_head(loop.model)
@@ -58,7 +58,7 @@ def main(argv=None):
         loop.step(num_tokens, evaluate=objective)
 
     loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows))
+    loop.finish(skipped=skipped, total=len(rows), rows=rows)
 
 
 if __name__ == "__main__":

@@ -49,20 +49,15 @@ def parse_args(argv=None):
                           teacher_default="Qwen/Qwen2.5-1.5B-Instruct")
     parser.add_argument("--kl", default="forward", choices=["forward", "reverse", "jsd"],
                         help="forward = KL(teacher||student), reverse = KL(student||teacher), jsd = generalized JSD")
-    parser.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight of the teacher (--kl jsd only)")
-    parser.add_argument("--temperature", type=float, default=2.0,
+    parser.add_argument("--beta", type=common.FRACTION, default=0.5,
+                        help="JSD mixture weight of the teacher, 0..1 (--kl jsd only)")
+    parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
                         help="softmax temperature of the KL term (loss is T^2-scaled)")
-    parser.add_argument("--alpha", type=float, default=0.1, help="weight of the cross-entropy term (0..1)")
+    parser.add_argument("--alpha", type=common.FRACTION, default=0.1, help="weight of the cross-entropy term (0..1)")
     parser.add_argument("--teacher-cache", default=None,
                         help="train from a cache_teacher.py folder (top-K log-probs + tail) instead of loading "
                              "--teacher; the KL is then over the K cached tokens plus one tail bucket")
     args = parser.parse_args(argv)
-    if not 0 <= args.alpha <= 1:
-        parser.error("--alpha must be in [0, 1]")
-    if not 0 <= args.beta <= 1:
-        parser.error("--beta must be in [0, 1]")
-    if args.temperature <= 0:
-        parser.error("--temperature must be > 0")
     common.check_eval_args(parser, args, stats=("ce",) if args.teacher_cache else ("ce", "kl"))
     return args
 
@@ -73,7 +68,7 @@ def main(argv=None):
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
-    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length)
+    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
     eval_set = common.load_held_out(args, rows, tokenizer)
     if args.teacher_cache:  # no teacher in memory: its top-K rows ride along with each batch
         examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, eval_set)
@@ -81,7 +76,7 @@ def main(argv=None):
                                 eval_set)
         train_from_cache(args, loop, beta, vocab)
         loop.save(tokenizer)
-        loop.finish(skipped=skipped, total=len(rows))
+        loop.finish(skipped=skipped, total=len(rows), rows=rows)
         return
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             held_out=eval_set)
@@ -116,7 +111,7 @@ def main(argv=None):
         loop.step(num_tokens, evaluate=objective)
 
     loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows))
+    loop.finish(skipped=skipped, total=len(rows), rows=rows)
 
 
 def train_from_cache(args, loop, beta: float, vocab: int) -> None:
@@ -144,7 +139,8 @@ def train_from_cache(args, loop, beta: float, vocab: int) -> None:
 def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None):
     """Pair every example with its cached teacher rows; refuse a cache from another vocabulary.
 
-    Returns (examples that have a cache row with the same target tokens, the cache's vocabulary size, a collate
+    Returns (examples that have a cache row scored on the same messages and completion, with the same target
+    tokens, the cache's vocabulary size, a collate
     function that pads the batch and stacks its cached rows in the order shift_for_next_token uses). The
     held-out examples (--eval-data) are paired too, in place; every one of them must be in the cache.
     """
@@ -165,6 +161,10 @@ def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None
     if manifest["template_fingerprint"] != common.fingerprint(tokenizer.chat_template or ""):
         print("warning: the cache was scored with another chat template; rows whose tokens differ are skipped")
 
+    if any(row["row_fingerprint"] is None for row in cached.values()):
+        raise common.DistillError(f"--teacher-cache {folder}: written by an older cache_teacher.py that did not "
+                                  "record what each row was scored on; re-create it")
+
     def pair(examples):
         kept, missing, differ = [], 0, 0
         for ex in examples:
@@ -172,16 +172,16 @@ def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None
             targets = [t for t, m in zip(ex["input_ids"][1:], ex["loss_mask"][1:]) if m]
             if row is None:
                 missing += 1
-            elif row["token_ids"].tolist() != targets:
-                differ += 1
+            elif row["row_fingerprint"] != ex["row_fingerprint"] or row["token_ids"].tolist() != targets:
+                differ += 1  # the same id scored on another prompt or completion, or tokenized otherwise
             else:
                 kept.append({**ex, "cache": row})
         return kept, missing, differ
 
     kept, missing, differ = pair(examples)
     if missing or differ:
-        print(f"--teacher-cache: skipped {missing} rows absent from the cache and {differ} whose tokens differ "
-              f"from the cached ones ({len(kept)} of {len(examples)} kept)")
+        print(f"--teacher-cache: skipped {missing} rows absent from the cache and {differ} whose prompt, completion "
+              f"or tokens differ from the cached ones ({len(kept)} of {len(examples)} kept)")
     if not kept:
         raise common.DistillError(f"--teacher-cache {folder}: no row of --data matches the cache")
     if eval_set is not None and eval_set.examples:

@@ -149,7 +149,8 @@ def test_killed_cache_run_resumes_to_the_same_cache(kit, tmp_path):
     _, got = cache_teacher.load_cache(tmp_path / "killed")
     assert got.keys() == want.keys()
     for row_id in want:
-        for name in want[row_id]:
+        assert got[row_id]["row_fingerprint"] == want[row_id]["row_fingerprint"] is not None
+        for name in ("token_ids", "topk_ids", "topk_logprobs", "tail_logprob", "offsets"):
             assert torch.equal(got[row_id][name], want[row_id][name]), (row_id, name)
 
 

@@ -1,0 +1,84 @@
+"""Every numeric flag is checked when the command line is parsed: a value outside its range stops the script with
+one line naming the flag, before anything is loaded (no value can silently mean something else)."""
+
+from __future__ import annotations
+
+import pytest
+
+import cache_teacher
+import cross_tokenizer
+import eval as evaluate
+import generate_data
+import on_policy
+import sequence_level
+import token_level
+
+TRAIN = ["--data", "d.jsonl", "--output-dir", "out"]
+SCRIPTS = {
+    "sequence_level": (sequence_level, TRAIN),
+    "token_level": (token_level, TRAIN),
+    "on_policy": (on_policy, TRAIN),
+    "cross_tokenizer": (cross_tokenizer, TRAIN),
+    "generate_data": (generate_data, ["--output", "o.jsonl"]),
+    "eval": (evaluate, ["--model", "m"]),
+    "cache_teacher": (cache_teacher, ["--data", "d.jsonl", "--output", "c"]),
+}
+TRAINING = ("sequence_level", "token_level", "on_policy", "cross_tokenizer")
+
+# (flag, a value outside its range): every training script shares these through common.add_train_args.
+SHARED_TRAIN = [
+    ("--batch-size", "0"), ("--grad-accum", "0"), ("--chunk-size", "-1"), ("--lr", "-0.5"), ("--lr", "nan"),
+    ("--lr", "inf"), ("--max-steps", "0"), ("--max-steps", "-3"), ("--epochs", "0"), ("--epochs", "-1"),
+    ("--max-grad-norm", "-1"), ("--warmup-ratio", "1.5"), ("--warmup-ratio", "-0.1"), ("--weight-decay", "-0.1"),
+    ("--lora-r", "0"), ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--max-length", "1"),
+    ("--save-every", "-1"), ("--log-every", "0"), ("--eval-every", "-1"), ("--eval-max-new-tokens", "0"),
+    ("--eval-batch-size", "0"), ("--seed", "-1"), ("--max-steps", "2.5"),
+]
+OWN = [
+    ("token_level", "--temperature", "0"), ("token_level", "--alpha", "1.5"), ("token_level", "--beta", "-0.5"),
+    ("on_policy", "--lmbda", "2"), ("on_policy", "--beta", "nan"), ("on_policy", "--temperature", "0"),
+    ("on_policy", "--gen-temperature", "-1"), ("on_policy", "--top-p", "0"), ("on_policy", "--top-p", "1.5"),
+    ("on_policy", "--max-new-tokens", "0"), ("on_policy", "--vllm-gpu-memory", "0"),
+    ("cross_tokenizer", "--top-k", "0"), ("cross_tokenizer", "--temperature", "-2"),
+    ("cross_tokenizer", "--alpha", "-1"), ("cross_tokenizer", "--min-exact-alignment", "1.5"),
+    ("generate_data", "--max-new-tokens", "0"), ("generate_data", "--temperature", "-0.7"),
+    ("generate_data", "--top-p", "0"), ("generate_data", "--top-p", "1.01"), ("generate_data", "--batch-size", "0"),
+    ("generate_data", "--num-examples", "0"), ("generate_data", "--vllm-gpu-memory", "1.5"),
+    ("generate_data", "--seed", "-2"),
+    ("eval", "--max-new-tokens", "0"), ("eval", "--batch-size", "0"), ("eval", "--num-examples", "-5"),
+    ("cache_teacher", "--top-k", "0"), ("cache_teacher", "--batch-size", "0"), ("cache_teacher", "--shard-rows", "0"),
+    ("cache_teacher", "--max-length", "1"), ("cache_teacher", "--chunk-size", "-1"),
+]
+CASES = [(script, flag, value) for script in TRAINING for flag, value in SHARED_TRAIN] + OWN
+
+
+@pytest.mark.parametrize("script,flag,value", CASES)
+def test_out_of_range_flag_is_one_line_naming_it(capsys, script, flag, value):
+    module, required = SCRIPTS[script]
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args([*required, flag, value])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {flag}: must be " in last, last
+    assert value in last  # the offending value is quoted back
+
+
+@pytest.mark.parametrize("script,flags", [
+    # The documented edge values stay accepted: 0 = automatic / off / greedy, 1 = the whole range.
+    ("sequence_level", ["--chunk-size", "0", "--max-grad-norm", "0", "--lr", "0", "--warmup-ratio", "1",
+                        "--save-every", "0", "--epochs", "0.5", "--weight-decay", "0", "--max-length", "2",
+                        "--lora-dropout", "0", "--seed", "0"]),
+    ("token_level", ["--alpha", "0", "--beta", "1", "--temperature", "0.5"]),
+    ("on_policy", ["--lmbda", "1", "--gen-temperature", "0", "--top-p", "1", "--vllm-gpu-memory", "1"]),
+    ("generate_data", ["--temperature", "0", "--top-p", "1", "--max-new-tokens", "1", "--num-examples", "1"]),
+    ("cross_tokenizer", ["--min-exact-alignment", "0", "--top-k", "1"]),
+    ("cache_teacher", ["--chunk-size", "0", "--top-k", "1"]),
+])
+def test_edge_values_are_accepted(script, flags):
+    module, required = SCRIPTS[script]
+    module.parse_args([*required, *flags])
+
+
+def test_max_steps_unset_means_epochs():
+    args = sequence_level.parse_args([*TRAIN, "--epochs", "2"])
+    assert args.max_steps is None and args.epochs == 2.0
