@@ -54,13 +54,12 @@ SYSTEM_PROMPT = "Solve the math word problem. Show the calculation, then give th
 SIZES = {  # full, quick
     "train_problems": (2000, 200), "dev_problems": (100, 16), "test_problems": (400, 40),
     "teacher_data": (800, 64), "pretrain_texts": (20000, 2000),
-    "teacher_pretrain_steps": (500, 40), "student_pretrain_steps": (500, 40),
-    "teacher_steps": (400, 60), "teacher_extra_rounds": (2, 0), "student_steps": (300, 12), "eval_every": (50, 6),
+    "teacher_pretrain_steps": (1000, 40), "student_pretrain_steps": (1000, 40),
+    "teacher_steps": (400, 60), "teacher_extra_rounds": (2, 0), "student_steps": (400, 12), "eval_every": (50, 6),
 }
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gita", "Hugo", "Ines", "Jon", "Kai", "Lea"]
 ITEMS = ["apples", "pens", "cards", "eggs", "coins", "books", "cups", "toys"]
 BOXES = ["boxes", "bags", "jars", "packs"]
-TITLES = ["Notes", "Practice", "Story", "Shopping", "Sharing", "Counting", "Homework", "Exercise", "Day"]
 MODELS = {  # name -> (kit tokenizer folder, arch, size); the kit's own random models are not used
     "teacher": ("teacher", "qwen2", dict(hidden=128, layers=3, heads=4, kv_heads=2, seed=11)),
     "student": ("student", "qwen2", dict(hidden=64, layers=2, heads=4, kv_heads=2, seed=12)),
@@ -100,34 +99,36 @@ def make_problem(rng: random.Random) -> tuple[str, str]:
 def make_pretraining_text(rng: random.Random) -> str:
     """One document of the pretraining corpus: the task's facts and vocabulary as plain prose and equations.
 
-    Deliberately *not* the chat task: no questions, no system prompt, no template, and no '#### N' answer line. A
-    model that learns this knows the arithmetic and how stories map to equations, but not how to answer a chat
-    prompt -- the position of a pretrained base model before instruction tuning or distillation. Documents span
-    several lines and some open with a markdown heading ('## Notes', '#### Shopping'), as web text does, so the
-    newline and '#' are ordinary tokens to the base model rather than ones it has learned never to emit.
+    Deliberately *not* the chat task: no chat template, no system prompt and no '#### N' answer line, and the
+    worked questions are paraphrases, not the task's question templates. It holds equations ('7 * 8 = 56'), short
+    stories that state their arithmetic, and textbook-style 'Q: ... A: ...' worked examples. A model that learns
+    this knows the arithmetic and how a story maps to an equation -- like a pretrained base model that has read
+    math text on the web -- but not how to answer a chat prompt or where the final answer goes.
     """
-    lines = []
-    for _ in range(rng.randint(1, 3)):
-        if rng.random() < 0.5:  # a markdown heading, sometimes numbered ('#### Exercise 4')
-            title = rng.choice(TITLES) + (f" {rng.randint(1, 20)}" if rng.random() < 0.5 else "")
-            lines.append(f"{rng.choice(['##', '###', '####'])} {title}")
-        name, other = rng.sample(NAMES, 2)
-        item, box = rng.choice(ITEMS), rng.choice(BOXES)
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        pairs = [(rng.randint(2, 9), rng.randint(2, 9)) for _ in range(3)]
-        lines.append(rng.choice([
-            f"{a} + {b} = {a + b}. {a + b} - {b} = {a}. {a} * {b} = {a * b}. {a * b} / {b} = {a}.",
-            " ".join(f"{x} * {y} = {x * y}." for x, y in pairs),
-            " ".join(f"{x} + {y} = {x + y}." for x, y in pairs),
-            f"{name} had {a} {item}. Then {other} gave {name} {b} more {item}, so {name} had {a} + {b} = {a + b} "
-            f"{item}.",
-            f"{name} had {a + b} {item} and gave {b} of them to {other}. That left {a + b} - {b} = {a} {item}.",
-            f"{name} bought {a} {box} of {item} with {b} in each, which made {a} * {b} = {a * b} {item}.",
-            f"{name} shared {a * b} {item} equally among {b} friends, and each friend got {a * b} / {b} = {a} "
-            f"{item}.",
-            f"There are {a} {box}. Each holds {b} {item}. In all: {a} * {b} = {a * b} {item}.",
-        ]))
-    return "\n".join(lines)
+    name, other = rng.sample(NAMES, 2)
+    item, box = rng.choice(ITEMS), rng.choice(BOXES)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    pairs = [(rng.randint(2, 9), rng.randint(2, 9)) for _ in range(3)]
+    if rng.random() < 0.4:
+        return rng.choice([
+            f"Q: If {name} has {a} {item} and gets {b} more, how many {item} are there? "
+            f"A: {a} + {b} = {a + b}. There are {a + b} {item}.",
+            f"Q: {name} gives {b} of {a + b} {item} to {other}. How many remain? A: {a + b} - {b} = {a}. "
+            f"{a} {item} remain.",
+            f"Q: What do {a} {box} of {b} {item} make? A: {a} * {b} = {a * b}. That makes {a * b} {item}.",
+            f"Q: {a * b} {item} shared by {b} people gives each how many? A: {a * b} / {b} = {a}. "
+            f"Each gets {a} {item}.",
+        ])
+    return rng.choice([
+        f"{a} + {b} = {a + b}. {a + b} - {b} = {a}. {a} * {b} = {a * b}. {a * b} / {b} = {a}.",
+        " ".join(f"{x} * {y} = {x * y}." for x, y in pairs),
+        " ".join(f"{x} + {y} = {x + y}." for x, y in pairs),
+        f"{name} had {a} {item}. Then {other} gave {name} {b} more {item}, so {name} had {a} + {b} = {a + b} {item}.",
+        f"{name} had {a + b} {item} and gave {b} of them to {other}. That left {a + b} - {b} = {a} {item}.",
+        f"{name} bought {a} {box} of {item} with {b} in each, which made {a} * {b} = {a * b} {item}.",
+        f"{name} shared {a * b} {item} equally among {b} friends, and each friend got {a * b} / {b} = {a} {item}.",
+        f"There are {a} {box}. Each holds {b} {item}. In all: {a} * {b} = {a * b} {item}.",
+    ])
 
 
 def parse_args(argv=None):
@@ -320,7 +321,8 @@ def plot(results: list[dict], out: Path) -> Path | None:
     except common.DistillError as error:
         print(f"{error}: no plot")
         return None
-    fig, (curves, heldout, bars) = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, (curves, heldout, bars) = plt.subplots(1, 3, figsize=(18, 5), width_ratios=[1, 1, 1.4],
+                                             layout="constrained")
     runs = {row["name"]: common.read_jsonl(Path(row["run"]) / "metrics.jsonl") for row in results if row.get("run")}
     plot_metrics.draw(curves, runs, "loss", log_y=True)
     curves.set(ylabel="training loss (each method's own)", title="training loss")
@@ -330,9 +332,10 @@ def plot(results: list[dict], out: Path) -> Path | None:
     errors = [[v - 100 * r["ci"][0] for v, r in zip(values, results)],
               [100 * r["ci"][1] - v for v, r in zip(values, results)]]
     bars.barh([r["name"] for r in results], values, xerr=errors, color="tab:blue", capsize=3)
-    bars.set(xlabel="test exact match, strict (%), 95% CI", title="accuracy", xlim=(0, 100))
+    bars.set(xlabel="test exact match, strict (%), 95% CI", title="accuracy", xlim=(0, 110))
+    for y, (value, r) in enumerate(zip(values, results)):
+        bars.text(100 * r["ci"][1] + 1.5, y, f"{value:.1f}", va="center", fontsize=8)
     bars.invert_yaxis()
-    fig.tight_layout()
     path = out / "results.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)

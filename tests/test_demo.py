@@ -1,0 +1,71 @@
+"""demo.py: the CI smoke test of the whole pipeline, and the pieces of its report checked against direct computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import subprocess
+import sys
+
+import common
+import demo
+from conftest import ROOT
+
+
+def test_demo_quick_runs_every_stage(tmp_path):
+    """`python demo.py --quick`: pretraining, teacher, data, four methods with held-out tracking, table, picture."""
+    proc = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--quick", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "demo" / "quick"
+    report = (out / "results.md").read_text()
+    rows = {}
+    for line in report.splitlines():
+        match = re.match(r"\| (.+?) \| ([\d.]+)% \[([\d.]+), ([\d.]+)\] \| ([\d.]+)% \[([\d.]+), ([\d.]+)\] \|", line)
+        if match:
+            rows[match.group(1)] = [float(x) for x in match.groups()[1:]]
+    names = ["teacher (pretrained, then instruction-tuned)", "base student (pretrained only)",
+             "base 2nd student (other tokenizer)", "sequence_level", "token_level (forward KL, T=2)",
+             "on_policy (lmbda=0.5, reverse KL)", "cross_tokenizer (ULD, other tokenizer)"]
+    assert list(rows) == names
+    results = json.loads((out / "results.json").read_text())
+    problems = common.load_prompt_dataset(str(out / "task_test.jsonl"))
+    for result, (name, (strict, lo, hi, lenient, llo, lhi)) in zip(results, rows.items()):
+        assert result["name"] == name
+        # the printed interval is the Wilson interval of the printed score over the test problems
+        want = common.wilson_interval(round(result["exact_match"] * result["n"]), result["n"])
+        assert (lo, hi) == (round(100 * want[0], 1), round(100 * want[1], 1)), name
+        assert lo <= strict <= hi and llo <= lenient <= lhi and strict <= lenient + 1e-9
+        assert result["n"] == len(problems)
+    # every reply is saved, and the strict score recomputed from the saved replies is the table's
+    for result, path in zip(results, ["teacher", "student_base", "student_other_tokenizer_base",
+                                      "sequence_level-seed0", "token_level-seed0", "on_policy-seed0",
+                                      "cross_tokenizer-seed0"]):
+        saved = common.read_jsonl(out / "predictions" / f"{path}.jsonl")
+        assert len(saved) == len(problems)
+        assert math.isclose(sum(r["strict_ok"] for r in saved) / len(saved), result["exact_match"])
+    # held-out exact match was tracked during training, at every --eval-every step and the last
+    for run in ("sequence_level", "token_level", "on_policy", "cross_tokenizer"):
+        metrics = common.read_jsonl(out / run / "metrics.jsonl")
+        steps = [m["step"] for m in metrics if "eval_exact_match" in m]
+        assert steps == [6, 12], (run, steps)
+    assert (out / "results.png").stat().st_size > 10_000
+
+
+def test_pretraining_text_is_not_the_chat_task():
+    """The base models' corpus holds the facts but none of the task's conventions."""
+    rng = random.Random(0)
+    texts = [demo.make_pretraining_text(rng) for _ in range(2000)]
+    task = [demo.make_problem(random.Random(i))[0] for i in range(200)]
+    assert not any("####" in t or demo.SYSTEM_PROMPT in t or "<|im_start|>" in t for t in texts)
+    assert not any(question in text for question in task for text in texts)  # the task's questions are unseen
+    for kind in ("+", "-", "*", "/"):  # every fact the task asks about is in the corpus
+        assert any(f" {kind} " in t for t in texts)
+
+
+def test_seeds_report_is_mean_and_sample_std():
+    per_seed = [[{"name": "a", "exact_match": v}] for v in (0.5, 0.6, 0.7)]
+    line = demo.seeds_report(per_seed).splitlines()[-1]
+    assert line.startswith("| a | 60.0% ± 10.0% |")
