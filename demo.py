@@ -51,6 +51,7 @@ import tiny  # noqa: E402
 import token_level  # noqa: E402
 
 SYSTEM_PROMPT = "Solve the math word problem. Show the calculation, then give the answer as '#### <number>'."
+DEMO_VERSION = 2  # bump when a stage changes what it produces, so old demo folders are not reused
 SIZES = {  # full, quick
     "train_problems": (2000, 200), "dev_problems": (100, 16), "test_problems": (400, 40),
     "teacher_data": (800, 64), "pretrain_texts": (20000, 2000),
@@ -143,6 +144,19 @@ def parse_args(argv=None):
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     return args
+
+
+def claim_output(out: Path, settings: dict) -> None:
+    """Finished stages are reused on a re-run (an interrupted demo picks up where it stopped), so they must come
+    from the same settings: a folder written with other sizes, seed or demo version is refused, not mixed in."""
+    marker = out / "demo_settings.json"
+    if out.exists() and any(out.iterdir()):
+        if not marker.exists() or json.loads(marker.read_text()) != settings:
+            raise common.DistillError(f"{out} holds a demo made with other settings (see {marker}); delete that "
+                                      "folder or pass --out NEW")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -346,7 +360,7 @@ def main(argv=None):
     args = parse_args(argv)
     size = {k: v[1] if args.quick else v[0] for k, v in SIZES.items()}
     out = Path(args.out) / ("quick" if args.quick else "full")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, {"version": DEMO_VERSION, "seed": args.seed, **size})
     start = time.time()
 
     kit = tiny.build_kit(Path(args.out) / "models")  # only its locally trained tokenizers are used
