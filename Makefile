@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean blog
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The blog's table (reproduce_blog.py): GPU and hub, so this target goes online; BLOG_TINY=1 swaps every model for
+# the tiny offline kit (CPU, under a minute), which needs no network.
+blog: export HF_HUB_OFFLINE := $(if $(BLOG_TINY),1,0)
+blog: export HF_DATASETS_OFFLINE := $(if $(BLOG_TINY),1,0)
+blog: $(VENV)/.installed
+	$(PY) reproduce_blog.py $(if $(BLOG_TINY),--tiny)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

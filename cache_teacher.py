@@ -1,11 +1,14 @@
-"""Record the teacher's top-K next-token log-probabilities once; then train students without the teacher loaded.
+r"""Record the teacher's top-K next-token log-probabilities once; then train students without the teacher loaded.
 
-    # score the teacher's own answers (generate_data.py output) and keep its top 64 per completion token
-    python cache_teacher.py --teacher Qwen/Qwen2.5-1.5B-Instruct --data data/gsm8k_teacher.jsonl --top-k 64 \
-        --output data/gsm8k_teacher.top64
+    # score the teacher's own answers (data/teacher.jsonl, from `python generate_data.py`) with the same teacher,
+    # Qwen2.5-3B-Instruct, and keep its top 64 per completion token in data/teacher.top64
+    python cache_teacher.py
     # token-level distillation from the cache: no teacher in memory, no teacher forward per step
-    python token_level.py --student Qwen/Qwen2.5-0.5B --data data/gsm8k_teacher.jsonl \
-        --teacher-cache data/gsm8k_teacher.top64 --kl forward --temperature 2.0 --output-dir runs/token_cached
+    python token_level.py --teacher-cache data/teacher.top64 --output-dir runs/token_level-cached
+
+    # another teacher: reads the data `generate_data.py --teacher` wrote for it, data/teacher_smollm2-1.7b-instruct
+    # .jsonl, and writes data/teacher_smollm2-1.7b-instruct.top64 (what cross_tokenizer.py --teacher-cache reads)
+    python cache_teacher.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct
 
 For every row of --data and every completion token plus the closing end-of-turn token (exactly the positions
 token_level.py trains on), the cache holds the token id the teacher read, the teacher's top-K token ids and
@@ -44,9 +47,13 @@ LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(parser)
-    parser.add_argument("--teacher", default="Qwen/Qwen2.5-1.5B-Instruct", help="teacher model: hub id or folder")
-    parser.add_argument("--data", required=True, help="JSONL written by generate_data.py (messages + completion)")
-    parser.add_argument("--output", required=True, help="cache folder to write (resumed when it exists)")
+    parser.add_argument("--teacher", default=common.BLOG_TEACHER, help="teacher model: hub id or folder")
+    parser.add_argument("--data", default=None,
+                        help="JSONL written by generate_data.py (messages + completion); default: the file it "
+                             f"writes for --teacher ({common.DEFAULT_DATA} for {common.BLOG_TEACHER})")
+    parser.add_argument("--output", default=None,
+                        help="cache folder to write (resumed when it exists); default: --data's path with the "
+                             "extension .topK (data/teacher.top64)")
     parser.add_argument("--top-k", type=common.POSITIVE_INT, default=64,
                         help="teacher log-probabilities kept per token")
     parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=8, help="rows per teacher forward")
@@ -57,7 +64,11 @@ def parse_args(argv=None):
                         help="storage dtype of the top-K log-probabilities (float16 halves the cache)")
     parser.add_argument("--chunk-size", type=common.bounded(int, 0, note=" (0 = automatic)"), default=0,
                         help="positions per [chunk, vocab] projection (0 = auto)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    common.fill_default_data(args)
+    if args.output is None:
+        args.output = str(Path(args.data).with_suffix(f".top{args.top_k}"))
+    return args
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -45,6 +45,17 @@ DEFAULT_SYSTEM_PROMPT = (
     "then give the final numeric answer on its own last line in the form '#### <number>'."
 )
 
+# The blog's setup is every script's default, so that `python generate_data.py` then `python token_level.py` runs
+# its experiment: a Qwen2.5-0.5B base student, a Qwen2.5-3B-Instruct teacher (SmolLM2-1.7B-Instruct for
+# cross_tokenizer, whose tokenizer differs from Qwen's), greedy teacher answers to the first 500 GSM8K training
+# problems, scored on the first 100 test problems.
+BLOG_STUDENT = "Qwen/Qwen2.5-0.5B"
+BLOG_TEACHER = "Qwen/Qwen2.5-3B-Instruct"
+ULD_TEACHER = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+DEFAULT_DATA = "data/teacher.jsonl"
+BLOG_TRAIN_PROBLEMS = 500
+BLOG_TEST_PROBLEMS = 100
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. errors and flags
@@ -119,16 +130,23 @@ POSITIVE_FRACTION = bounded(float, 0, 1, low_open=True)  # top-p 0 would keep no
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every script that loads a model (training, generation, evaluation)."""
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="dtype to load weights in; 'auto' = float32 on CPU, bfloat16 on a GPU that supports it")
+                        help="dtype to load weights in; 'auto' = bfloat16 for models that are only run (teacher, "
+                             "generation, evaluation) on a GPU that supports it, float32 otherwise. A trained "
+                             "student stays float32 under 'auto' (AdamW on bf16 weights loses small updates): add "
+                             "--bf16 for mixed-precision compute")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model/tokenizer code from the hub repo to run (off by default: it executes code)")
     parser.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0,
                         help="seed for python, numpy and torch RNGs (0 to 2^32-1, numpy's range)")
 
 
-def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_default: str,
+def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_default: str, output_dir: str,
                    teacher_default: str | None = None, lr: float = 1e-5) -> None:
-    """The flags every training script shares (the conventions later scripts rely on)."""
+    """The flags every training script shares (the conventions later scripts rely on).
+
+    output_dir: the default --output-dir, a template filled from the parsed flags ("runs/token_level-{kl}");
+    the script calls `fill_train_defaults` after parsing.
+    """
     add_model_args(parser)
     parser.add_argument("--student", default=student_default, help="student model: hub id or local folder")
     if teacher:
@@ -138,8 +156,13 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
     else:
         parser.add_argument("--teacher", default=None,
                             help="the teacher that wrote --data; only recorded in run_config.json (never loaded)")
-    parser.add_argument("--data", required=True, help="JSONL written by generate_data.py (messages + completion)")
-    parser.add_argument("--output-dir", required=True, help="where the trained model and metrics.jsonl go")
+    parser.add_argument("--data", default=None,
+                        help="JSONL written by generate_data.py (messages + completion); default: the file "
+                             f"generate_data.py writes for --teacher ({DEFAULT_DATA} for {BLOG_TEACHER}, "
+                             "data/teacher_<name>.jsonl for another, see default_data_path)")
+    parser.add_argument("--output-dir", default=None, help="where the trained model and metrics.jsonl go "
+                                                            f"(default: {output_dir.format_map(_Shown())})")
+    parser.output_dir_template = output_dir  # filled in from the parsed flags by fill_train_defaults
     parser.add_argument("--max-steps", type=bounded(int, 1, note=" (leave it out to train for --epochs)"),
                         default=None, help="optimizer steps to run (overrides --epochs; unset = --epochs)")
     parser.add_argument("--epochs", type=bounded(float, 0, low_open=True), default=1.0,
@@ -213,6 +236,53 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
                         help="comma-separated module names for LoRA, or 'all-linear'")
 
 
+class _Shown(dict):
+    """Shows a template's fields in upper case in --help: 'runs/token_level-{kl}' -> 'runs/token_level-KL'."""
+
+    def __missing__(self, key: str) -> str:
+        return key.upper()
+
+
+def default_data_path(teacher: str | None) -> str:
+    """The file generate_data.py writes for `teacher` when --output is left out, which is also the --data a
+    training script reads for its --teacher: DEFAULT_DATA for the blog's teacher (and for sequence_level, which
+    loads none), data/teacher_<name>.jsonl for any other, <name> being the last part of its id or folder,
+    lower-cased. One file per teacher, so that one teacher's answers are never trained on as another's."""
+    if teacher is None or teacher == BLOG_TEACHER:
+        return DEFAULT_DATA
+    import re
+
+    name = re.sub(r"[^a-z0-9._-]+", "-", Path(teacher.rstrip("/\\")).name.lower()).strip("-.") or "teacher"
+    return f"data/teacher_{name}.jsonl"
+
+
+def generate_command(teacher: str | None) -> str:
+    """The generate_data.py command line that writes `default_data_path(teacher)`."""
+    import shlex
+
+    return "python generate_data.py" + ("" if teacher in (None, BLOG_TEACHER) else f" --teacher {shlex.quote(teacher)}")
+
+
+def fill_default_data(args) -> None:
+    """Fill a --data left out with `default_data_path(args.teacher)`, and stop when that file does not exist yet,
+    with one line naming the command that writes it; called as the flags are parsed, before any model loads. An
+    explicit --data is left to the usual checks (and their own message)."""
+    if args.data is not None:
+        return
+    args.data = default_data_path(args.teacher)
+    if not Path(args.data).is_file():
+        raise DistillError(f"--data: no teacher data at the default '{args.data}' yet: run `"
+                           f"{generate_command(args.teacher)}` first to write it (or pass --data FILE)")
+
+
+def fill_train_defaults(parser: argparse.ArgumentParser, args) -> None:
+    """--output-dir and --data when left out: the script's own folder under runs/ (see add_train_args) and the
+    default teacher data (see `fill_default_data`)."""
+    if args.output_dir is None:
+        args.output_dir = parser.output_dir_template.format(**vars(args))
+    fill_default_data(args)
+
+
 # --save-best: these held-out metrics improve upwards; every other eval_* key is a loss or a divergence.
 HIGHER_IS_BETTER = ("eval_exact_match",)
 
@@ -241,14 +311,24 @@ def check_eval_args(parser: argparse.ArgumentParser, args, stats: tuple[str, ...
         parser.error(f"--save-best {args.save_best}: not a metric this run logs (it logs {', '.join(logged)})")
 
 
-def add_prompt_dataset_args(parser: argparse.ArgumentParser, *, split: str) -> None:
-    """Flags naming a dataset of prompts (generate_data.py, eval.py); `prompts_from_args` reads them."""
+_COUNT = bounded(int, 1, note=" or 'all'")
+
+
+def count_or_all(text: str) -> int | None:
+    """--num-examples: a positive count, or 'all' (None: every row)."""
+    return None if text.strip().lower() == "all" else _COUNT(text)
+
+
+def add_prompt_dataset_args(parser: argparse.ArgumentParser, *, split: str, num_examples: int) -> None:
+    """Flags naming a dataset of prompts (generate_data.py, eval.py); `prompts_from_args` reads them.
+    num_examples: how many of the split's first problems are used by default (the blog's 500 train, 100 test)."""
     parser.add_argument("--dataset", default="openai/gsm8k", help="hub dataset id or local .jsonl/.json/.parquet/.csv")
     parser.add_argument("--dataset-config", default="main", help="hub dataset config name (gsm8k: 'main')")
     parser.add_argument("--split", default=split, help="dataset split")
     parser.add_argument("--prompt-field", default="question", help="field holding the prompt (problem) text")
     parser.add_argument("--answer-field", default="answer", help="field with the reference answer ('' for none)")
-    parser.add_argument("--num-examples", type=POSITIVE_INT, default=None, help="use only the first N prompts")
+    parser.add_argument("--num-examples", type=count_or_all, default=num_examples,
+                        help=f"use only the first N prompts (default {num_examples}; 'all' for every one)")
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="system message ('' for none); folded into the user turn if the template has no "
                              "system role. generate_data.py and eval.py share the default")
@@ -2235,8 +2315,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens count from 0
     full_mask = torch.cat([mask, mask.new_ones(len(prompts), max_new_tokens)], dim=1)  # grown by slicing
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # a peft wrapper passes **kwargs on to the model it wraps, whose signature names the cache argument
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     stops = torch.tensor(stop_ids, device=device)
+    # Only real token ids are drawn: rows past len(tokenizer) pad the head (Qwen2.5: 151,936 rows for 151,665
+    # tokens); a sample there decodes to nothing and indexes past the loss's vocabulary (on_policy.py).
+    vocab = len(tokenizer)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
@@ -2244,7 +2329,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         new_tokens = []
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()  # [B, V]
+            logits = out.logits[:, -1, :vocab].float()  # [B, V]
             # NaN/inf in a row still writing (amax propagates NaN); read at the sync below, not a second one
             nonfinite = ~(torch.isfinite(logits.amax(-1)) | finished).all()
             if temperature > 0:

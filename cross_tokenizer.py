@@ -1,19 +1,24 @@
-"""Cross-tokenizer distillation (ULD): learn from a teacher whose vocabulary is different from the student's.
+r"""Cross-tokenizer distillation (ULD): learn from a teacher whose vocabulary is different from the student's.
 
-    # the blog's pair: Llama-3.2-1B-Instruct teacher, Qwen2.5-0.5B student
-    python cross_tokenizer.py --teacher meta-llama/Llama-3.2-1B-Instruct --student Qwen/Qwen2.5-0.5B \
-        --data data/teacher_llama.jsonl --top-k 50 --temperature 2.0 --alpha 0.1 --output-dir runs/uld
+    # the blog's setup, every flag at its default: the SmolLM2-1.7B-Instruct teacher (another tokenizer than
+    # Qwen's) for the Qwen2.5-0.5B student, on that teacher's own answers (first run
+    # `python generate_data.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct`, which writes
+    # data/teacher_smollm2-1.7b-instruct.jsonl); top-50 + tail at T=2, 10% cross-entropy; into runs/cross_tokenizer
+    python cross_tokenizer.py
 
-    # from a teacher cache (cache_teacher.py --teacher meta-llama/Llama-3.2-1B-Instruct ... --output data/llama.top64)
-    python cross_tokenizer.py --data data/teacher_llama.jsonl --teacher-cache data/llama.top64 --output-dir runs/uld_c
+    # another pair: the data must come from the same teacher
+    python generate_data.py --teacher meta-llama/Llama-3.2-1B-Instruct   # -> data/teacher_llama-3.2-1b-instruct.jsonl
+    python cross_tokenizer.py --teacher meta-llama/Llama-3.2-1B-Instruct --output-dir runs/uld_llama
+
+    # from a teacher cache (`python cache_teacher.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct`)
+    python cross_tokenizer.py --teacher-cache data/teacher_smollm2-1.7b-instruct.top64 --output-dir runs/uld_cached
 
     # held-out ULD objective and CE every 50 steps (eval_loss, eval_ce, eval_uld), keeping the best eval_loss
-    python cross_tokenizer.py --data data/teacher_llama.jsonl --eval-data data/teacher_llama_heldout.jsonl \
-        --eval-every 50 --save-best eval_loss --output-dir runs/uld
+    python cross_tokenizer.py --eval-data data/teacher_smol_heldout.jsonl --eval-every 50 --save-best eval_loss \
+        --output-dir runs/uld_eval
 
     # the ULD paper's loss (sorted L1 = closed-form Wasserstein-1), several GPUs
-    accelerate launch cross_tokenizer.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct \
-        --data data/teacher_smol.jsonl --uld-loss wasserstein --bf16 --output-dir runs/uld_w1
+    accelerate launch cross_tokenizer.py --uld-loss wasserstein --bf16 --output-dir runs/uld_w1
 
 Token-level KL needs one vocabulary. ULD (Boizard et al., 2024, "Towards Cross-Tokenizer Distillation: the
 Universal Logit Distillation Loss for LLMs") compares the *shape* of the two next-token distributions instead:
@@ -47,14 +52,17 @@ import common
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_train_args(parser, teacher=True, student_default="Qwen/Qwen2.5-0.5B",
-                          teacher_default="meta-llama/Llama-3.2-1B-Instruct")
+    common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
+                          teacher_default=common.ULD_TEACHER, output_dir="runs/cross_tokenizer")
     parser.add_argument("--top-k", type=common.POSITIVE_INT, default=50,
                         help="probabilities compared per position (plus a tail)")
     parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
                         help="softmax temperature of the ULD term (> 0)")
-    parser.add_argument("--alpha", type=common.FRACTION, default=0.1,
-                        help="weight of the student's cross-entropy (0..1)")
+    parser.add_argument("--alpha", type=common.FRACTION, default=0.5,
+                        help="weight of the student's cross-entropy (0..1); the ULD term gets 1 - alpha. 0.5 = "
+                             "CE + ULD weighted equally, as in the ULD paper's code. The sorted comparison carries no "
+                             "token identity, so with a small alpha it sharpens whatever the student already prefers "
+                             "(the demo's student learned no answer line at alpha 0.1)")
     parser.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
                         help="kl = KL(teacher||student) of sorted top-K + tail; wasserstein = sorted L1 (ULD paper)")
     parser.add_argument("--teacher-cache", default=None,
@@ -65,6 +73,7 @@ def parse_args(argv=None):
                              "the same character")
     args = parser.parse_args(argv)
     common.check_eval_args(parser, args, stats=("ce", "uld"))
+    common.fill_train_defaults(parser, args)
     return args
 
 

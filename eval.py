@@ -1,27 +1,30 @@
-"""Evaluate a model on GSM8K-style problems: greedy answers, exact match on the final number, with 95% CIs.
+r"""Evaluate models on GSM8K-style problems: greedy answers, exact match on the final number, with 95% CIs.
 
-    # a distilled student on the GSM8K test split, keeping every answer for auditing
-    python eval.py --model runs/token_fwd --dataset openai/gsm8k --dataset-config main --split test \
-        --num-examples 500 --output results.jsonl --save-predictions runs/token_fwd/predictions.jsonl
+    # the blog's evaluation, every flag at its default: the base student Qwen/Qwen2.5-0.5B and every trained run
+    # under runs/ answer the first 100 GSM8K test problems; one row each in results.jsonl, then the table
+    python eval.py
+
+    # one model on 500 test problems, keeping every answer for auditing
+    python eval.py --model runs/token_level-reverse --num-examples 500 --output results500.jsonl \
+        --save-predictions runs/token_level-reverse/predictions.jsonl
 
     # a LoRA adapter, plus how close the student is to its teacher (same tokenizer)
-    python eval.py --model runs/sequence_lora --base Qwen/Qwen2.5-0.5B --teacher Qwen/Qwen2.5-1.5B-Instruct \
-        --dataset openai/gsm8k --dataset-config main --split test --output results.jsonl
+    python eval.py --model runs/sequence_lora --base Qwen/Qwen2.5-0.5B --teacher Qwen/Qwen2.5-3B-Instruct
 
     # only print the table of the rows already in results.jsonl
     python -c "import common, eval; print(eval.markdown_table(common.read_jsonl('results.jsonl')))"
 
 Each model answers with its own chat template and the same system prompt as generate_data.py. Answers are scored
 by `common.score_answers` two ways. Strict (the primary number, `exact_match`): the reply must state its answer
-as '#### N' or \\boxed{N}; a reply cut off before it, or that never states one, is wrong. Lenient
+as '#### N' or \boxed{N}; a reply cut off before it, or that never states one, is wrong. Lenient
 (`exact_match_lenient`): the same, else the last number in the reply. The reference is read leniently ('#### N'
 in GSM8K). A '-' counts as a minus sign only where it cannot be a subtraction ('12 - 5' ends on 5, not -5). Both
-come with a Wilson 95% confidence interval: on 500 problems a score near 50% is uncertain by about +-4.4
-points, so smaller differences between two rows are not evidence that one model is better.
+come with a Wilson 95% confidence interval: on the default 100 problems a score near 40% is uncertain by about
++-10 points (on 500, +-4.3), so smaller differences between two rows are not evidence that one model is better.
 
 With --teacher (sharing the student's vocabulary), the teacher also answers the same prompts greedily and the
 report adds the mean KL(teacher || student) and top-1 agreement over those held-out teacher completions.
-One JSON row per run is appended to --output, and the table of all rows there is printed. --save-predictions
+One JSON row per model is appended to --output, and the table of all rows there is printed. --save-predictions
 writes one JSON row per problem (prompt, reply, extracted answers, reference, verdicts) so the score can be
 re-checked by hand: the strict score is the mean of strict_ok over the rows whose `reference` is not null.
 """
@@ -41,19 +44,40 @@ import common
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(parser)
-    parser.add_argument("--model", required=True, help="model to evaluate: hub id, local folder or LoRA adapter")
+    parser.add_argument("--model", nargs="+", default=None, metavar="MODEL",
+                        help="models to evaluate, each a hub id, local folder or LoRA adapter (default: --student "
+                             "and every trained run in a folder of --runs)")
+    parser.add_argument("--student", default=common.BLOG_STUDENT,
+                        help="the base student, evaluated with the runs when --model is left out")
+    parser.add_argument("--runs", default="runs",
+                        help="when --model is left out, every folder in here that holds a trained model "
+                             "(config.json or adapter_config.json) is evaluated")
     parser.add_argument("--base", default=None, help="base model when --model holds a LoRA adapter "
                                                       "(default: the adapter's base_model_name_or_path)")
     parser.add_argument("--name", default=None, help="row name in the results table (default: --model)")
-    common.add_prompt_dataset_args(parser, split="test")
+    common.add_prompt_dataset_args(parser, split="test", num_examples=common.BLOG_TEST_PROBLEMS)
     parser.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=512, help="max tokens per answer")
     parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=32, help="prompts per generate call")
     parser.add_argument("--teacher", default=None, help="also report KL and top-1 agreement to this teacher")
-    parser.add_argument("--output", default="results.jsonl", help="JSONL to append this run's row to")
+    parser.add_argument("--output", default="results.jsonl", help="JSONL to append each model's row to")
     parser.add_argument("--save-predictions", default=None, metavar="FILE",
                         help="write one JSONL row per problem (prompt, reply, extracted strict and lenient answers, "
                              "reference, strict_ok, lenient_ok) to audit the score (overwrites FILE)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value in (("--name", args.name), ("--save-predictions", args.save_predictions)):
+        if value is not None and (args.model is None or len(args.model) > 1):
+            parser.error(f"{flag} is about one model's row: give exactly one --model with it")
+    return args
+
+
+def default_models(student: str, runs: str | Path) -> list[str]:
+    """What `python eval.py` evaluates with no --model: the base student, then each folder of `runs` that holds
+    a finished model or LoRA adapter (a run still training has only checkpoints), by name."""
+    folders = sorted(p for p in Path(runs).iterdir() if p.is_dir()) if Path(runs).is_dir() else []
+    trained = [str(p) for p in folders if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()]
+    if not trained:
+        print(f"note: no trained model in '{runs}' yet: evaluating the base student only")
+    return [student, *trained]
 
 
 def load_for_eval(name: str, base: str | None = None, *, dtype="auto", device="cpu", trust_remote_code=False):
@@ -150,36 +174,47 @@ def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     problems = common.prompts_from_args(args)
-    start = time.time()
-    model, tokenizer = load_for_eval(args.model, args.base, dtype=args.dtype, device=device,
-                                     trust_remote_code=args.trust_remote_code)
     settings = dict(system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
                     batch_size=args.batch_size)
-    predictions = common.answer_problems(model, tokenizer, problems, desc=f"answer {Path(args.model).name}",
+    teacher = None
+    if args.teacher:  # asked once, whatever the number of models compared to it
+        model, tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
+                                             trust_remote_code=args.trust_remote_code)
+        teacher = (model, tokenizer, common.answer_problems(model, tokenizer, problems, desc="teacher answers",
+                                                            what="--teacher", **settings))
+    output = Path(args.output)
+    for name in args.model or default_models(args.student, args.runs):
+        row = evaluate_model(args, name, problems, device, settings, teacher)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("a") as f:  # row by row: a failure later keeps the rows already measured
+            f.write(json.dumps(row) + "\n")
+    print(markdown_table(common.read_jsonl(output, what="--output")))
+
+
+def evaluate_model(args, name: str, problems: list[dict], device, settings: dict, teacher=None) -> dict:
+    """One results row: `name`'s greedy answers scored and, given `teacher` = (model, tokenizer, its answers), its
+    KL and top-1 agreement to the teacher."""
+    start = time.time()
+    model, tokenizer = load_for_eval(name, args.base, dtype=args.dtype, device=device,
+                                     trust_remote_code=args.trust_remote_code)
+    predictions = common.answer_problems(model, tokenizer, problems, desc=f"answer {Path(name).name}",
                                          what="--model", **settings)
-    name = args.name or args.model
-    row = {"name": name, "model": args.model, "dataset": args.dataset, "split": args.split,
+    label = args.name or name
+    row = {"name": label, "model": name, "dataset": args.dataset, "split": args.split,
            **score_row(predictions, [p["answer"] for p in problems]), "kl_to_teacher": None, "top1_agreement": None}
     if args.save_predictions:
-        save_predictions(args.save_predictions, problems, predictions, name=name, model=args.model)
+        save_predictions(args.save_predictions, problems, predictions, name=label, model=name)
         row["predictions"] = str(args.save_predictions)
-    if args.teacher:
-        teacher, teacher_tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device,
-                                                       what="--teacher", trust_remote_code=args.trust_remote_code)
-        teacher_texts = common.answer_problems(teacher, teacher_tokenizer, problems, desc="teacher answers",
-                                               what="--teacher", **settings)
-        stats = teacher_agreement(model, tokenizer, teacher, teacher_tokenizer, problems, teacher_texts,
+    if teacher is not None:
+        teacher_model, teacher_tokenizer, teacher_texts = teacher
+        stats = teacher_agreement(model, tokenizer, teacher_model, teacher_tokenizer, problems, teacher_texts,
                                   system_prompt=args.system_prompt)
         if stats is None:
             print("note: teacher and model vocabularies differ; KL and top-1 agreement are not defined")
         else:
             row.update(kl_to_teacher=stats["kl"], top1_agreement=stats["top1"])
     row["seconds"] = round(time.time() - start, 1)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(markdown_table(common.read_jsonl(output, what="--output")))
+    return row
 
 
 if __name__ == "__main__":

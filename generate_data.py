@@ -1,15 +1,20 @@
-"""The teacher answers prompts; its completions become the training data of every distillation script.
+r"""The teacher answers prompts; its completions become the training data of every distillation script.
 
-    # GSM8K train split, the blog's teacher, 2,000 prompts
-    python generate_data.py --teacher Qwen/Qwen2.5-1.5B-Instruct --dataset openai/gsm8k --dataset-config main \
-        --split train --num-examples 2000 --output data/teacher_gsm8k.jsonl
+    # the blog's data, every flag at its default: Qwen2.5-3B-Instruct answers the first 500 GSM8K train problems
+    # greedily, told to end with '#### N'; written to data/teacher.jsonl, where the training scripts look for it
+    python generate_data.py
 
-    # serving speed on a GPU with vLLM (pip install vllm)
-    python generate_data.py --teacher Qwen/Qwen2.5-3B-Instruct --vllm --batch-size 512 --output data/gsm8k_3b.jsonl
+    # the cross-tokenizer teacher's data: written to data/teacher_smollm2-1.7b-instruct.jsonl, cross_tokenizer's
+    # default --data
+    python generate_data.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct
 
-    # a local file of prompts (any of .jsonl .json .parquet .csv), greedy decoding
+    # the whole GSM8K train split, sampled, at serving speed on a GPU with vLLM (pip install vllm)
+    python generate_data.py --num-examples all --temperature 0.7 --vllm --batch-size 512 \
+        --output data/gsm8k_3b_sampled.jsonl
+
+    # a local file of prompts (any of .jsonl .json .parquet .csv)
     python generate_data.py --teacher ./my_teacher --dataset prompts.jsonl --prompt-field prompt \
-        --answer-field "" --temperature 0 --output data/mine.jsonl
+        --answer-field "" --num-examples all --output data/mine.jsonl
 
 Each output row: {"id", "messages": [system, user], "completion", "answer", "teacher", "teacher_fingerprint",
 "generation", "finish_reason", "completion_tokens"}. The run is resumable: re-running the same command skips ids
@@ -35,19 +40,25 @@ import common
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(parser)
-    parser.add_argument("--teacher", default="Qwen/Qwen2.5-1.5B-Instruct", help="teacher: hub id or local folder")
-    common.add_prompt_dataset_args(parser, split="train")
+    parser.add_argument("--teacher", default=common.BLOG_TEACHER, help="teacher: hub id or local folder")
+    common.add_prompt_dataset_args(parser, split="train", num_examples=common.BLOG_TRAIN_PROBLEMS)
     parser.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=512,
                         help="max tokens per completion; a completion cut there is written with finish_reason "
                              "'length' (see the training scripts' --truncated)")
-    parser.add_argument("--temperature", type=common.bounded(float, 0, note=" (0 = greedy)"), default=0.7,
-                        help="sampling temperature (0 = greedy)")
+    parser.add_argument("--temperature", type=common.bounded(float, 0, note=" (0 = greedy)"), default=0.0,
+                        help="sampling temperature (0 = greedy, the blog's choice)")
     parser.add_argument("--top-p", type=common.POSITIVE_FRACTION, default=0.95,
                         help="nucleus sampling threshold, in (0, 1]")
     parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=16, help="prompts per generate() call")
-    parser.add_argument("--output", required=True, help="JSONL file to write (appended to when resuming)")
+    parser.add_argument("--output", default=None,
+                        help="JSONL file to write (appended to when resuming); default: the file the training "
+                             f"scripts read for this --teacher: {common.DEFAULT_DATA} for {common.BLOG_TEACHER}, "
+                             "data/teacher_<name>.jsonl for another (<name>: its last part, lower-cased)")
     common.add_vllm_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = common.default_data_path(args.teacher)
+    return args
 
 
 def load_done(path: Path) -> dict[str, dict]:

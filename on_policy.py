@@ -1,16 +1,17 @@
-"""On-policy distillation (GKD): the student writes, the teacher grades every token of what it wrote.
+r"""On-policy distillation (GKD): the student writes, the teacher grades every token of what it wrote.
 
-    # the blog's run: half the steps on the student's own samples, reverse KL at T=1
-    python on_policy.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B \
-        --data data/teacher_gsm8k.jsonl --lmbda 0.5 --beta 1.0 --max-new-tokens 256 --output-dir runs/on_policy
+    # the blog's setup, every flag at its default: half the steps on the student's own samples, reverse KL at
+    # T=1, the Qwen2.5-3B-Instruct teacher, the Qwen2.5-0.5B student, prompts and off-policy steps from
+    # data/teacher.jsonl (first run `python generate_data.py`); into runs/on_policy
+    python on_policy.py
 
     # held-out divergence, CE and KL every 25 steps; keep the model with the lowest held-out KL
-    python on_policy.py --data data/teacher_gsm8k.jsonl --eval-data data/teacher_gsm8k_heldout.jsonl \
-        --eval-every 25 --save-best eval_kl --output-dir runs/on_policy
+    python on_policy.py --eval-data data/teacher_heldout.jsonl --eval-every 25 --save-best eval_kl \
+        --output-dir runs/on_policy_eval
 
     # fully on-policy, generalized JSD, several GPUs
-    accelerate launch on_policy.py --data data/teacher_gsm8k.jsonl --lmbda 1.0 --beta 0.5 --bf16 \
-        --teacher-dtype bfloat16 --output-dir runs/gkd_jsd
+    accelerate launch on_policy.py --lmbda 1.0 --beta 0.5 --bf16 --teacher-dtype bfloat16 \
+        --output-dir runs/gkd_jsd
 
 Each optimizer step is on-policy with probability --lmbda (Agarwal et al., 2024, "On-Policy Distillation of
 Language Models"): the student samples a completion for every prompt of the step (its own chat template, sampling
@@ -45,8 +46,8 @@ import common
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_train_args(parser, teacher=True, student_default="Qwen/Qwen2.5-0.5B",
-                          teacher_default="Qwen/Qwen2.5-1.5B-Instruct")
+    common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
+                          teacher_default=common.BLOG_TEACHER, output_dir="runs/on_policy")
     parser.add_argument("--lmbda", type=common.FRACTION, default=0.5,
                         help="probability that a step is on-policy (0..1)")
     parser.add_argument("--beta", type=common.FRACTION, default=1.0,
@@ -63,6 +64,7 @@ def parse_args(argv=None):
     common.add_vllm_args(parser)
     args = parser.parse_args(argv)
     common.check_eval_args(parser, args, stats=("ce", "kl"))
+    common.fill_train_defaults(parser, args)
     return args
 
 

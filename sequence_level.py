@@ -1,17 +1,16 @@
-"""Sequence-level distillation: supervised fine-tuning of the student on the teacher's completions.
+r"""Sequence-level distillation: supervised fine-tuning of the student on the teacher's completions.
 
-    # the blog's run: Qwen2.5-0.5B student on Qwen2.5-1.5B-Instruct completions
-    python sequence_level.py --student Qwen/Qwen2.5-0.5B --data data/teacher_gsm8k.jsonl \
-        --output-dir runs/sequence_level --epochs 2 --batch-size 8 --grad-accum 4 --lr 1e-5
+    # the blog's setup, every flag at its default: the Qwen2.5-0.5B student on data/teacher.jsonl (first run
+    # `python generate_data.py`), into runs/sequence_level (`make blog` adds the blog's LoRA and 15 epochs)
+    python sequence_level.py
 
     # held-out loss every 50 steps (eval_loss in metrics.jsonl), keeping the best model in OUTPUT_DIR/best
-    python sequence_level.py --student Qwen/Qwen2.5-0.5B --data data/teacher_gsm8k.jsonl \
-        --eval-data data/teacher_gsm8k_heldout.jsonl --eval-every 50 --save-best eval_loss \
-        --output-dir runs/sequence_level --epochs 5
+    python sequence_level.py --eval-data data/teacher_heldout.jsonl --eval-every 50 --save-best eval_loss \
+        --epochs 5 --output-dir runs/sequence_level_eval
 
-    # multi-GPU, LoRA adapter
-    accelerate launch sequence_level.py --student Qwen/Qwen2.5-0.5B --data data/teacher_gsm8k.jsonl \
-        --output-dir runs/sequence_level_lora --lora --lr 2e-4
+    # multi-GPU, a LoRA adapter on the attention projections (what `make blog` trains)
+    accelerate launch sequence_level.py --data data/teacher.jsonl --lora --lora-r 16 \
+        --lora-target-modules q_proj,k_proj,v_proj,o_proj --lr 2e-4 --bf16 --output-dir runs/sequence_level_lora
 
 The loss is next-token cross-entropy on the assistant completion and its closing end-of-turn token only
 (system/user text, template headers and padding are masked), averaged over every completion token of the
@@ -28,9 +27,11 @@ import common
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_train_args(parser, teacher=False, student_default="Qwen/Qwen2.5-0.5B")
+    common.add_train_args(parser, teacher=False, student_default=common.BLOG_STUDENT,
+                          output_dir="runs/sequence_level")
     args = parser.parse_args(argv)
     common.check_eval_args(parser, args, stats=("ce",))
+    common.fill_train_defaults(parser, args)
     return args
 
 

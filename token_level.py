@@ -1,25 +1,22 @@
-"""Token-level (logit) distillation: match the teacher's full next-token distribution at every completion token.
+r"""Token-level (logit) distillation: match the teacher's full next-token distribution at every completion token.
 
-    # the blog's run: forward KL(teacher || student) at T=2, 10% cross-entropy on the teacher's tokens
-    python token_level.py --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B \
-        --data data/teacher_gsm8k.jsonl --kl forward --temperature 2.0 --alpha 0.1 --output-dir runs/token_fwd
-
-    # mode-seeking reverse KL (MiniLLM), or a generalized JSD between the two
-    python token_level.py --data data/teacher_gsm8k.jsonl --kl reverse --output-dir runs/token_rev
-    python token_level.py --data data/teacher_gsm8k.jsonl --kl jsd --beta 0.5 --output-dir runs/token_jsd
+    # the blog's setup, every other flag at its default: the Qwen2.5-3B-Instruct teacher, the Qwen2.5-0.5B
+    # student, data/teacher.jsonl (first run `python generate_data.py`), KL at T=2 with 10% cross-entropy on
+    # the teacher's tokens; into runs/token_level-forward, runs/token_level-reverse, runs/token_level-jsd
+    python token_level.py                   # forward KL(teacher || student), mode covering
+    python token_level.py --kl reverse      # reverse KL(student || teacher), mode seeking (MiniLLM)
+    python token_level.py --kl jsd --beta 0.5
 
     # from a teacher top-K cache (cache_teacher.py): the teacher is never loaded
-    python token_level.py --data data/gsm8k_teacher.jsonl --teacher-cache data/gsm8k_teacher.top64 \
-        --output-dir runs/token_cached
+    python token_level.py --teacher-cache data/teacher.top64 --output-dir runs/token_level-cached
 
     # held-out loss and KL every 50 steps, plus greedy exact match on 200 GSM8K test problems; keep the best
-    python token_level.py --data data/teacher_gsm8k.jsonl --eval-data data/teacher_gsm8k_heldout.jsonl \
-        --eval-problems data/gsm8k_test200.jsonl --eval-every 50 --save-best eval_exact_match \
-        --epochs 15 --output-dir runs/token_fwd
+    python token_level.py --eval-data data/teacher_heldout.jsonl --eval-problems data/gsm8k_test200.jsonl \
+        --eval-every 50 --save-best eval_exact_match --epochs 15 --output-dir runs/token_level-best
 
     # several GPUs, bf16 teacher
-    accelerate launch token_level.py --data data/teacher_gsm8k.jsonl --teacher-dtype bfloat16 --bf16 \
-        --output-dir runs/token_fwd
+    accelerate launch token_level.py --data data/teacher.jsonl --teacher-dtype bfloat16 --bf16 \
+        --output-dir runs/token_level-multi
 
 Loss per optimizer step: alpha * CE(student, teacher's tokens) + (1 - alpha) * T^2 * D(teacher, student), where D
 is forward KL, reverse KL or the generalized JSD (common.generalized_jsd), and both terms are sums over the
@@ -45,8 +42,8 @@ BETA = {"forward": 0.0, "reverse": 1.0}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_train_args(parser, teacher=True, student_default="Qwen/Qwen2.5-0.5B",
-                          teacher_default="Qwen/Qwen2.5-1.5B-Instruct")
+    common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
+                          teacher_default=common.BLOG_TEACHER, output_dir="runs/token_level-{kl}")
     parser.add_argument("--kl", default="forward", choices=["forward", "reverse", "jsd"],
                         help="forward = KL(teacher||student), reverse = KL(student||teacher), jsd = generalized JSD")
     parser.add_argument("--beta", type=common.FRACTION, default=0.5,
@@ -59,6 +56,7 @@ def parse_args(argv=None):
                              "--teacher; the KL is then over the K cached tokens plus one tail bucket")
     args = parser.parse_args(argv)
     common.check_eval_args(parser, args, stats=("ce",) if args.teacher_cache else ("ce", "kl"))
+    common.fill_train_defaults(parser, args)
     return args
 
 

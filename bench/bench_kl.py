@@ -2,14 +2,18 @@
 
     python bench/bench_kl.py                       # B=4, T=512, V=151,936, H=896, fp32 on CPU (bf16 on a GPU)
     python bench/bench_kl.py --reps 1 --tokens 256 # a quicker look
+    python bench/bench_kl.py --batch 8 --tokens 1024 --variants acde   # on a GPU (what bench/gpu_check.sh runs)
 
-Four ways of computing the same number (forward KL at T=1, every position a completion token), each in a fresh
+Five ways of computing the same number (forward KL at T=1, every position a completion token), each in a fresh
 process so that peak memory is its own:
   (a) materialized logits + TRL's GKDTrainer.generalized_jsd_loss
   (b) materialized logits + our reference `common.kl`
   (c) our fused chunked path `common.fused_head_loss` (gradients computed in the forward pass)
   (d) TRL 1.16's chunked divergence `trl.trainer.distillation_trainer._chunked_divergence_loss`
-trl is a bench/test-only dependency: without it (a) and (d) are skipped with a note.
+  (e) Liger-Kernel's fused linear JSD `liger_kernel.transformers.LigerFusedLinearJSD` (jsd_beta=0: forward KL);
+      Triton kernels, so CUDA only
+trl and liger-kernel are bench/test-only dependencies: without them (a), (d) and (e) are skipped with a note.
+--device and --dtype default to what a run would use: bf16 on a GPU, float32 on CPU.
 
 Peak memory is reported *above the inputs* (hidden states, both heads): on CPU the growth of the process's peak
 RSS (ru_maxrss) over its RSS once the inputs exist; on a GPU torch.cuda.max_memory_allocated over the allocated
@@ -19,6 +23,7 @@ bytes at that point. Time is the median over --reps runs after one warm-up run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -36,7 +41,11 @@ VARIANTS = {
     "b": "materialized + common.kl",
     "c": "fused chunked (common.fused_head_loss)",
     "d": "TRL 1.16 _chunked_divergence_loss",
+    "e": "Liger LigerFusedLinearJSD",
 }
+# The package each variant needs beyond torch and common.py (checked without importing it: trl takes seconds).
+NEEDS = {"a": "trl", "d": "trl", "e": "liger_kernel"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def rss_bytes() -> int:
@@ -49,11 +58,13 @@ def peak_rss_bytes() -> int:
 
 
 def make_inputs(args, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
+    # Drawn on the GPU there: one CPU stream needs ~6 s per variant for the 1.1 G numbers of two 3584-wide heads.
+    # On CPU the stream is the one results_kl_cpu.txt was measured with.
+    g = torch.Generator(device=device).manual_seed(0)
     n = args.batch * args.tokens
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype=dtype)
 
     student_hidden = randn(n, args.hidden).requires_grad_()
     teacher_hidden = randn(n, args.hidden)
@@ -86,6 +97,11 @@ def step(variant, args, student_hidden, student_weight, teacher_hidden, teacher_
         loss, _, _ = common.fused_head_loss(student_hidden, student_weight, targets, n, teacher_hidden=teacher_hidden,
                                             teacher_weight=teacher_weight, alpha=0.0, beta=0.0, temperature=1.0,
                                             chunk_size=args.chunk_size)
+    elif variant == "e":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        loss = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)(student_hidden, student_weight, teacher_hidden,
+                                                                  teacher_weight, None)
     else:
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
@@ -97,11 +113,21 @@ def step(variant, args, student_hidden, student_weight, teacher_hidden, teacher_
     return loss.item()
 
 
+def resolve(args) -> tuple[str, torch.dtype]:
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device == "cuda" else torch.float32
+    return device, dtype
+
+
+def seconds(t: float) -> str:
+    """Seconds as before, milliseconds below one second: a GPU's times would all print as 0.0x s."""
+    return f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.1f} ms"
+
+
 def run_one(args) -> dict:
     """Measure one variant in this process (called in a subprocess by main)."""
-    on_gpu = torch.cuda.is_available()
-    device = "cuda" if on_gpu else "cpu"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    device, dtype = resolve(args)
+    on_gpu = device == "cuda"
     inputs = make_inputs(args, device, dtype)
     if on_gpu:
         torch.cuda.synchronize()
@@ -111,6 +137,8 @@ def run_one(args) -> dict:
         base = rss_bytes()
     times, loss = [], None
     for i in range(args.reps + 1):
+        if on_gpu:  # kernels queued before the clock starts are not this run's
+            torch.cuda.synchronize()
         start = time.perf_counter()
         loss = step(args.variant, args, *inputs)
         if on_gpu:
@@ -130,33 +158,38 @@ def main():
     parser.add_argument("--hidden", type=int, default=896, help="hidden size (Qwen2.5-0.5B: 896)")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per variant (after one warm-up)")
     parser.add_argument("--chunk-size", type=int, default=0, help="positions per chunk for (c); 0 = automatic")
-    parser.add_argument("--variants", default="abcd", help="which variants to run, e.g. 'bc'")
+    parser.add_argument("--variants", default="abcd", help="which variants to run, e.g. 'bc' (e: Liger, GPU only)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to run; auto = cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="dtype of hidden states and heads; auto = bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_one(args)))
         return
 
-    try:
-        import trl  # noqa: F401
-
-        have_trl = True
-    except ImportError:
-        have_trl = False
+    device, _ = resolve(args)
     results = {}
     for variant in args.variants:
-        if variant in "ad" and not have_trl:
-            print(f"({variant}) skipped: trl is not installed (pip install trl==1.16.0)")
+        if variant not in VARIANTS:
+            parser.error(f"--variants: unknown variant {variant!r} (choose from {''.join(VARIANTS)})")
+        if variant in NEEDS and importlib.util.find_spec(NEEDS[variant]) is None:
+            hint = "pip install trl==1.16.0" if NEEDS[variant] == "trl" else "pip install liger-kernel"
+            print(f"({variant}) skipped: {NEEDS[variant]} is not installed ({hint})", flush=True)
+            continue
+        if variant == "e" and device != "cuda":
+            print("(e) skipped: Liger's kernels are Triton, CUDA only", flush=True)
             continue
         cmd = [sys.executable, __file__, "--variant", variant] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "variants")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"({variant}) failed:\n{proc.stderr[-2000:]}")
+            print(f"({variant}) failed:\n{proc.stderr[-2000:]}", flush=True)
             continue
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[variant]
-        print(f"({variant}) {VARIANTS[variant]:42s} +{r['extra_gb']:6.2f} GB  {r['median_s']:7.2f} s  "
+        print(f"({variant}) {VARIANTS[variant]:42s} +{r['extra_gb']:6.2f} GB  {seconds(r['median_s']):>9s}  "
               f"loss {r['loss']:.6f}", flush=True)
 
     device = next(iter(results.values()))["device"] if results else "?"
@@ -167,10 +200,10 @@ def main():
         c = results.get("c")
         ratio_m = f"{r['extra_gb'] / c['extra_gb']:.2f}x" if c else "-"
         ratio_t = f"{r['median_s'] / c['median_s']:.2f}x" if c else "-"
-        print(f"| ({v}) {VARIANTS[v]} | +{r['extra_gb']:.2f} GB | {r['median_s']:.2f} s | {ratio_m} | {ratio_t} |")
+        print(f"| ({v}) {VARIANTS[v]} | +{r['extra_gb']:.2f} GB | {seconds(r['median_s'])} | {ratio_m} | {ratio_t} |")
     if "c" in results:
         c = results["c"]
-        for anchor in "ad":
+        for anchor in "ade":
             if anchor in results:
                 a = results[anchor]
                 print(f"(c)/({anchor}): memory {c['extra_gb'] / a['extra_gb']:.3f}, "
