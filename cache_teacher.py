@@ -25,6 +25,11 @@ Shards are written under a temporary name and renamed when complete; re-running 
 keeps the complete shards and scores only the rows they do not hold. Adding rows to a cache from another teacher,
 K, template or dtype is refused, and so is a row whose id is cached for another prompt or completion; readers
 skip (training) or refuse (held-out) a cached row whose fingerprint differs from their data row's.
+
+This module owns the cache: its format (above) and its math, which token_level.py and cross_tokenizer.py import
+from here: `teacher_topk` (what is stored), `cached_teacher_log_buckets` (the teacher's distribution a reader
+rebuilds), `topk_bucket_divergence` and `cached_teacher_loss` (token_level.py's loss from a cache) and
+`vocab_fingerprint` (which token ids a cache is valid for).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import common
@@ -172,7 +179,7 @@ def cache_into(args, out: Path) -> dict:
     vocab = min(head.weight.shape[0], len(tokenizer))
     args.top_k = min(args.top_k, vocab)  # K = vocabulary caches the whole distribution (tail empty)
     header = {"teacher": args.teacher, "data": str(args.data), "top_k": args.top_k, "vocab": vocab,
-              "vocab_fingerprint": common.vocab_fingerprint(tokenizer),
+              "vocab_fingerprint": vocab_fingerprint(tokenizer),
               "teacher_fingerprint": common.model_fingerprint(args.teacher),
               "template_fingerprint": common.fingerprint(tokenizer.chat_template or ""),
               "logprob_dtype": args.logprob_dtype}
@@ -186,9 +193,9 @@ def cache_into(args, out: Path) -> dict:
         group = examples[lo:lo + args.batch_size]
         batch = {k: v.to(device) for k, v in common.pad_batch(group, tokenizer.pad_token_id).items()}
         with torch.inference_mode():
-            hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
             teacher_hidden, token_ids = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            topk_ids, topk_logprobs, tail = common.teacher_topk(teacher_hidden, head.weight, args.top_k,
+            topk_ids, topk_logprobs, tail = teacher_topk(teacher_hidden, head.weight, args.top_k,
                                                                 vocab=vocab, chunk_size=args.chunk_size)
         # The top-1 log-probability is finite for any finite logits; NaN or inf logits make it NaN.
         bad = (~torch.isfinite(topk_logprobs[:, 0])).nonzero().flatten().tolist()
@@ -226,6 +233,108 @@ def cache_into(args, out: Path) -> dict:
     if skipped:
         print(f"skipped {skipped} rows longer than --max-length {args.max_length}")
     return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache's math: what it stores (teacher_topk), how a reader turns it into a distribution
+# (cached_teacher_log_buckets) and the loss token_level.py trains on from it (cached_teacher_loss).
+
+# A large finite floor instead of -inf: an empty bucket's log-mass stays finite (see cached_teacher_log_buckets).
+_BUCKET_FLOOR = -1e30
+
+
+def teacher_topk(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, k: int, *, vocab: int,
+                 chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-K next-token log-probabilities at T=1 and the log of the mass outside them.
+
+    teacher_hidden [N, H] -> (topk_ids [N, K] int64, topk_logprobs [N, K] fp32 descending, tail_logprob [N] fp32),
+    chunk by chunk over positions. The tail is logsumexp of the logits outside the top K minus the full
+    logsumexp (exact, no 1 - sum(p) cancellation); -inf when the top K hold all the mass.
+    """
+    ids, logprobs, tails = [], [], []
+    k = min(k, vocab)
+    chunk_size = chunk_size or common.auto_chunk_size(vocab)
+    for lo in range(0, teacher_hidden.shape[0], chunk_size):
+        logits = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).float()  # [C, V]
+        lse = logits.logsumexp(-1)
+        top, index = logits.topk(k, dim=-1)
+        tails.append(logits.scatter_(-1, index, float("-inf")).logsumexp(-1) - lse)
+        ids.append(index)
+        logprobs.append(top - lse[:, None])
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(tails)
+
+
+def cached_teacher_log_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, k: int,
+                               temperature: float) -> torch.Tensor:
+    """The teacher's log-probabilities at temperature T over k+1 buckets, from a T=1 top-K cache (cache_teacher.py).
+
+    [N, K], [N] -> [N, k+1] for k <= K: the top k cached tokens (still descending) and one tail bucket holding
+    the rest (cached tokens beyond k join it). Re-tempering: log q(T) = log_softmax([l_1 .. l_k, l_tail] / T),
+    exact for the k tokens relative to each other but treating the tail as one token; the true tempered tail,
+    sum over the tail tokens of p_v^(1/T), is larger for T > 1 (the cache does not know how the tail mass is
+    spread). At T = 1 the buckets are exact. The one place token_level and cross_tokenizer read a cache.
+    """
+    logprobs = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
+    tail = torch.cat([logprobs[:, k:], tail_logprob.to(logprobs.dtype)[:, None]], dim=-1).logsumexp(-1, keepdim=True)
+    # A large finite floor instead of -inf: an empty tail (K = vocabulary) must give 0 mass, not NaN gradients.
+    return F.log_softmax(torch.cat([logprobs[:, :k], tail.clamp_min(_BUCKET_FLOOR)], dim=-1) / temperature, dim=-1)
+
+
+def topk_bucket_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                           tail_logprob: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position D_beta between teacher and student over K+1 buckets: the teacher's cached top-K tokens and one
+    tail bucket for the rest of the vocabulary. [N, V], [N, K], [N, K], [N] -> [N], T^2-scaled.
+
+    Student buckets: log softmax(z / T) at the K ids, and the log of its remaining mass (exact logsumexp over the
+    other tokens). Teacher buckets at temperature T are a *re-tempering* of the T=1 cache
+    (`cached_teacher_log_buckets`: exact at T = 1, the tail treated as one token otherwise). beta = 0 is forward
+    KL(teacher || student), 1 reverse; the divergence is that of `common.generalized_jsd_per_position` on the
+    bucket distributions (DistillKit's offline top-K, with a tail).
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    scaled = student_logits.to(dtype) / temperature
+    lse = scaled.logsumexp(-1, keepdim=True)
+    student_top = scaled.gather(-1, topk_ids) - lse  # [N, K]
+    student_tail = scaled.scatter(-1, topk_ids, _BUCKET_FLOOR).logsumexp(-1, keepdim=True) - lse  # [N, 1]
+    student_buckets = torch.cat([student_top, student_tail], dim=-1)
+    teacher_buckets = cached_teacher_log_buckets(topk_logprobs, tail_logprob, topk_ids.shape[-1], temperature)
+    return common.generalized_jsd_per_position(student_buckets, teacher_buckets.to(dtype), beta, 1.0) * temperature**2
+
+
+def cached_teacher_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
+                        num_tokens, cache: dict, *, alpha: float, beta: float, temperature: float,
+                        chunk_size: int = 0, vocab: int | None = None):
+    """alpha * CE + (1 - alpha) * `topk_bucket_divergence`, summed over positions / num_tokens, chunk by chunk.
+
+    student_hidden [N, H], student_weight [V, H], targets [N]; cache holds the aligned teacher rows:
+    topk_ids [N, K], topk_logprobs [N, K], tail_logprob [N]. Each chunk's [C, V] logits are recomputed in backward
+    (checkpointing) rather than kept. Returns (loss, ce_sum, kl_sum), the sums detached for logging.
+    """
+    student_weight = common.full_weight(student_weight)
+    vocab = vocab or student_weight.shape[0]
+    chunk_size = chunk_size or common.auto_chunk_size(vocab)
+    num_tokens = max(float(num_tokens), 1.0)
+
+    def piece(hidden, target, ids, logprobs, tail):
+        logits = hidden @ student_weight[:vocab].T  # [C, V]
+        ce = F.cross_entropy(logits.to(dtype), target, reduction="sum")
+        soft = topk_bucket_divergence(logits, ids, logprobs, tail, beta, temperature).sum()
+        return torch.stack([ce, soft])
+
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    total = student_hidden.new_zeros(2, dtype=dtype)
+    for lo in range(0, student_hidden.shape[0], chunk_size):
+        part = slice(lo, lo + chunk_size)
+        total = total + checkpoint(piece, student_hidden[part], targets[part], cache["topk_ids"][part],
+                                   cache["topk_logprobs"][part], cache["tail_logprob"][part], use_reentrant=False)
+    loss = (alpha * total[0] + (1 - alpha) * total[1]) / num_tokens
+    return loss, total[0].detach(), total[1].detach()
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary (token -> id) and special tokens: equal means same token ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return common.fingerprint(json.dumps([vocab, tokenizer.all_special_tokens], ensure_ascii=False))
 
 
 if __name__ == "__main__":

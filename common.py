@@ -2,13 +2,19 @@
 
 Everything the four training scripts would otherwise repeat lives here, in the order a run needs it:
 
-1. errors and flags        - `DistillError`, `add_train_args`, `run_main`
-2. models and tokenizers   - `load_model`, `load_tokenizer`, `maybe_lora`
+1. errors and flags        - `DistillError`, `run_main`, `add_train_args`, `add_divergence_args`
+2. models and tokenizers   - `load_model`, `load_tokenizer`, `maybe_lora`, `student_hidden_states`,
+                             `teacher_hidden_states`, `load_teacher`
 3. data                    - `read_jsonl`, `load_prompt_dataset`, `load_distill_rows`
-4. chat templates, masks   - `render_chat`, `encode_chat`, `end_of_turn_ids`, `pad_batch`
-5. losses (pure functions) - `masked_ce`, `generalized_jsd`, `kl`, `fused_head_loss`
-6. the training loop kit   - `TrainLoop` (accelerate, accumulation by global token count, logging, saving,
+4. chat templates, masks   - `render_chat`, `encode_chat`, `end_of_turn_ids`, `pad_batch`, `shift_for_next_token`
+5. losses (pure functions) - `masked_ce`, `generalized_jsd_per_position`, `masked_kl`, `masked_jsd`,
+                             `fused_head_loss` (the teacher cache's losses live in cache_teacher.py)
+6. teacher/student checks  - `check_finite_logits`, `agreement`, `preflight`, `shared_vocab_size`,
+                             `warn_template_mismatch`
+7. the training loop kit   - `TrainLoop` (accelerate, accumulation by global token count, logging, saving,
                              held-out evaluation: `load_held_out`, `TrainLoop.evaluate`)
+8. answer scoring          - `extract_answer`, `judge_answer`, `score_answers`, `wilson_interval`
+9. generation              - `generate`, `answer_problems`, `VLLMSampler`
 
 Conventions used everywhere:
 - `loss_mask` is aligned with `input_ids`: 1 on the tokens the student is trained to *predict* (the assistant
@@ -294,6 +300,51 @@ def eval_metric_names(args, stats: tuple[str, ...]) -> list[str]:
     return names + (["eval_exact_match"] if args.eval_problems else [])
 
 
+# --kl names the divergence D of token_level.py and on_policy.py; --beta only weighs the JSD.
+KL_BETA = {"forward": 0.0, "reverse": 1.0}
+DEFAULT_JSD_BETA = 0.5
+
+
+def add_divergence_args(parser: argparse.ArgumentParser, *, default: str, bare_beta_alias: bool = False) -> None:
+    """--kl forward|reverse|jsd and --beta, the same flags wherever a script trains on a token-level divergence.
+
+    Both default to None so that `resolve_divergence` can tell a bare --beta (on_policy.py's old spelling, kept for
+    one release where `bare_beta_alias`) from --kl jsd --beta.
+    """
+    parser.add_argument("--kl", default=None, choices=["forward", "reverse", "jsd"],
+                        help=f"the divergence D: forward = KL(teacher||student), mode covering; reverse = "
+                             f"KL(student||teacher), mode seeking (MiniLLM, GKD); jsd = generalized JSD weighted "
+                             f"by --beta (default: {default})")
+    alias = (" Without --kl (deprecated, one release): --beta 0 means forward, 1 reverse, else jsd"
+             if bare_beta_alias else "")
+    parser.add_argument("--beta", type=FRACTION, default=None,
+                        help=f"JSD mixture weight of the teacher, 0..1, with --kl jsd (default {DEFAULT_JSD_BETA})."
+                             + alias)
+
+
+def resolve_divergence(args, *, default: str, bare_beta_alias: bool = False) -> None:
+    """Fill --kl and --beta in place (see add_divergence_args); `divergence_beta(args)` is then the loss's beta."""
+    if args.kl is None and args.beta is not None and bare_beta_alias:
+        args.kl = {0.0: "forward", 1.0: "reverse"}.get(args.beta, "jsd")
+        spelling = f"--kl {args.kl}" + (f" --beta {args.beta:g}" if args.kl == "jsd" else "")
+        print(f"note: --beta without --kl is deprecated and will be removed; this run is {spelling}")
+    args.kl = args.kl or default
+    if args.beta is None:
+        args.beta = DEFAULT_JSD_BETA
+    if bare_beta_alias:  # on_policy.py recorded the loss's beta (run_config.json, --resume's checks): keep doing so
+        args.beta = divergence_beta(args)
+
+
+def divergence_beta(args) -> float:
+    """The generalized-JSD beta of --kl/--beta: 0 is forward KL, 1 reverse KL (see generalized_jsd_per_position)."""
+    return KL_BETA.get(args.kl, args.beta)
+
+
+def divergence_name(beta: float) -> str:
+    """How the logs name D_beta."""
+    return {0.0: "KL(teacher||student)", 1.0: "reverse KL(student||teacher)"}.get(beta, f"JSD(beta={beta:g})")
+
+
 def check_eval_args(parser: argparse.ArgumentParser, args, stats: tuple[str, ...]) -> None:
     """Refuse held-out flags that would be ignored or that name a metric this run will not log, before any model
     is loaded. `stats` are the terms the script's objective reports on held-out rows besides eval_loss."""
@@ -491,8 +542,8 @@ def output_head(model) -> torch.nn.Module:
     return inner.get_output_embeddings()
 
 
-def final_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """Hidden states after the final norm, [B, T, H], without computing [B, T, V] logits.
+def student_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+    """Hidden states after the final norm, [B, T, H], of the model being trained, keeping autograd.
 
     We go through the top-level forward (so DDP/FSDP hooks run) and ask it to project only the last position
     (`logits_to_keep=1`); the loss then projects masked positions chunk by chunk itself.
@@ -500,6 +551,38 @@ def final_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                 logits_to_keep=1, use_cache=False)
     return out.hidden_states[-1]
+
+
+def teacher_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+    """Final hidden states [B, T, H] of a model not being trained (the teacher; a student under evaluation).
+
+    Callers run it under inference mode. It calls the backbone directly: such a model is never wrapped by DDP, so
+    no hooks are skipped, and the per-layer hidden states that `output_hidden_states` would keep alive are never
+    collected. The student's training forward cannot take this shortcut (see `student_hidden_states`).
+    """
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):  # a peft-wrapped student
+        inner = inner.get_base_model()
+    return inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def frozen_teacher(model) -> torch.nn.Module:
+    """Put the teacher in eval mode with no gradients; it is never wrapped for training."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_teacher(args, device):
+    """The frozen teacher (--teacher, in --teacher-dtype or --dtype) on `device`, and its tokenizer."""
+    teacher, tokenizer = load_model(args.teacher, dtype=args.teacher_dtype or args.dtype, device=device,
+                                    what="--teacher", trust_remote_code=args.trust_remote_code)
+    return frozen_teacher(teacher), tokenizer
+
+
+def fingerprint(text: str) -> str:
+    """A short content hash (of weights listings, templates, rows, vocabularies) for equality checks."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -843,8 +926,9 @@ def shift_for_next_token(hidden: torch.Tensor, batch: dict) -> tuple[torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 # 5. losses
 #
-# Reference implementations (`masked_ce`, `generalized_jsd`, `kl`) take logits and are what the tests and the
-# readers check the formulas against. Training uses `fused_head_loss`, which computes the same numbers from
+# Reference implementations take logits and are what the tests and the readers check the formulas against; their
+# names say what they return: `generalized_jsd_per_position` one value per position, `masked_ce`, `masked_kl` and
+# `masked_jsd` a masked sum / num_tokens. Training uses `fused_head_loss`, which computes the same numbers from
 # hidden states chunk by chunk so that [tokens, vocab] logits never exist for a whole batch.
 
 
@@ -863,7 +947,7 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, n
     return _normalize(torch.where(mask.flatten().bool(), nll, 0.0).sum(), mask, num_tokens)
 
 
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+def generalized_jsd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
                     temperature: float = 1.0) -> torch.Tensor:
     """Per-position generalized Jensen-Shannon divergence, T^2-scaled. Shapes: [..., V] -> [...].
 
@@ -896,8 +980,8 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return d * temperature**2
 
 
-def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
-       direction: str = "forward", temperature: float = 1.0, num_tokens=None) -> torch.Tensor:
+def masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
+              direction: str = "forward", temperature: float = 1.0, num_tokens=None) -> torch.Tensor:
     """Masked mean KL at temperature T, T^2-scaled (Hinton et al., 2015).
 
     forward: T^2 * sum_i mask_i * KL(p_i || q_i) / num_tokens   (KL(teacher || student), mode covering)
@@ -905,13 +989,13 @@ def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.T
     p = softmax(teacher_logits / T), q = softmax(student_logits / T). Shapes: logits [..., V], mask [...].
     """
     beta = {"forward": 0.0, "reverse": 1.0}[direction]
-    return jsd(student_logits, teacher_logits, mask, beta=beta, temperature=temperature, num_tokens=num_tokens)
+    return masked_jsd(student_logits, teacher_logits, mask, beta=beta, temperature=temperature, num_tokens=num_tokens)
 
 
-def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float,
-        temperature: float = 1.0, num_tokens=None) -> torch.Tensor:
-    """Masked mean of `generalized_jsd` over positions: sum_i mask_i * D_beta(i) / num_tokens."""
-    d = generalized_jsd(student_logits, teacher_logits, beta, temperature)
+def masked_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float,
+               temperature: float = 1.0, num_tokens=None) -> torch.Tensor:
+    """Masked mean of `generalized_jsd_per_position` over positions: sum_i mask_i * D_beta(i) / num_tokens."""
+    d = generalized_jsd_per_position(student_logits, teacher_logits, beta, temperature)
     # where, not multiply: a masked position holding inf/nan (e.g. padding) must not turn the sum into nan.
     return _normalize(torch.where(mask.bool(), d, 0.0).sum(), mask, num_tokens)
 
@@ -1070,7 +1154,7 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
     """The whole [V, H] output-head weight, checked before the chunked losses read it directly.
 
     Plain and DDP: the parameter. FSDP2: the root module's parameters (lm_head, tied embeddings) stay gathered
-    from the root's forward until its backward, so right after `final_hidden_states` this is a full tensor and
+    from the root's forward until its backward, so right after `student_hidden_states` this is a full tensor and
     FSDP reduce-scatters its gradient (tests/test_distributed.py checks every gradient against one process).
     A weight still sharded at that point (a DTensor: lm_head wrapped on its own, or the root resharded) or an
     empty placeholder (DeepSpeed ZeRO-3, FSDP1 flat parameters) would need a gather whose backward fights the
@@ -1089,11 +1173,12 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def auto_chunk_size(vocab: int, device: torch.device | str) -> int:
+def auto_chunk_size(vocab: int) -> int:
     """Positions per chunk so that one [chunk, vocab] float32 buffer is ~128 MB (~220 rows at Qwen's 151,936).
 
     Large enough for efficient matmuls, small enough that the 3-5 buffers of a chunk stay far below a
-    materialized [tokens, vocab] loss.
+    materialized [tokens, vocab] loss. The same on every device: a fixed size keeps a run's chunking, and so its
+    floating-point sums, the same wherever it runs.
     """
     budget = 128 * 2**20
     return max(16, budget // (4 * vocab))
@@ -1105,7 +1190,7 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
                     temperature: float = 1.0, chunk_size: int = 0, vocab: int | None = None):
     """alpha * CE + (1 - alpha) * T^2 * D_beta(teacher, student), summed over positions / num_tokens.
 
-    Same value and gradients as `alpha * masked_ce(...) + (1 - alpha) * jsd(...)` on materialized logits,
+    Same value and gradients as `alpha * masked_ce(...) + (1 - alpha) * masked_jsd(...)` on materialized logits,
     but computed from hidden states in chunks of `chunk_size` positions (0 = `auto_chunk_size`), so peak extra
     memory is a few [chunk_size, vocab] buffers plus one head-sized gradient instead of several [N, vocab] copies.
 
@@ -1117,7 +1202,7 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
         raise ValueError("alpha < 1 needs teacher_hidden and teacher_weight")
     student_weight = full_weight(student_weight)
     vocab = vocab or student_weight.shape[0]
-    chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
+    chunk_size = chunk_size or auto_chunk_size(vocab)
     if teacher_hidden is None:
         teacher_hidden = teacher_weight = student_hidden.new_zeros(0)
     else:
@@ -1132,103 +1217,8 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     return loss, ce_sum, soft_sum
 
 
-def teacher_topk(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, k: int, *, vocab: int,
-                 chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's top-K next-token log-probabilities at T=1 and the log of the mass outside them.
-
-    teacher_hidden [N, H] -> (topk_ids [N, K] int64, topk_logprobs [N, K] fp32 descending, tail_logprob [N] fp32),
-    chunk by chunk over positions. The tail is logsumexp of the logits outside the top K minus the full
-    logsumexp (exact, no 1 - sum(p) cancellation); -inf when the top K hold all the mass.
-    """
-    ids, logprobs, tails = [], [], []
-    k = min(k, vocab)
-    chunk_size = chunk_size or auto_chunk_size(vocab, teacher_hidden.device)
-    for lo in range(0, teacher_hidden.shape[0], chunk_size):
-        logits = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).float()  # [C, V]
-        lse = logits.logsumexp(-1)
-        top, index = logits.topk(k, dim=-1)
-        tails.append(logits.scatter_(-1, index, float("-inf")).logsumexp(-1) - lse)
-        ids.append(index)
-        logprobs.append(top - lse[:, None])
-    return torch.cat(ids), torch.cat(logprobs), torch.cat(tails)
-
-
-def cached_teacher_log_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, k: int,
-                               temperature: float) -> torch.Tensor:
-    """The teacher's log-probabilities at temperature T over k+1 buckets, from a T=1 top-K cache (cache_teacher.py).
-
-    [N, K], [N] -> [N, k+1] for k <= K: the top k cached tokens (still descending) and one tail bucket holding
-    the rest (cached tokens beyond k join it). Re-tempering: log q(T) = log_softmax([l_1 .. l_k, l_tail] / T),
-    exact for the k tokens relative to each other but treating the tail as one token; the true tempered tail,
-    sum over the tail tokens of p_v^(1/T), is larger for T > 1 (the cache does not know how the tail mass is
-    spread). At T = 1 the buckets are exact. The one place token_level and cross_tokenizer read a cache.
-    """
-    logprobs = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
-    tail = torch.cat([logprobs[:, k:], tail_logprob.to(logprobs.dtype)[:, None]], dim=-1).logsumexp(-1, keepdim=True)
-    # A large finite floor instead of -inf: an empty tail (K = vocabulary) must give 0 mass, not NaN gradients.
-    return F.log_softmax(torch.cat([logprobs[:, :k], tail.clamp_min(_BUCKET_FLOOR)], dim=-1) / temperature, dim=-1)
-
-
-_BUCKET_FLOOR = -1e30
-
-
-def topk_bucket_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                           tail_logprob: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
-    """Per-position D_beta between teacher and student over K+1 buckets: the teacher's cached top-K tokens and one
-    tail bucket for the rest of the vocabulary. [N, V], [N, K], [N, K], [N] -> [N], T^2-scaled.
-
-    Student buckets: log softmax(z / T) at the K ids, and the log of its remaining mass (exact logsumexp over the
-    other tokens). Teacher buckets at temperature T are a *re-tempering* of the T=1 cache
-    (`cached_teacher_log_buckets`: exact at T = 1, the tail treated as one token otherwise). beta = 0 is forward
-    KL(teacher || student), 1 reverse; the divergence is that of `generalized_jsd` on the bucket distributions
-    (DistillKit's offline top-K, with a tail).
-    """
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    scaled = student_logits.to(dtype) / temperature
-    lse = scaled.logsumexp(-1, keepdim=True)
-    student_top = scaled.gather(-1, topk_ids) - lse  # [N, K]
-    student_tail = scaled.scatter(-1, topk_ids, _BUCKET_FLOOR).logsumexp(-1, keepdim=True) - lse  # [N, 1]
-    student_buckets = torch.cat([student_top, student_tail], dim=-1)
-    teacher_buckets = cached_teacher_log_buckets(topk_logprobs, tail_logprob, topk_ids.shape[-1], temperature)
-    return generalized_jsd(student_buckets, teacher_buckets.to(dtype), beta, 1.0) * temperature**2
-
-
-def cached_teacher_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
-                        num_tokens, cache: dict, *, alpha: float, beta: float, temperature: float,
-                        chunk_size: int = 0, vocab: int | None = None):
-    """alpha * CE + (1 - alpha) * `topk_bucket_divergence`, summed over positions / num_tokens, chunk by chunk.
-
-    student_hidden [N, H], student_weight [V, H], targets [N]; cache holds the aligned teacher rows:
-    topk_ids [N, K], topk_logprobs [N, K], tail_logprob [N]. Each chunk's [C, V] logits are recomputed in backward
-    (checkpointing) rather than kept. Returns (loss, ce_sum, kl_sum), the sums detached for logging.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    student_weight = full_weight(student_weight)
-    vocab = vocab or student_weight.shape[0]
-    chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
-    num_tokens = max(float(num_tokens), 1.0)
-
-    def piece(hidden, target, ids, logprobs, tail):
-        logits = hidden @ student_weight[:vocab].T  # [C, V]
-        ce = F.cross_entropy(logits.to(dtype), target, reduction="sum")
-        soft = topk_bucket_divergence(logits, ids, logprobs, tail, beta, temperature).sum()
-        return torch.stack([ce, soft])
-
-    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-    total = student_hidden.new_zeros(2, dtype=dtype)
-    for lo in range(0, student_hidden.shape[0], chunk_size):
-        part = slice(lo, lo + chunk_size)
-        total = total + checkpoint(piece, student_hidden[part], targets[part], cache["topk_ids"][part],
-                                   cache["topk_logprobs"][part], cache["tail_logprob"][part], use_reentrant=False)
-    loss = (alpha * total[0] + (1 - alpha) * total[1]) / num_tokens
-    return loss, total[0].detach(), total[1].detach()
-
-
-def vocab_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's vocabulary (token -> id) and special tokens: equal means same token ids."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return fingerprint(json.dumps([vocab, tokenizer.all_special_tokens], ensure_ascii=False))
+# ----------------------------------------------------------------------------------------------------------------
+# 6. teacher and student checks: finite logits, agreement, pre-flight, matching vocabularies and templates
 
 
 def check_finite_logits(logits: torch.Tensor, what: str, where: str, dtype_flag: str = "--dtype") -> None:
@@ -1251,77 +1241,48 @@ def nonfinite_logits_error(what: str, where: str, dtype_flag: str = "--dtype") -
 @torch.no_grad()
 def agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
               teacher_weight: torch.Tensor, *, vocab: int, temperature: float = 1.0, chunk_size: int = 0,
-              names: tuple[str, str] = ("the student", "the teacher"), where: str = "",
+              beta: float = 0.0, names: tuple[str, str] = ("the student", "the teacher"), where: str = "",
               dtype_flags: tuple[str, str] = ("--dtype", "--dtype")) -> dict[str, float]:
     """Sums over positions of KL(teacher || student) at temperature T (T^2-scaled) and of top-1 agreement.
 
-    Shapes as in `fused_head_loss`. Returns {"kl_sum", "top1_sum", "count"}; divide by count for means (kept as
+    Shapes as in `fused_head_loss`. Returns {"kl_sum", "div_sum" (D_beta at T), "top1_sum", "count"}; divide by
+    count for means (kept as
     sums so callers can add them across batches and processes). Chunked: no [N, vocab] tensor is formed.
     Non-finite logits raise DistillError naming the model (`names`: student's, teacher's), `where` and the flag
     that sets its dtype (`dtype_flags`).
     """
-    out = {"kl_sum": 0.0, "top1_sum": 0.0, "count": float(student_hidden.shape[0])}
-    chunk_size = chunk_size or auto_chunk_size(vocab, student_hidden.device)
+    out = {"kl_sum": 0.0, "div_sum": 0.0, "top1_sum": 0.0, "count": float(student_hidden.shape[0])}
+    chunk_size = chunk_size or auto_chunk_size(vocab)
     dtype = torch.promote_types(student_hidden.dtype, torch.float32)  # fp32 for bf16 models, fp64 in tests
     for lo in range(0, student_hidden.shape[0], chunk_size):
         s = (student_hidden[lo:lo + chunk_size] @ student_weight[:vocab].T).to(dtype)
         t = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).to(dtype)
         check_finite_logits(t, names[1], where, dtype_flags[1])
         check_finite_logits(s, names[0], where, dtype_flags[0])
-        out["kl_sum"] += generalized_jsd(s, t, 0.0, temperature).sum().item()
+        kl = generalized_jsd_per_position(s, t, 0.0, temperature).sum().item()
+        out["kl_sum"] += kl
+        out["div_sum"] += kl if beta == 0.0 else generalized_jsd_per_position(s, t, beta, temperature).sum().item()
         out["top1_sum"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
     return out
 
 
-@torch.no_grad()
-def heldout_agreement(student, teacher, examples: list[dict], pad_id: int, *, vocab: int | None = None,
-                      temperature: float = 1.0, batch_size: int = 8,
-                      names: tuple[str, str] = ("the student", "the teacher")) -> dict[str, float]:
-    """Mean KL(teacher || student) and top-1 agreement over the completion tokens of `examples`; non-finite
-    logits raise DistillError naming the model (`names`)."""
-    student_head, teacher_head = output_head(student), output_head(teacher)
-    vocab = vocab or min(student_head.weight.shape[0], teacher_head.weight.shape[0])
-    device = next(student.parameters()).device
-    total = {"kl_sum": 0.0, "top1_sum": 0.0, "count": 0.0}
-    for lo in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[lo:lo + batch_size], pad_id).items()}
-        s_hidden, _ = shift_for_next_token(backbone_hidden_states(student, batch["input_ids"],
-                                                                 batch["attention_mask"]), batch)
-        t_hidden, _ = shift_for_next_token(backbone_hidden_states(teacher, batch["input_ids"],
-                                                                 batch["attention_mask"]), batch)
-        stats = agreement(s_hidden, student_head.weight, t_hidden, teacher_head.weight, vocab=vocab,
-                          temperature=temperature, names=names,
-                          where="on the held-out completions")
-        for key in total:
-            total[key] += stats[key]
-    count = max(total["count"], 1.0)
-    return {"kl": total["kl_sum"] / count, "top1": total["top1_sum"] / count, "tokens": int(total["count"])}
-
-
-def backbone_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """Final hidden states [B, T, H] of a model not being trained (the teacher; a student under evaluation).
-
-    Calls the backbone directly: such a model is never wrapped by DDP, so no hooks are skipped, and the
-    per-layer hidden states that `output_hidden_states` would keep alive are never collected.
-    """
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):  # a peft-wrapped student
-        inner = inner.get_base_model()
-    return inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
 def preflight(student_hidden, student_weight, teacher_hidden, teacher_weight, *, vocab: int,
-              temperature: float) -> dict[str, float]:
-    """Print how far apart teacher and student start, on the first batch (a sanity check before hours of GPU).
+              temperature: float, beta: float = 0.0) -> dict[str, float]:
+    """Print how far apart teacher and student start, on the first batch (a sanity check before hours of GPU):
+    the divergence this run minimizes (D_beta at T), the forward KL at T and top-1 agreement.
     Non-finite logits of either model stop the run here, naming it, before any update."""
     stats = agreement(student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight,
-                      vocab=vocab, temperature=temperature, names=("--student", "--teacher"),
+                      vocab=vocab, temperature=temperature, beta=beta, names=("--student", "--teacher"),
                       where="on the first batch (pre-flight)", dtype_flags=("--dtype", "--teacher-dtype"))
     count = max(stats["count"], 1.0)
-    result = {"kl": stats["kl_sum"] / count, "top1": stats["top1_sum"] / count}
+    result = {"div": stats["div_sum"] / count, "kl": stats["kl_sum"] / count, "top1": stats["top1_sum"] / count}
     if is_main_process():
-        print(f"pre-flight on the first batch ({int(count)} completion tokens): "
-              f"KL(teacher||student) at T={temperature:g} = {result['kl']:.4f}, top-1 agreement = {result['top1']:.1%}")
+        minimized = "" if beta == 0.0 else (f"{divergence_name(beta)} at T={temperature:g} = {result['div']:.4f} "
+                                            "(the divergence this run minimizes); ")
+        note = " (the divergence this run minimizes)" if beta == 0.0 else ""
+        print(f"pre-flight on the first batch ({int(count)} completion tokens): {minimized}"
+              f"KL(teacher||student) at T={temperature:g} = {result['kl']:.4f}, top-1 agreement = {result['top1']:.1%}"
+              f"{note}")
     return result
 
 
@@ -1371,7 +1332,7 @@ def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_rows: int, t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. the training loop kit
+# 7. the training loop kit
 
 
 def is_main_process() -> bool:
@@ -1602,10 +1563,17 @@ class TrainLoop:
                 loss, stats = objective(batch, num_tokens)
                 loop.backward(loss, **stats)
             loop.step(num_tokens, evaluate=objective)   # clip, optimizer, schedule, held-out eval when due, log
-        loop.save(tokenizer)
+        loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)   # save the model, report, unlock
 
     `num_tokens` is the number of masked target tokens in *all* micro-batches of the step on *all* processes,
     counted before the first forward, so every micro-batch's loss uses the same denominator.
+
+    `args` is the parsed namespace of `add_train_args` (whose flags these are). The loop reads: output_dir,
+    overwrite, resume, save_every, save_total_limit, save_best, seed, bf16, report_to, gradient_checkpointing,
+    batch_size, grad_accum, epochs, max_steps, lr, weight_decay, warmup_ratio, max_grad_norm, log_every,
+    max_length, truncated, eval_data, eval_problems, eval_every, eval_batch_size, eval_max_new_tokens, and for
+    --resume's checks data, student, teacher, teacher_dtype and teacher_cache; it also records every flag
+    (vars(args)) so that --resume can refuse a changed run.
     """
 
     def __init__(self, args, model, examples: list[dict], pad_id: int, collate=None, held_out: HeldOut | None = None):
@@ -2106,9 +2074,11 @@ class TrainLoop:
                         print(f"removed {later}: later than the checkpoint this run continues")
         return {"rng": rng["rng"], "script_rng": rng["script_rng"], "elapsed_s": state["elapsed_s"]}
 
-    def finish(self, *, skipped: int, total: int, rows: list[dict] | None = None) -> None:
-        """The end-of-run report: where things are, and what was left out of training. Releases --output-dir.
-        `rows` (the --data rows) adds how many were cut at --max-new-tokens and what --truncated did with them."""
+    def finish(self, tokenizer, *, skipped: int, total: int, rows: list[dict] | None = None) -> None:
+        """End the run: save the final model with `tokenizer` (see `save`), then report where things are and what
+        was left out of training, and release --output-dir. `rows` (the --data rows) adds how many were cut at
+        --max-new-tokens and what --truncated did with them."""
+        self.save(tokenizer)
         self.accelerator.end_training()  # flushes and closes the trackers
         if not self.accelerator.is_main_process:
             return
@@ -2158,22 +2128,8 @@ def _set_rng_state(state: dict) -> None:
         np.random.set_state(state["numpy"])
 
 
-def frozen_teacher(model) -> torch.nn.Module:
-    """Put the teacher in eval mode with no gradients; it is never wrapped for training."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def load_teacher(args, device):
-    """The frozen teacher (--teacher, in --teacher-dtype or --dtype) on `device`, and its tokenizer."""
-    teacher, tokenizer = load_model(args.teacher, dtype=args.teacher_dtype or args.dtype, device=device,
-                                    what="--teacher", trust_remote_code=args.trust_remote_code)
-    return frozen_teacher(teacher), tokenizer
-
-
-def fingerprint(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+# ----------------------------------------------------------------------------------------------------------------
+# 8. answer scoring (TrainLoop's --eval-problems, eval.py, demo.py)
 
 
 # A number as written in a solution: an optional sign (ASCII '-' or the Unicode minus) touching it, an optional
@@ -2293,7 +2249,7 @@ def score_answers(predictions: list[str], references: list[str | None]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. generation (teacher data, on-policy samples, evaluation)
+# 9. generation (teacher data, on-policy samples, evaluation)
 
 
 @torch.no_grad()  # not inference_mode: a model that updates a buffer here (dynamic RoPE) trains next

@@ -13,7 +13,7 @@ r"""Cross-tokenizer distillation (ULD): learn from a teacher whose vocabulary is
     # from a teacher cache (`python cache_teacher.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct`)
     python cross_tokenizer.py --teacher-cache data/teacher_smollm2-1.7b-instruct.top64 --output-dir runs/uld_cached
 
-    # held-out ULD objective and CE every 50 steps (eval_loss, eval_ce, eval_uld), keeping the best eval_loss
+    # held-out ULD objective and CE every 50 steps (eval_loss, eval_ce, eval_div), keeping the best eval_loss
     python cross_tokenizer.py --eval-data data/teacher_smol_heldout.jsonl --eval-every 50 --save-best eval_loss \
         --output-dir runs/uld_eval
 
@@ -34,7 +34,8 @@ student's completion tokens divided by their number in the whole optimizer step.
 
 The log reports how good the alignment is: the share of student tokens whose teacher partner ends at exactly the
 same character, and the mean end-offset gap in characters. Held-out rows (--eval-data) are encoded and aligned the
-same way and log eval_loss (this objective), eval_ce and eval_uld; from a --teacher-cache they must be cached too.
+same way and log eval_loss (this objective), eval_ce and eval_div (the ULD term; metrics.jsonl's div in training,
+the key every script uses for its divergence term); from a --teacher-cache they must be cached too.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import cache_teacher
 import common
 
 
@@ -64,7 +66,9 @@ def parse_args(argv=None):
                              "token identity, so with a small alpha it sharpens whatever the student already prefers "
                              "(the demo's student learned no answer line at alpha 0.1)")
     parser.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
-                        help="kl = KL(teacher||student) of sorted top-K + tail; wasserstein = sorted L1 (ULD paper)")
+                        help="the ULD distance, between *sorted* top-K + tail probability vectors (not token_level's "
+                             "--kl, which compares token by token): kl = KL(teacher||student) of the sorted "
+                             "vectors; wasserstein = sorted L1 (ULD paper)")
     parser.add_argument("--teacher-cache", default=None,
                         help="read the teacher's top-K log-probs and token offsets from a cache_teacher.py folder "
                              "instead of loading --teacher (the cache's K must cover --top-k)")
@@ -72,7 +76,7 @@ def parse_args(argv=None):
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
     args = parser.parse_args(argv)
-    common.check_eval_args(parser, args, stats=("ce", "uld"))
+    common.check_eval_args(parser, args, stats=("ce", "div"))
     common.fill_train_defaults(parser, args)
     return args
 
@@ -135,40 +139,50 @@ def uld_distance(p: torch.Tensor, q: torch.Tensor, *, kind: str, temperature: fl
     return d * temperature**2
 
 
-def chunked_uld_and_ce(student_hidden, student_weight, targets, teacher_hidden, teacher_weight, num_tokens, args):
+def chunked_uld_and_ce(student_hidden, student_weight, targets, num_tokens, *, teacher_hidden=None,
+                       teacher_weight=None, teacher_probs=None, alpha: float, top_k: int, temperature: float,
+                       kind: str = "kl", chunk_size: int = 0):
     """alpha * CE + (1 - alpha) * ULD, summed over aligned positions / num_tokens, chunk by chunk.
 
-    Each chunk's [C, V] logits are recomputed in backward (activation checkpointing) rather than kept, so memory
-    is a few chunk-sized buffers; top-K selects K values per row, no full-vocabulary sort.
-    With `teacher_weight=None`, `teacher_hidden` is instead the teacher's [N, k+1] bucket vectors from a cache
-    (`common.cached_teacher_log_buckets(...).exp()`).
-    Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
+    The teacher is either live, `teacher_hidden` [N, H_t] with its head `teacher_weight`, or read from a cache,
+    `teacher_probs` [N, k+1]: its sorted bucket vectors (`cache_teacher.cached_teacher_log_buckets(...).exp()`,
+    whose k then replaces `top_k`). `kind` is --uld-loss. Each chunk's [C, V] logits are recomputed in backward
+    (activation checkpointing) rather than kept, so memory is a few chunk-sized buffers; top-K selects K values
+    per row, no full-vocabulary sort. Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
     """
+    if (teacher_probs is None) == (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("pass either teacher_hidden and teacher_weight, or teacher_probs")
     student_weight = common.full_weight(student_weight)
     vocab_size = student_weight.shape[0]
     teacher_vocab = teacher_weight.shape[0] if teacher_weight is not None else 0
-    chunk = args.chunk_size or common.auto_chunk_size(max(vocab_size, teacher_vocab), student_hidden.device)
+    chunk = chunk_size or common.auto_chunk_size(max(vocab_size, teacher_vocab))
+    teacher_rows = teacher_hidden if teacher_probs is None else teacher_probs
 
     def piece(h, y, th):
         logits = h @ student_weight.T  # [C, V_s]
         ce = F.cross_entropy(logits.float(), y, reduction="sum")
-        if teacher_weight is None:  # th: cached teacher buckets [C, k+1]
-            q = sorted_topk_with_tail(logits, th.shape[-1] - 1, args.temperature)
-            uld = uld_distance(th, q, kind=args.uld_loss, temperature=args.temperature).sum()
+        if teacher_probs is not None:  # th: cached teacher buckets [C, k+1]
+            q = sorted_topk_with_tail(logits, th.shape[-1] - 1, temperature)
+            uld = uld_distance(th, q, kind=kind, temperature=temperature).sum()
         else:
             with torch.no_grad():
                 teacher_logits = th @ teacher_weight.T  # [C, V_t]
-            uld = uld_loss(logits, teacher_logits, k=args.top_k, temperature=args.temperature,
-                           kind=args.uld_loss).sum()
+            uld = uld_loss(logits, teacher_logits, k=top_k, temperature=temperature, kind=kind).sum()
         return ce, uld
 
     ce_sum = uld_sum = student_hidden.new_zeros((), dtype=torch.float32)
     for lo in range(0, student_hidden.shape[0], chunk):
         ce, uld = checkpoint(piece, student_hidden[lo:lo + chunk], targets[lo:lo + chunk],
-                             teacher_hidden[lo:lo + chunk], use_reentrant=False)
+                             teacher_rows[lo:lo + chunk], use_reentrant=False)
         ce_sum, uld_sum = ce_sum + ce, uld_sum + uld
-    loss = (args.alpha * ce_sum + (1 - args.alpha) * uld_sum) / max(float(num_tokens), 1.0)
+    loss = (alpha * ce_sum + (1 - alpha) * uld_sum) / max(float(num_tokens), 1.0)
     return loss, ce_sum.detach(), uld_sum.detach()
+
+
+def uld_options(args) -> dict:
+    """chunked_uld_and_ce's settings from this script's flags."""
+    return dict(alpha=args.alpha, top_k=args.top_k, temperature=args.temperature, kind=args.uld_loss,
+                chunk_size=args.chunk_size)
 
 
 def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length, what: str | None = "--data", *,
@@ -296,14 +310,15 @@ def main(argv=None):
 
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
         with torch.inference_mode():
-            teacher_hidden = common.backbone_hidden_states(teacher, batch["teacher_input_ids"],
+            teacher_hidden = common.teacher_hidden_states(teacher, batch["teacher_input_ids"],
                                                            batch["teacher_attention_mask"])
             teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
-        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, teacher_hidden.clone(),
-                                                   teacher_head.weight, num_tokens, args)
-        return loss, {"ce": ce_sum / num_tokens, "uld": uld_sum / num_tokens}
+        loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, num_tokens,
+                                                   teacher_hidden=teacher_hidden.clone(),
+                                                   teacher_weight=teacher_head.weight, **uld_options(args))
+        return loss, {"ce": ce_sum / num_tokens, "div": uld_sum / num_tokens}
 
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
@@ -311,14 +326,11 @@ def main(argv=None):
             loop.backward(loss, **stats)
         loop.step(num_tokens, evaluate=objective)
 
-    loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows), rows=rows)
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
 
 
 def train_from_cache(args, rows, student, tokenizer):
     """The same step with the teacher's top-K read from a cache_teacher.py folder: no teacher loaded."""
-    import cache_teacher
-
     manifest, cached = cache_teacher.load_cache(args.teacher_cache)
     if any(row["row_fingerprint"] is None for row in cached.values()):
         raise common.DistillError(f"--teacher-cache {args.teacher_cache}: written by an older cache_teacher.py that "
@@ -335,7 +347,7 @@ def train_from_cache(args, rows, student, tokenizer):
         batch = common.pad_batch(exs, tokenizer.pad_token_id)
         topk_logprobs = torch.cat([ex["teacher_topk_logprobs"] for ex in exs])
         tail_logprob = torch.cat([ex["teacher_tail_logprob"] for ex in exs])
-        batch["teacher_probs"] = common.cached_teacher_log_buckets(  # [N, k+1]
+        batch["teacher_probs"] = cache_teacher.cached_teacher_log_buckets(  # [N, k+1]
             topk_logprobs, tail_logprob, k, args.temperature).exp()
         return batch
 
@@ -346,19 +358,18 @@ def train_from_cache(args, rows, student, tokenizer):
     head = common.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False):
-        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, batch["teacher_probs"],
-                                                   None, num_tokens, args)
-        return loss, {"ce": ce_sum / num_tokens, "uld": uld_sum / num_tokens}
+        loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, num_tokens,
+                                                   teacher_probs=batch["teacher_probs"], **uld_options(args))
+        return loss, {"ce": ce_sum / num_tokens, "div": uld_sum / num_tokens}
 
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
             loss, stats = objective(batch, num_tokens)
             loop.backward(loss, **stats)
         loop.step(num_tokens, evaluate=objective)
-    loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows), rows=rows)
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
 
 
 if __name__ == "__main__":

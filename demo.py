@@ -220,13 +220,12 @@ def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: in
     head = common.output_head(loop.model)
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
-            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
             hidden, targets = common.shift_for_next_token(hidden, batch)
             loss, _, _ = common.fused_head_loss(hidden, head.weight, targets, num_tokens, alpha=1.0)
             loop.backward(loss)
         loop.step(num_tokens)
-    loop.save(tokenizer)
-    loop.finish(skipped=0, total=len(examples))
+    loop.finish(tokenizer, skipped=0, total=len(examples))
     return folder
 
 

@@ -94,6 +94,32 @@ def load_for_eval(name: str, base: str | None = None, *, dtype="auto", device="c
     return PeftModel.from_pretrained(model, name).merge_and_unload(), tokenizer
 
 
+@torch.no_grad()
+def heldout_agreement(student, teacher, examples: list[dict], pad_id: int, *, vocab: int | None = None,
+                      temperature: float = 1.0, batch_size: int = 8,
+                      names: tuple[str, str] = ("the student", "the teacher")) -> dict[str, float]:
+    """Mean KL(teacher || student) and top-1 agreement over the completion tokens of `examples`; non-finite
+    logits raise DistillError naming the model (`names`)."""
+    student_head, teacher_head = common.output_head(student), common.output_head(teacher)
+    vocab = vocab or min(student_head.weight.shape[0], teacher_head.weight.shape[0])
+    device = next(student.parameters()).device
+    total = {"kl_sum": 0.0, "top1_sum": 0.0, "count": 0.0}
+    for lo in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in common.pad_batch(examples[lo:lo + batch_size], pad_id).items()}
+        # Both models only score here, so the student takes the inference path too.
+        s_hidden, _ = common.shift_for_next_token(
+            common.teacher_hidden_states(student, batch["input_ids"], batch["attention_mask"]), batch)
+        t_hidden, _ = common.shift_for_next_token(
+            common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"]), batch)
+        stats = common.agreement(s_hidden, student_head.weight, t_hidden, teacher_head.weight, vocab=vocab,
+                                 temperature=temperature, names=names,
+                                 where="on the held-out completions")
+        for key in total:
+            total[key] += stats[key]
+    count = max(total["count"], 1.0)
+    return {"kl": total["kl_sum"] / count, "top1": total["top1_sum"] / count, "tokens": int(total["count"])}
+
+
 def teacher_agreement(student, tokenizer, teacher, teacher_tokenizer, problems, teacher_texts, *,
                       system_prompt: str) -> dict[str, float] | None:
     """Mean KL(teacher || student) (T=1) and top-1 agreement on the teacher's own completions; None when the
@@ -106,7 +132,7 @@ def teacher_agreement(student, tokenizer, teacher, teacher_tokenizer, problems, 
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     examples = [common.encode_chat(tokenizer, [*system, {"role": "user", "content": p["prompt"]}], text)
                 for p, text in zip(problems, teacher_texts)]
-    return common.heldout_agreement(student, teacher, examples, tokenizer.pad_token_id, vocab=vocab,
+    return heldout_agreement(student, teacher, examples, tokenizer.pad_token_id, vocab=vocab,
                                     names=("--model", "--teacher"))
 
 

@@ -9,26 +9,28 @@ r"""On-policy distillation (GKD): the student writes, the teacher grades every t
     python on_policy.py --eval-data data/teacher_heldout.jsonl --eval-every 25 --save-best eval_kl \
         --output-dir runs/on_policy_eval
 
-    # fully on-policy, generalized JSD, several GPUs
-    accelerate launch on_policy.py --lmbda 1.0 --beta 0.5 --bf16 --teacher-dtype bfloat16 \
+    # fully on-policy, generalized JSD (--beta 0.5 alone is the deprecated spelling), several GPUs
+    accelerate launch on_policy.py --lmbda 1.0 --kl jsd --beta 0.5 --bf16 --teacher-dtype bfloat16 \
         --output-dir runs/gkd_jsd
 
 Each optimizer step is on-policy with probability --lmbda (Agarwal et al., 2024, "On-Policy Distillation of
 Language Models"): the student samples a completion for every prompt of the step (its own chat template, sampling
 at --gen-temperature / --top-p, KV cache, once for all the step's micro-batches, weights fixed meanwhile), the
-teacher scores every position of prompt + sample, and the loss is T^2 * D_beta(teacher, student) over the sampled
-tokens up to and including the first end-of-turn token (beta=1: reverse KL, the MiniLLM/GKD choice). Otherwise the
+teacher scores every position of prompt + sample, and the loss is T^2 * D(teacher, student) over the sampled
+tokens up to and including the first end-of-turn token (D: --kl, as in token_level.py; reverse KL by default, the
+MiniLLM/GKD choice). Otherwise the
 step is off-policy: the same loss on the teacher's completions from --data (what token_level.py does with
 --alpha 0). The loss temperature (--temperature, default 1) and the sampling temperature (--gen-temperature) are
 separate flags and are never mixed. Teacher and student must share a vocabulary.
 
-metrics.jsonl adds per step: on_policy (bool), gen_len (mean sampled tokens), cut_frac (share of samples that hit
---max-new-tokens without ending), and the seconds spent sampling (gen_s), in the teacher's forward (teacher_s) and in
-the student's forward + backward (student_s).
+metrics.jsonl adds per step: div (the loss's divergence term, as in the other scripts), on_policy (bool),
+gen_len (mean sampled tokens), cut_frac (share of samples that hit --max-new-tokens without ending), and the
+seconds spent sampling (gen_s), in the teacher's forward (teacher_s) and in the student's forward + backward
+(student_s).
 
 Held-out evaluation (--eval-data) is off-policy: no samples are drawn for it. eval_loss is this loss
-(T^2 * D_beta at --temperature) on the teacher's held-out completions; eval_ce and eval_kl (KL(teacher || student)
-at T=1) are measured on the same tokens.
+(T^2 * D at --temperature, also logged as eval_div) on the teacher's held-out completions; eval_ce and eval_kl
+(KL(teacher || student) at T=1) are measured on the same tokens.
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ def parse_args(argv=None):
                           teacher_default=common.BLOG_TEACHER, output_dir="runs/on_policy")
     parser.add_argument("--lmbda", type=common.FRACTION, default=0.5,
                         help="probability that a step is on-policy (0..1)")
-    parser.add_argument("--beta", type=common.FRACTION, default=1.0,
-                        help="generalized JSD weight: 0 = forward KL, 1 = reverse KL (default), between = JSD")
+    common.add_divergence_args(parser, default="reverse", bare_beta_alias=True)
     parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=1.0,
                         help="softmax temperature of the loss (> 0)")
     parser.add_argument("--gen-temperature", type=common.bounded(float, 0, note=" (0 = greedy)"), default=1.0,
@@ -63,7 +64,8 @@ def parse_args(argv=None):
                              "end-of-turn token (like a --truncated no-eos row)")
     common.add_vllm_args(parser)
     args = parser.parse_args(argv)
-    common.check_eval_args(parser, args, stats=("ce", "kl"))
+    common.resolve_divergence(args, default="reverse", bare_beta_alias=True)
+    common.check_eval_args(parser, args, stats=("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
 
@@ -129,26 +131,27 @@ def main(argv=None):
                                      teacher_head.weight.shape[0])
     common.warn_template_mismatch(tokenizer, teacher_tokenizer)
     stop_ids = common.end_of_turn_ids(tokenizer)
+    beta = common.divergence_beta(args)
     sampler = common.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
                                  trust_remote_code=args.trust_remote_code) if args.vllm else None
 
     def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
         timer = timer or Timer()
         with timer("teacher"), torch.inference_mode():
-            teacher_hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
             teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
         with timer("student"):
-            hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
             student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            loss, ce_sum, _ = common.fused_head_loss(
+            loss, ce_sum, div_sum = common.fused_head_loss(
                 student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
-                teacher_weight=teacher_head.weight, alpha=0.0, beta=args.beta, temperature=args.temperature,
+                teacher_weight=teacher_head.weight, alpha=0.0, beta=beta, temperature=args.temperature,
                 chunk_size=args.chunk_size, vocab=vocab)
         if not held_out:
-            return loss, {}
+            return loss, {"div": div_sum / num_tokens}
         stats = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
                                  chunk_size=args.chunk_size)  # KL(teacher || student) at T=1
-        return loss, {"ce": ce_sum / num_tokens, "kl": stats["kl_sum"] / num_tokens}
+        return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens, "kl": stats["kl_sum"] / num_tokens}
 
     for micro_batches, num_tokens in loop:
         timer, stats = Timer(), {}
@@ -158,13 +161,12 @@ def main(argv=None):
                 micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler)
             num_tokens = loop.count_tokens(micro_batches)  # lengths are only known after sampling
         for batch in micro_batches:
-            loss, _ = objective(batch, num_tokens, timer=timer)
+            loss, step_stats = objective(batch, num_tokens, timer=timer)
             with timer("student"):  # forward above, backward here
-                loop.backward(loss)
+                loop.backward(loss, **step_stats)
         loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **timer.seconds)
 
-    loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows), rows=rows)
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
 
 
 if __name__ == "__main__":

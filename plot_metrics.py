@@ -4,7 +4,7 @@
     python plot_metrics.py runs/token_fwd runs/seq --out curves.png
 
     # several metrics, one panel each, smoothed over 20 steps
-    python plot_metrics.py runs/token_fwd/metrics.jsonl runs/token_rev --keys loss kl grad_norm --smooth 20
+    python plot_metrics.py runs/token_fwd/metrics.jsonl runs/token_rev --keys loss div grad_norm --smooth 20
 
 Every training script writes one metrics.jsonl row per optimizer step (step, loss, lr, tokens, grad_norm, elapsed_s
 and its own terms: ce, kl, uld, gen_len, ...). A metric a run does not log is left out of that run's panel.

@@ -58,7 +58,7 @@ METHODS = {
     "token_level": ("token-level (forward KL, T=2, α=0.1)", token_level,
                     ["--kl", "forward", "--temperature", "2", "--alpha", "0.1"], "main"),
     "on_policy": ("on-policy (GKD, λ=0.5, reverse KL, T=1)", on_policy,
-                  ["--lmbda", "0.5", "--beta", "1", "--temperature", "1"], "main"),
+                  ["--lmbda", "0.5", "--kl", "reverse", "--temperature", "1"], "main"),
     "cross_tokenizer": ("cross-tokenizer (ULD, top-50, T=2, α=0.5)", cross_tokenizer,
                         ["--top-k", "50", "--temperature", "2", "--alpha", "0.5"], "uld"),
 }

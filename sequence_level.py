@@ -46,7 +46,7 @@ def main(argv=None):
     head = common.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
-        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         loss, ce_sum, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens,
                                                  alpha=1.0, chunk_size=args.chunk_size)
@@ -58,8 +58,7 @@ def main(argv=None):
             loop.backward(loss, **stats)
         loop.step(num_tokens, evaluate=objective)
 
-    loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows), rows=rows)
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ r"""Token-level (logit) distillation: match the teacher's full next-token distri
         --output-dir runs/token_level-multi
 
 Loss per optimizer step: alpha * CE(student, teacher's tokens) + (1 - alpha) * T^2 * D(teacher, student), where D
-is forward KL, reverse KL or the generalized JSD (common.generalized_jsd), and both terms are sums over the
+is forward KL, reverse KL or the generalized JSD (common.generalized_jsd_per_position), and both terms are sums over the
 assistant completion tokens (plus the closing end-of-turn token) divided by the number of such tokens in the
 whole step. Teacher and student must share a vocabulary (padded heads are fine); otherwise use cross_tokenizer.py.
 The [tokens, vocab] logits are never formed for a batch: both heads are applied chunk by chunk inside the loss.
 
-Held-out rows (--eval-data) log eval_loss (this loss), eval_ce and eval_kl = KL(teacher || student) at T=1 whatever
---kl and --temperature (comparable across runs; the training row's kl is the T^2-scaled training term). From a
---teacher-cache the held-out rows must be in the cache too, and eval_kl is not logged (the cache holds top-K only).
+metrics.jsonl logs per step loss, ce and div (the T^2-scaled divergence term D, whatever --kl). Held-out rows
+(--eval-data) log eval_loss (this loss), eval_ce, eval_div and eval_kl = KL(teacher || student) at T=1 whatever
+--kl and --temperature (comparable across runs). From a --teacher-cache the held-out rows must be in the cache too,
+eval_div is the cached top-K + tail divergence, and eval_kl is not logged (the cache holds top-K only).
 """
 
 from __future__ import annotations
@@ -35,19 +36,15 @@ import argparse
 
 import torch
 
+import cache_teacher
 import common
-
-BETA = {"forward": 0.0, "reverse": 1.0}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
                           teacher_default=common.BLOG_TEACHER, output_dir="runs/token_level-{kl}")
-    parser.add_argument("--kl", default="forward", choices=["forward", "reverse", "jsd"],
-                        help="forward = KL(teacher||student), reverse = KL(student||teacher), jsd = generalized JSD")
-    parser.add_argument("--beta", type=common.FRACTION, default=0.5,
-                        help="JSD mixture weight of the teacher, 0..1 (--kl jsd only)")
+    common.add_divergence_args(parser, default="forward")
     parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
                         help="softmax temperature of the KL term (loss is T^2-scaled)")
     parser.add_argument("--alpha", type=common.FRACTION, default=0.1, help="weight of the cross-entropy term (0..1)")
@@ -55,14 +52,15 @@ def parse_args(argv=None):
                         help="train from a cache_teacher.py folder (top-K log-probs + tail) instead of loading "
                              "--teacher; the KL is then over the K cached tokens plus one tail bucket")
     args = parser.parse_args(argv)
-    common.check_eval_args(parser, args, stats=("ce",) if args.teacher_cache else ("ce", "kl"))
+    common.resolve_divergence(args, default="forward")
+    common.check_eval_args(parser, args, stats=("ce", "div") if args.teacher_cache else ("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    beta = BETA.get(args.kl, args.beta)
+    beta = common.divergence_beta(args)
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
@@ -73,8 +71,7 @@ def main(argv=None):
         loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
                                 eval_set)
         train_from_cache(args, loop, beta, vocab)
-        loop.save(tokenizer)
-        loop.finish(skipped=skipped, total=len(rows), rows=rows)
+        loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
         return
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             held_out=eval_set)
@@ -86,21 +83,22 @@ def main(argv=None):
 
     def objective(batch, num_tokens, held_out=False, preflight=False):  # training and held-out rows alike
         with torch.inference_mode():
-            teacher_hidden = common.backbone_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
             teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
-        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         if preflight:
             common.preflight(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
-                             temperature=args.temperature)
-        loss, ce_sum, kl_sum = common.fused_head_loss(
+                             temperature=args.temperature, beta=beta)
+        loss, ce_sum, div_sum = common.fused_head_loss(
             student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
             teacher_weight=teacher_head.weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
             chunk_size=args.chunk_size, vocab=vocab)
+        stats = {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
         if held_out:  # eval_kl: plain KL(teacher || student) at T=1, whatever this run's divergence
-            kl_sum = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight,
-                                      vocab=vocab, chunk_size=args.chunk_size)["kl_sum"]
-        return loss, {"ce": ce_sum / num_tokens, "kl": kl_sum / num_tokens}
+            stats["kl"] = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight,
+                                           vocab=vocab, chunk_size=args.chunk_size)["kl_sum"] / num_tokens
+        return loss, stats
 
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
@@ -108,24 +106,21 @@ def main(argv=None):
             loop.backward(loss, **stats)
         loop.step(num_tokens, evaluate=objective)
 
-    loop.save(tokenizer)
-    loop.finish(skipped=skipped, total=len(rows), rows=rows)
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
 
 
 def train_from_cache(args, loop, beta: float, vocab: int) -> None:
-    """The same step with the teacher's distribution read from the cache (common.cached_teacher_loss)."""
+    """The same step with the teacher's distribution read from the cache (cache_teacher.cached_teacher_loss)."""
     head = common.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False):
-        hidden = common.final_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        loss, ce_sum, kl_sum = common.cached_teacher_loss(
+        loss, ce_sum, div_sum = cache_teacher.cached_teacher_loss(
             student_hidden, head.weight, targets, num_tokens, batch, alpha=args.alpha, beta=beta,
             temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
-        stats = {"ce": ce_sum / num_tokens}
-        if not held_out:  # held out, no eval_kl: this top-K bucket divergence is not the KL other runs log
-            stats["kl"] = kl_sum / num_tokens
-        return loss, stats
+        # No eval_kl: this top-K bucket divergence is not the full-vocabulary KL other runs log.
+        return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
 
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
@@ -142,13 +137,11 @@ def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None
     function that pads the batch and stacks its cached rows in the order shift_for_next_token uses). The
     held-out examples (--eval-data) are paired too, in place; every one of them must be in the cache.
     """
-    import cache_teacher
-
     manifest, cached = cache_teacher.load_cache(folder)
-    if manifest["vocab_fingerprint"] != common.vocab_fingerprint(tokenizer):
+    if manifest["vocab_fingerprint"] != cache_teacher.vocab_fingerprint(tokenizer):
         raise common.DistillError(f"--teacher-cache {folder}: written with the tokenizer of {manifest['teacher']}, "
                                   "whose vocabulary differs from the student's (fingerprint "
-                                  f"{manifest['vocab_fingerprint']} vs {common.vocab_fingerprint(tokenizer)}); "
+                                  f"{manifest['vocab_fingerprint']} vs {cache_teacher.vocab_fingerprint(tokenizer)}); "
                                   "a top-K cache is only meaningful for the same token ids (see cross_tokenizer.py)")
     if manifest["vocab"] > common.output_head(student).weight.shape[0]:
         raise common.DistillError(f"--teacher-cache {folder}: vocabulary {manifest['vocab']} is larger than the "

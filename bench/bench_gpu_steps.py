@@ -16,7 +16,7 @@ softmax and sampling step, is as wide as a real run's. Weights are saved in bf16
 
 `train` runs the script's own main() on that folder, unchanged, with the flags of a bf16 GPU run (--bf16
 --teacher-dtype bfloat16: float32 student weights under bf16 autocast, bf16 teacher). It only wraps, with
-torch.cuda.synchronize() on either side, the functions whose time it reports: common.backbone_hidden_states (the
+torch.cuda.synchronize() on either side, the functions whose time it reports: common.teacher_hidden_states (the
 teacher's forward), common.generate (on-policy sampling) and TrainLoop.step (clipping, AdamW, logging); the
 step time runs from the end of one TrainLoop.step to the end of the next, and the student's forward, loss and
 backward (with batching) are the rest of it. The first step (kernel selection, the pre-flight check) is reported
@@ -192,13 +192,13 @@ def instrument(common, report):
         param = next(model.parameters())
         return f"{str(param.dtype).removeprefix('torch.')} on {param.device}"
 
-    teacher_forward = common.backbone_hidden_states
+    teacher_forward = common.teacher_hidden_states
 
     def backbone(model, *a, **k):
         state.setdefault("teacher", placed(model))
         return teacher_forward(model, *a, **k)
 
-    common.backbone_hidden_states = timed("teacher", backbone)
+    common.teacher_hidden_states = timed("teacher", backbone)
     common.generate = timed("sampling", common.generate)
     loop_iter, loop_step = common.TrainLoop.__iter__, common.TrainLoop.step
 

@@ -7,7 +7,7 @@
 Five ways of computing the same number (forward KL at T=1, every position a completion token), each in a fresh
 process so that peak memory is its own:
   (a) materialized logits + TRL's GKDTrainer.generalized_jsd_loss
-  (b) materialized logits + our reference `common.kl`
+  (b) materialized logits + our reference `common.masked_kl`
   (c) our fused chunked path `common.fused_head_loss` (gradients computed in the forward pass)
   (d) TRL 1.16's chunked divergence `trl.trainer.distillation_trainer._chunked_divergence_loss`
   (e) Liger-Kernel's fused linear JSD `liger_kernel.transformers.LigerFusedLinearJSD` (jsd_beta=0: forward KL);
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = {
     "a": "materialized + TRL generalized_jsd_loss",
-    "b": "materialized + common.kl",
+    "b": "materialized + common.masked_kl",
     "c": "fused chunked (common.fused_head_loss)",
     "d": "TRL 1.16 _chunked_divergence_loss",
     "e": "Liger LigerFusedLinearJSD",
@@ -91,7 +91,7 @@ def step(variant, args, student_hidden, student_weight, teacher_hidden, teacher_
             loss = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=mask.long(), beta=0.0,
                                                    temperature=1.0)
         else:
-            loss = common.kl(student_logits, teacher_logits, mask, direction="forward", temperature=1.0)
+            loss = common.masked_kl(student_logits, teacher_logits, mask, direction="forward", temperature=1.0)
     elif variant == "c":
         targets = torch.zeros(n, dtype=torch.long, device=student_hidden.device)
         loss, _, _ = common.fused_head_loss(student_hidden, student_weight, targets, n, teacher_hidden=teacher_hidden,

@@ -25,7 +25,7 @@ def batch_and_teacher(teacher_path: str, rank: int, world: int):
     teacher = common.frozen_teacher(transformers.AutoModelForCausalLM.from_pretrained(teacher_path))
     mine = input_ids[rank::world]
     with torch.no_grad():
-        teacher_hidden = common.backbone_hidden_states(teacher, mine, torch.ones_like(mine))
+        teacher_hidden = common.teacher_hidden_states(teacher, mine, torch.ones_like(mine))
     return mine, teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]), common.output_head(teacher).weight
 
 
@@ -40,7 +40,7 @@ def tied_student(path: str):
 
 
 def fused_loss(student, input_ids, teacher_hidden, teacher_weight, num_tokens):
-    hidden = common.final_hidden_states(student, input_ids, torch.ones_like(input_ids))
+    hidden = common.student_hidden_states(student, input_ids, torch.ones_like(input_ids))
     loss, _, _ = common.fused_head_loss(
         hidden[:, :-1].reshape(-1, hidden.shape[-1]), common.output_head(student).weight,
         input_ids[:, 1:].reshape(-1), num_tokens, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,

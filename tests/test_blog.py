@@ -86,7 +86,8 @@ def test_bare_commands_are_the_blogs_setup(tmp_path, monkeypatch):
     token = token_level.parse_args([])
     assert (token.teacher, token.kl, token.temperature, token.alpha) == ("Qwen/Qwen2.5-3B-Instruct", "forward", 2, 0.1)
     policy = on_policy.parse_args([])
-    assert (policy.teacher, policy.lmbda, policy.beta, policy.temperature) == ("Qwen/Qwen2.5-3B-Instruct", 0.5, 1, 1)
+    assert (policy.teacher, policy.lmbda, policy.kl, policy.temperature) == (
+        "Qwen/Qwen2.5-3B-Instruct", 0.5, "reverse", 1)
     assert cross_tokenizer.parse_args([]).teacher == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
     assert sequence_level.parse_args(["--output-dir", "elsewhere"]).output_dir == "elsewhere"
 
@@ -180,7 +181,7 @@ def test_tiny_blog_recipe_writes_the_whole_table(tmp_path, capsys):
     assert any(row["on_policy"] for row in common.read_jsonl(out / "runs" / "on_policy" / "metrics.jsonl"))
     config = json.loads((out / "runs" / "cross_tokenizer" / "run_config.json").read_text())
     assert config["lora"] and config["lora_target_modules"] == "q_proj,k_proj,v_proj,o_proj"
-    assert common.vocab_fingerprint(common.load_tokenizer(config["teacher"])) != common.vocab_fingerprint(
+    assert cache_teacher.vocab_fingerprint(common.load_tokenizer(config["teacher"])) != cache_teacher.vocab_fingerprint(
         common.load_tokenizer(config["student"]))
 
     # Re-running reuses every finished step and writes the same table.

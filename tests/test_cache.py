@@ -44,12 +44,13 @@ def reference_bucket_divergence(student_logits, teacher_logits, k, beta, tempera
 def test_bucket_divergence_matches_its_formula(beta, temperature, k):
     torch.manual_seed(0)
     student, teacher = torch.randn(6, 11, dtype=torch.float64) * 2, torch.randn(6, 11, dtype=torch.float64) * 3
-    ids, logprobs, tail = common.teacher_topk(teacher, torch.eye(11, dtype=torch.float64), k, vocab=11, chunk_size=4)
-    got = common.topk_bucket_divergence(student, ids, logprobs.double(), tail.double(), beta, temperature)
+    ids, logprobs, tail = cache_teacher.teacher_topk(teacher, torch.eye(11, dtype=torch.float64), k, vocab=11,
+                                                     chunk_size=4)
+    got = cache_teacher.topk_bucket_divergence(student, ids, logprobs.double(), tail.double(), beta, temperature)
     want = reference_bucket_divergence(student, teacher, k, beta, temperature)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     if k == 11:  # every token cached: exactly the full-vocabulary divergence at any temperature
-        full = common.generalized_jsd(student, teacher, beta, temperature)  # already T^2-scaled
+        full = common.generalized_jsd_per_position(student, teacher, beta, temperature)  # already T^2-scaled
         torch.testing.assert_close(got.double(), full.double(), rtol=1e-5, atol=1e-6)
 
 
@@ -59,14 +60,14 @@ def test_cached_loss_gradients_match_unchunked_autograd():
     weight = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(13, 20, dtype=torch.float64) * 2
     targets = torch.randint(0, 20, (13,))
-    ids, logprobs, tail = common.teacher_topk(teacher, torch.eye(20, dtype=torch.float64), 5, vocab=20)
+    ids, logprobs, tail = cache_teacher.teacher_topk(teacher, torch.eye(20, dtype=torch.float64), 5, vocab=20)
     cache = {"topk_ids": ids, "topk_logprobs": logprobs, "tail_logprob": tail}
-    loss, _, _ = common.cached_teacher_loss(hidden, weight, targets, 40, cache, alpha=0.3, beta=0.5,
+    loss, _, _ = cache_teacher.cached_teacher_loss(hidden, weight, targets, 40, cache, alpha=0.3, beta=0.5,
                                             temperature=2.0, chunk_size=4)
     got = torch.autograd.grad(loss, [hidden, weight])
     logits = hidden @ weight.T
     want_loss = (0.3 * torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-                 + 0.7 * common.topk_bucket_divergence(logits, ids, logprobs, tail, 0.5, 2.0).sum()) / 40
+                 + 0.7 * cache_teacher.topk_bucket_divergence(logits, ids, logprobs, tail, 0.5, 2.0).sum()) / 40
     want = torch.autograd.grad(want_loss, [hidden, weight])
     torch.testing.assert_close(loss, want_loss)
     for g, w in zip(got, want):
@@ -120,7 +121,7 @@ def test_training_from_a_full_cache_equals_live_token_level(kit, tmp_path):
             "--lr", "1e-3", "--kl", "reverse", "--temperature", "2", "--alpha", "0.2"]
     token_level.main([*args, "--teacher", str(kit["teacher"]), "--output-dir", str(tmp_path / "live")])
     token_level.main([*args, "--teacher-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "cached")])
-    assert_same_steps(tmp_path / "live", tmp_path / "cached", ("loss", "kl", "ce", "tokens"))
+    assert_same_steps(tmp_path / "live", tmp_path / "cached", ("loss", "div", "ce", "tokens"))
 
 
 def assert_same_steps(live_dir, cached_dir, keys):
@@ -170,13 +171,13 @@ def test_cross_tokenizer_from_a_cache_equals_the_live_teacher_at_t1(kit, tmp_pat
             "--lr", "1e-3", "--top-k", "20", "--temperature", "1", "--alpha", "0.2"]
     cross_tokenizer.main([*args, "--teacher", str(kit["teacher_llama"]), "--output-dir", str(tmp_path / "live")])
     cross_tokenizer.main([*args, "--teacher-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "cached")])
-    assert_same_steps(tmp_path / "live", tmp_path / "cached", ("loss", "uld", "ce", "tokens"))
+    assert_same_steps(tmp_path / "live", tmp_path / "cached", ("loss", "div", "ce", "tokens"))
 
 
 def test_cached_teacher_probs_fold_extra_tokens_into_the_tail():
     import cross_tokenizer
 
     logits = torch.randn(5, 30, dtype=torch.float64)
-    ids, logprobs, tail = common.teacher_topk(logits, torch.eye(30, dtype=torch.float64), 12, vocab=30)
-    got = common.cached_teacher_log_buckets(logprobs, tail, 4, 1.0).exp()
+    ids, logprobs, tail = cache_teacher.teacher_topk(logits, torch.eye(30, dtype=torch.float64), 12, vocab=30)
+    got = cache_teacher.cached_teacher_log_buckets(logprobs, tail, 4, 1.0).exp()
     torch.testing.assert_close(got.double(), cross_tokenizer.sorted_topk_with_tail(logits, 4, 1.0), atol=1e-6, rtol=0)

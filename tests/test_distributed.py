@@ -51,10 +51,10 @@ def test_token_level_two_processes_match_one(kit, tmp_path):
 
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["tokens"] for m in two] == [m["tokens"] for m in one]  # counted over both processes
-    for key in ("loss", "ce", "kl", "grad_norm"):  # grad_norm catches a missing x num_processes (Adam would not)
+    for key in ("loss", "ce", "div", "grad_norm"):  # grad_norm catches a missing x num_processes (Adam would not)
         assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-5), key
     assert [m["step"] for m in two if "eval_loss" in m] == [2, 3]
-    for key in ("eval_loss", "eval_ce", "eval_kl", "eval_exact_match"):
+    for key in ("eval_loss", "eval_ce", "eval_div", "eval_kl", "eval_exact_match"):
         assert [m.get(key) for m in two if "eval_loss" in m] == pytest.approx(
             [m.get(key) for m in one if "eval_loss" in m], rel=1e-5), key
 

@@ -48,7 +48,7 @@ def test_eval_rows_are_logged_every_n_steps_and_at_the_last(kit, tmp_path):
 
 
 def reference_metrics(student_dir, teacher_dir, rows_file, *, alpha, beta, temperature):
-    """eval_loss, eval_ce and eval_kl from their formulas: float64, plain log_softmax, one row at a time."""
+    """eval_loss, eval_ce, eval_div and eval_kl from their formulas: float64, plain log_softmax, one row at a time."""
     student, tokenizer = common.load_model(str(student_dir))
     teacher, _ = common.load_model(str(teacher_dir))
     student, teacher = student.double().eval(), teacher.double().eval()
@@ -73,7 +73,8 @@ def reference_metrics(student_dir, teacher_dir, rows_file, *, alpha, beta, tempe
         log_q1, log_p1 = s.log_softmax(-1), t.log_softmax(-1)
         kl += (log_p1.exp() * (log_p1 - log_q1)).sum().item()
         count += mask.sum().item()
-    return {"eval_loss": (alpha * ce + (1 - alpha) * soft) / count, "eval_ce": ce / count, "eval_kl": kl / count}
+    return {"eval_loss": (alpha * ce + (1 - alpha) * soft) / count, "eval_ce": ce / count, "eval_div": soft / count,
+            "eval_kl": kl / count}
 
 
 @pytest.mark.parametrize("script", ["token_level", "on_policy"])
@@ -89,9 +90,10 @@ def test_eval_loss_and_kl_equal_their_formulas_on_the_saved_model(kit, tmp_path,
         token_level.main([*args, "--kl", "reverse", "--alpha", "0.3", "--temperature", "2"])
     else:  # trains on its own samples; evaluates on the teacher's held-out text
         settings = dict(alpha=0.0, beta=0.5, temperature=1.5)
-        on_policy.main([*args, "--lmbda", "1", "--beta", "0.5", "--temperature", "1.5", "--max-new-tokens", "8"])
+        on_policy.main([*args, "--lmbda", "1", "--kl", "jsd", "--beta", "0.5", "--temperature", "1.5",
+                        "--max-new-tokens", "8"])
     logged = read_metrics(out)[-1]
-    assert eval_keys(logged) == {"eval_loss", "eval_ce", "eval_kl"}
+    assert eval_keys(logged) == {"eval_loss", "eval_ce", "eval_div", "eval_kl"}
     want = reference_metrics(out, kit["teacher"], held_out, **settings)
     for key, value in want.items():
         assert logged[key] == pytest.approx(value, rel=1e-5), key
@@ -149,7 +151,7 @@ def test_training_is_the_same_with_and_without_evaluation(kit, tmp_path):
     on_policy.main([*args, "--output-dir", str(tmp_path / "eval"), "--eval-data", str(held_out), "--eval-problems",
                     str(problems), "--eval-every", "1", "--eval-max-new-tokens", "4"])
     plain, evaluated = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "eval")
-    assert all(eval_keys(m) == {"eval_loss", "eval_ce", "eval_kl", "eval_exact_match"} for m in evaluated)
+    assert all(eval_keys(m) == {"eval_loss", "eval_ce", "eval_div", "eval_kl", "eval_exact_match"} for m in evaluated)
     assert [m["on_policy"] for m in evaluated] == [m["on_policy"] for m in plain]
     assert len({m["on_policy"] for m in plain}) == 2  # both kinds of step happened
     for key in ("loss", "gen_len", "grad_norm", "tokens"):
@@ -222,7 +224,7 @@ def test_which_metrics_each_script_offers_to_save_best(tmp_path):
     base = ["--data", e, "--output-dir", "out", "--eval-every", "1", "--eval-data", e]
     assert token_level.parse_args([*base, "--save-best", "eval_kl"]).save_best == "eval_kl"
     assert on_policy.parse_args([*base, "--save-best", "eval_kl"]).save_best == "eval_kl"
-    assert cross_tokenizer.parse_args([*base, "--save-best", "eval_uld"]).save_best == "eval_uld"
+    assert cross_tokenizer.parse_args([*base, "--save-best", "eval_div"]).save_best == "eval_div"
     for script, flags in ((token_level, ["--teacher-cache", "c"]), (cross_tokenizer, []), (sequence_level, [])):
         with pytest.raises(SystemExit):  # no same-vocabulary teacher in memory: no eval_kl
             script.parse_args([*base, *flags, "--save-best", "eval_kl"])
@@ -235,8 +237,8 @@ def test_cross_tokenizer_evaluates_its_uld_objective(kit, tmp_path):
                           "--eval-every", "2", "--max-steps", "2", "--batch-size", "2", "--alpha", "0.4",
                           "--output-dir", str(out)])
     logged = read_metrics(out)[-1]
-    assert eval_keys(logged) == {"eval_loss", "eval_ce", "eval_uld"}
-    assert logged["eval_loss"] == pytest.approx(0.4 * logged["eval_ce"] + 0.6 * logged["eval_uld"], rel=1e-6)
+    assert eval_keys(logged) == {"eval_loss", "eval_ce", "eval_div"}
+    assert logged["eval_loss"] == pytest.approx(0.4 * logged["eval_ce"] + 0.6 * logged["eval_div"], rel=1e-6)
 
 
 @pytest.mark.parametrize("script", ["token_level", "cross_tokenizer"])
@@ -255,8 +257,7 @@ def test_teacher_cache_runs_evaluate_from_the_cache(kit, tmp_path, script):
         module.main([*args, "--output-dir", str(tmp_path / "refused")])
     cache_teacher.main(["--teacher", str(teacher), "--data", str(held_out), "--output", str(cache), "--top-k", "8"])
     module.main([*args, "--output-dir", str(tmp_path / "run")])
-    assert eval_keys(read_metrics(tmp_path / "run")[-1]) == {"eval_loss", "eval_ce"} | (
-        {"eval_uld"} if script == "cross_tokenizer" else set())
+    assert eval_keys(read_metrics(tmp_path / "run")[-1]) == {"eval_loss", "eval_ce", "eval_div"}
 
 
 def test_fused_loss_without_gradients_gives_the_same_values():
@@ -274,6 +275,6 @@ def test_fused_loss_without_gradients_gives_the_same_values():
     for a, b in zip(with_grad, without):
         assert torch.equal(a.detach(), b)
     logits, teacher_logits = hidden.detach() @ weight.detach().T, teacher_hidden @ teacher_weight.T
-    want = 0.2 * F.cross_entropy(logits, targets, reduction="sum") + 0.8 * common.generalized_jsd(
+    want = 0.2 * F.cross_entropy(logits, targets, reduction="sum") + 0.8 * common.generalized_jsd_per_position(
         logits, teacher_logits, 0.3, 1.7).sum()
     torch.testing.assert_close(without[0], want / 40)

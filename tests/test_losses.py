@@ -64,17 +64,17 @@ def make_case(batch=3, length=5, vocab=11, seed=0):
 @pytest.mark.parametrize("direction,beta", [("forward", 0.0), ("reverse", 1.0)])
 def test_kl_matches_reference(direction, beta, temperature):
     student, teacher, mask = make_case()
-    got = common.kl(student, teacher, mask, direction=direction, temperature=temperature)
+    got = common.masked_kl(student, teacher, mask, direction=direction, temperature=temperature)
     want = ref_masked_mean(student, teacher, mask, beta, temperature)
     assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
 def test_forward_and_reverse_differ_and_temperature_matters():
     student, teacher, mask = make_case(seed=1)
-    fwd = common.kl(student, teacher, mask, direction="forward", temperature=1.0)
-    rev = common.kl(student, teacher, mask, direction="reverse", temperature=1.0)
+    fwd = common.masked_kl(student, teacher, mask, direction="forward", temperature=1.0)
+    rev = common.masked_kl(student, teacher, mask, direction="reverse", temperature=1.0)
     assert abs(fwd - rev) > 1e-3
-    t2 = common.kl(student, teacher, mask, direction="forward", temperature=2.0)
+    t2 = common.masked_kl(student, teacher, mask, direction="forward", temperature=2.0)
     assert t2.item() == pytest.approx(ref_masked_mean(student, teacher, mask, 0.0, 2.0), rel=1e-10)
     assert abs(t2 - fwd) > 1e-3
 
@@ -83,23 +83,23 @@ def test_forward_and_reverse_differ_and_temperature_matters():
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_generalized_jsd_matches_reference(beta, temperature):
     student, teacher, mask = make_case(seed=2)
-    got = common.jsd(student, teacher, mask, beta=beta, temperature=temperature, num_tokens=17)
+    got = common.masked_jsd(student, teacher, mask, beta=beta, temperature=temperature, num_tokens=17)
     want = ref_masked_mean(student, teacher, mask, beta, temperature, num_tokens=17)
     assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
 def test_jsd_endpoints_are_the_two_kls():
     student, teacher, mask = make_case(seed=3)
-    fwd = common.kl(student, teacher, mask, direction="forward", temperature=2.0)
-    rev = common.kl(student, teacher, mask, direction="reverse", temperature=2.0)
-    assert common.jsd(student, teacher, mask, beta=0.0, temperature=2.0).item() == pytest.approx(fwd.item())
-    assert common.jsd(student, teacher, mask, beta=1.0, temperature=2.0).item() == pytest.approx(rev.item())
+    fwd = common.masked_kl(student, teacher, mask, direction="forward", temperature=2.0)
+    rev = common.masked_kl(student, teacher, mask, direction="reverse", temperature=2.0)
+    assert common.masked_jsd(student, teacher, mask, beta=0.0, temperature=2.0).item() == pytest.approx(fwd.item())
+    assert common.masked_jsd(student, teacher, mask, beta=1.0, temperature=2.0).item() == pytest.approx(rev.item())
 
 
 def test_divergence_is_zero_for_identical_distributions():
     student, _, mask = make_case(seed=4)
     for beta in (0.0, 0.5, 1.0):
-        same = common.jsd(student, student.clone(), mask, beta=beta, temperature=2.0)
+        same = common.masked_jsd(student, student.clone(), mask, beta=beta, temperature=2.0)
         assert same.item() == pytest.approx(0, abs=1e-12)
 
 
@@ -123,7 +123,7 @@ def test_matches_trl_generalized_jsd_times_t_squared():
     labels = torch.where(mask.bool(), 1, -100)
     for beta in (0.0, 0.5, 1.0):
         theirs = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=2.0)
-        ours = common.jsd(student, teacher, mask, beta=beta, temperature=2.0)
+        ours = common.masked_jsd(student, teacher, mask, beta=beta, temperature=2.0)
         assert ours.item() == pytest.approx(4.0 * theirs.item(), rel=1e-9)
 
 
@@ -136,7 +136,7 @@ def materialized(student_hidden, student_weight, targets, teacher_hidden, teache
     teacher_logits = teacher_hidden @ teacher_weight[:vocab].T
     ones = torch.ones(len(targets), dtype=torch.float64)
     ce = common.masked_ce(student_logits, targets, ones, num_tokens)
-    soft = common.jsd(student_logits, teacher_logits, ones, beta=beta, temperature=temperature,
+    soft = common.masked_jsd(student_logits, teacher_logits, ones, beta=beta, temperature=temperature,
                       num_tokens=num_tokens)
     return alpha * ce + (1 - alpha) * soft
 
@@ -203,7 +203,7 @@ def test_fused_head_loss_with_impossible_teacher_tokens(beta):
     targets = torch.zeros(5, dtype=torch.long)
     loss, _, _ = common.fused_head_loss(hidden, weight, targets, 5, teacher_hidden=teacher_hidden,
                                         teacher_weight=teacher_weight, alpha=0.0, beta=beta, chunk_size=2)
-    want = common.jsd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, torch.ones(5), beta=beta)
+    want = common.masked_jsd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, torch.ones(5), beta=beta)
     if beta == 1.0:  # reverse KL puts student mass where the teacher has none: infinite, as it should be
         assert loss.item() > 1e30 and want.item() == float("inf")
         return

@@ -110,7 +110,7 @@ def test_held_out_kl_refuses_non_finite_teacher_logits(kit, nan_teacher):
     teacher, _ = common.load_model(str(nan_teacher))
     example = common.encode_chat(tokenizer, [{"role": "user", "content": "Q?"}], "#### 5")
     with pytest.raises(common.DistillError, match="teacher's logits are not finite"):
-        common.heldout_agreement(student, teacher, [example], tokenizer.pad_token_id)
+        evaluate.heldout_agreement(student, teacher, [example], tokenizer.pad_token_id)
 
 
 def test_cache_teacher_writes_no_shard_from_a_nan_teacher(nan_teacher, tmp_path):

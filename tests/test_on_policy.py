@@ -67,9 +67,10 @@ def on_policy_args(kit, teacher, data, out, *extra):
 
 def test_lmbda_zero_is_token_level_with_the_same_divergence(kit, tmp_path):
     data = write_rows(tmp_path / "d.jsonl", 8)
-    for beta, kl in ((1.0, "reverse"), (0.0, "forward")):
+    # --beta 1.0 alone: the deprecated spelling of --kl reverse
+    for beta, kl, flags in ((1.0, "reverse", ["--beta", "1.0"]), (0.0, "forward", ["--kl", "forward"])):
         on_policy.main(on_policy_args(kit, kit["teacher"], data, tmp_path / f"op{beta}", "--lmbda", "0",
-                                      "--beta", str(beta), "--lr", "0", "--max-steps", "1"))
+                                      *flags, "--lr", "0", "--max-steps", "1"))
         token_level.main(["--teacher", str(kit["teacher"]), "--student", str(kit["student"]), "--data", str(data),
                           "--output-dir", str(tmp_path / f"tl{beta}"), "--kl", kl, "--alpha", "0",
                           "--temperature", "1", "--batch-size", "4", "--lr", "0", "--max-steps", "1"])
@@ -77,6 +78,7 @@ def test_lmbda_zero_is_token_level_with_the_same_divergence(kit, tmp_path):
         assert ours["on_policy"] is False
         assert ours["tokens"] == theirs["tokens"]
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+        assert ours["div"] == pytest.approx(theirs["div"], rel=1e-6)
 
 
 def test_lmbda_one_never_reads_the_teachers_text(kit, tmp_path):
@@ -149,3 +151,14 @@ def test_our_decode_loop_matches_transformers_generate_greedily(kit, name):
                             generation_config=config)[:, batch["input_ids"].shape[1]:]
     assert [r["tokens"] for r in ours] == theirs.tolist()
     assert not any(r["finished"] for r in ours)
+
+
+@pytest.mark.parametrize("flags,kl,beta", [([], "reverse", None), (["--beta", "0"], "forward", None),
+                                           (["--beta", "1"], "reverse", None), (["--beta", "0.3"], "jsd", 0.3),
+                                           (["--kl", "jsd", "--beta", "0.3"], "jsd", 0.3),
+                                           (["--kl", "forward"], "forward", None)])
+def test_kl_flag_and_the_deprecated_bare_beta(flags, kl, beta, tmp_path, capsys):
+    args = on_policy.parse_args(["--data", str(write_rows(tmp_path / "d.jsonl", 2)), *flags])
+    assert args.kl == kl and common.divergence_beta(args) == {"forward": 0.0, "reverse": 1.0}.get(kl, beta)
+    deprecated = "--beta" in flags and "--kl" not in flags
+    assert ("deprecated" in capsys.readouterr().out) == deprecated

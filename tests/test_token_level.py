@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import eval as evaluate
 import token_level
 from conftest import read_metrics, write_rows
 
@@ -77,9 +78,9 @@ def test_student_moves_toward_the_teacher(kit, trained_teacher, tmp_path, kind):
     assert sum(m["loss"] for m in metrics[-5:]) < 0.7 * sum(m["loss"] for m in metrics[:5])
     teacher, tok = common.load_model(str(trained_teacher))
     examples, _ = common.encode_rows(heldout, tok, 1024)
-    before = common.heldout_agreement(common.load_model(str(kit["student"]))[0], teacher, examples,
+    before = evaluate.heldout_agreement(common.load_model(str(kit["student"]))[0], teacher, examples,
                                       tok.pad_token_id)
-    after = common.heldout_agreement(common.load_model(str(out))[0], teacher, examples, tok.pad_token_id)
+    after = evaluate.heldout_agreement(common.load_model(str(out))[0], teacher, examples, tok.pad_token_id)
     assert after["kl"] < 0.7 * before["kl"], (before, after)
     assert after["top1"] > before["top1"]
 

@@ -22,7 +22,7 @@ def micro_batch_grads(model, examples, pad_id, split, normalize_globally=True):
     total = sum(b["loss_mask"][:, 1:].sum().item() for b in batches)
     head = common.output_head(model)
     for batch in batches:
-        hidden = common.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        hidden = common.student_hidden_states(model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)
         num_tokens = total if normalize_globally else len(targets) * len(batches)
         loss, _, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens, chunk_size=16)
