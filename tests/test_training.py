@@ -97,14 +97,35 @@ def test_student_reproduces_one_fixed_teacher_answer(kit, tmp_path, student):
     assert tok.decode(result["tokens"][:-1], skip_special_tokens=True).strip() == answer
 
 
-def test_lora_trains_only_the_adapter(kit, tmp_path):
+def test_lora_trains_only_the_adapter(kit, tmp_path, monkeypatch):
     pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    trained = {}
+    wrap = common.maybe_lora
+
+    def spy(model, args):  # keep the very model the loop trains, to inspect it afterwards
+        trained["model"] = wrap(model, args)
+        return trained["model"]
+
+    monkeypatch.setattr(common, "maybe_lora", spy)
     data = write_rows(tmp_path / "d.jsonl", 8)
     out = tmp_path / "lora"
     sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(out),
                          "--max-steps", "3", "--lora", "--lora-r", "4", "--lr", "1e-3"])
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
+    # The adapter was trained: peft initializes lora_B to zero, so a non-zero lora_B means updates reached it.
+    lora_b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
+    # ...and nothing else was: after 3 optimizer steps every base weight of the trained model is the original.
+    original = load_file(kit["student"] / "model.safetensors")
+    checked = 0
+    for name, param in trained["model"].get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param.detach().cpu(), original[name.replace("base_layer.", "")]), name
+            checked += 1
+    assert checked == len(original)
 
 
 def test_bf16_autocast_and_gradient_checkpointing_run(kit, tmp_path):
