@@ -183,12 +183,15 @@ def reference_rows(task: Path, out: Path) -> Path:
         for i, row in enumerate(common.read_jsonl(task))))
 
 
+def continue_flags(folder: Path) -> list[str]:
+    """An interrupted stage continues from its last checkpoint; one cut before its first starts over."""
+    return ["--resume", str(folder)] if any(folder.glob("checkpoint-*")) else ["--overwrite"]
+
+
 def train_once(script, output_dir: Path, argv: list[str]) -> Path:
     """Run a training script unless a finished run is already there (an interrupted one resumes)."""
     if not (output_dir / "config.json").exists():
-        # an interrupted stage continues from its last checkpoint; one cut before its first starts over
-        resume = ["--resume", str(output_dir)] if any(output_dir.glob("checkpoint-*")) else ["--overwrite"]
-        script.main([*argv, "--output-dir", str(output_dir), "--save-every", "100", *resume])
+        script.main([*argv, "--output-dir", str(output_dir), "--save-every", "100", *continue_flags(output_dir)])
     return output_dir
 
 
@@ -215,7 +218,7 @@ def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: in
     args = sequence_level.parse_args([
         "--student", str(init), "--data", str(corpus), "--output-dir", str(folder), "--max-steps", str(steps),
         "--batch-size", "32", "--lr", "3e-3", "--warmup-ratio", "0.05", "--log-every", "250", "--seed", str(seed),
-        "--save-every", "100", *(["--resume", str(folder)] if any(folder.glob("checkpoint-*")) else ["--overwrite"])])
+        "--save-every", "100", *continue_flags(folder)])
     loop = common.TrainLoop(args, model, examples, tokenizer.pad_token_id)
     head = common.output_head(loop.model)
     for micro_batches, num_tokens in loop:
@@ -298,10 +301,6 @@ def distil_students(out: Path, bases: dict, teacher: Path, teacher_data: Path, d
     return trained
 
 
-def pct_ci(value: float, ci) -> str:
-    return f"{value:.1%} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
 def report(results: list[dict], header: str) -> str:
     lines = [header, "",
              "| model | exact match (strict) [95% CI] | lenient [95% CI] | KL(teacher‖model) | top-1 agreement "
@@ -311,8 +310,9 @@ def report(results: list[dict], header: str) -> str:
         kl = f"{r['kl_to_teacher']:.3f}" if r["kl_to_teacher"] is not None else "n/a"
         top1 = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "n/a"
         secs = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-"
-        lines.append(f"| {r['name']} | {pct_ci(r['exact_match'], r['ci'])} | {pct_ci(r['lenient'], r['lenient_ci'])} "
-                     f"| {kl} | {top1} | {secs} |")
+        strict = evaluate.format_score(r["exact_match"], r["ci"])
+        lenient = evaluate.format_score(r["lenient"], r["lenient_ci"])
+        lines.append(f"| {r['name']} | {strict} | {lenient} | {kl} | {top1} | {secs} |")
     return "\n".join(lines)
 
 
