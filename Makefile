@@ -8,6 +8,8 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
+# pytest-xdist workers for `make test` (one per core; each runs whole test files, with one torch thread)
+TEST_WORKERS ?= auto
 
 .PHONY: demo test lint clean blog
 
@@ -23,7 +25,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The blog's table (reproduce_blog.py): GPU and hub, so this target goes online; BLOG_TINY=1 swaps every model for
 # the tiny offline kit (CPU, under a minute), which needs no network.

@@ -208,7 +208,7 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
     parser.add_argument("--overwrite", action="store_true",
                         help="clear a non-empty --output-dir holding an earlier run first (without it, or --resume, "
                              "a non-empty --output-dir is refused)")
-    parser.add_argument("--save-total-limit", type=int, default=0, metavar="N",
+    parser.add_argument("--save-total-limit", type=bounded(int, 0, note=" (0 = keep all)"), default=0, metavar="N",
                         help="keep only the newest N checkpoints of --save-every, deleting older ones (0 = keep all)")
     parser.add_argument("--eval-data", default=None,
                         help="held-out JSONL in --data's format (messages + completion): every --eval-every steps "
@@ -782,8 +782,7 @@ def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: in
     after the end-of-turn token, padding) is 0. With `end_of_turn=False` (an answer cut at --max-new-tokens) the
     closing whitespace and the end-of-turn token stay 0: the text did not end there.
 
-    Returns {"input_ids", "loss_mask", "prompt_ids", "completion_offsets"}, or None when longer than
-    `max_length`. `prompt_ids` is the prompt alone with the generation header, as a model is prompted to answer;
+    Returns {"input_ids", "loss_mask", "completion_offsets"}, or None when longer than `max_length`.
     `completion_offsets` gives, for each masked token in order, its (start, end) characters in `completion`.
     """
     prompt_text = render_chat(tokenizer, messages, add_generation_prompt=True)
@@ -820,7 +819,6 @@ def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: in
     loss_mask[0] = 0
     if max_length is not None and len(input_ids) > max_length:
         return None
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     # Character spans of the masked tokens relative to the completion string the caller passed (cross-tokenizer
     # alignment); the end-of-turn token covers a virtual character just past the completion's end, so that both
     # tokenizers' end-of-turn tokens pair with each other and not with the last word. Whitespace the template
@@ -830,7 +828,7 @@ def encode_chat(tokenizer, messages: list[dict], completion: str, max_length: in
              for (s, e), m in zip(offsets, loss_mask) if m]
     if end_of_turn:
         spans[-1] = (original_length, original_length + 1)
-    return {"input_ids": input_ids, "loss_mask": loss_mask, "prompt_ids": prompt_ids, "completion_offsets": spans}
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "completion_offsets": spans}
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -870,7 +868,7 @@ def encode_rows(rows: list[dict], tokenizer, max_length: int, what: str | None =
         if enc is None:
             skipped += 1
             continue
-        enc["id"] = row.get("id")
+        enc["id"], enc["row"] = row.get("id"), index  # the row's place in `rows`, for scripts that need more of it
         enc["row_fingerprint"] = row_fingerprint(row)  # pairs the row with its --teacher-cache entry
         examples.append(enc)
     if not examples and cut:
@@ -1325,7 +1323,7 @@ def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_rows: int, t
             f"teacher and student vocabularies differ ({len(mismatch)} of {n} shared ids map to different tokens, "
             f"e.g. id {i}: student {s_tokens[i]!r} vs teacher {t_tokens[i]!r}). Token-level KL needs one "
             "vocabulary; use cross_tokenizer.py for different tokenizers")
-    if len(student_tokenizer) != len(teacher_tokenizer):
+    if len(student_tokenizer) != len(teacher_tokenizer) and is_main_process():
         print(f"warning: tokenizers have {len(student_tokenizer)} (student) and {len(teacher_tokenizer)} (teacher) "
               f"tokens; comparing distributions over the {n} shared ids")
     return n
@@ -1614,7 +1612,6 @@ class TrainLoop:
         self.step_num = 0
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._stats: dict[str, float] = {}
-        self.rng = random.Random(args.seed)  # for scripts' own draws (on-policy coin); checkpointed with the rest
         if args.eval_every and held_out is None:
             raise ValueError("--eval-every: pass held_out=common.load_held_out(...) to TrainLoop")
         self.held_out = held_out
@@ -1768,9 +1765,7 @@ class TrainLoop:
             for lo in range(0, len(order), per_step):
                 chunk = order[lo:lo + per_step][acc.process_index::acc.num_processes]
                 if chunk:
-                    batch = self.collate([self.examples[i] for i in chunk])
-                    batch["prompts"] = [self.examples[i]["prompt_ids"] for i in chunk]  # for on-policy sampling
-                    yield batch
+                    yield self.collate([self.examples[i] for i in chunk])
             epoch += 1
 
     def __iter__(self):
@@ -1783,7 +1778,6 @@ class TrainLoop:
                 next(stream)
             self.start_time -= self._resume_state["elapsed_s"]
             _set_rng_state(self._resume_state["rng"])
-            self.rng.setstate(self._resume_state["script_rng"])
         elif self.accelerator.is_main_process:
             self.metrics_path.write_text("")
         self.bar = tqdm(total=self.total_steps, desc="train", disable=not self.accelerator.is_main_process)
@@ -2005,7 +1999,7 @@ class TrainLoop:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        save_state({"rng": _get_rng_state(), "script_rng": self.rng.getstate()}, tmp, f"rng_{acc.process_index}")
+        save_state({"rng": _get_rng_state()}, tmp, f"rng_{acc.process_index}")
         if acc.is_main_process:
             acc.unwrap_model(self.model).save_pretrained(tmp, save_function=acc.save)
             save_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -2072,7 +2066,7 @@ class TrainLoop:
                     if int(later.name.split("-")[1]) > self.step_num:
                         shutil.rmtree(later)
                         print(f"removed {later}: later than the checkpoint this run continues")
-        return {"rng": rng["rng"], "script_rng": rng["script_rng"], "elapsed_s": state["elapsed_s"]}
+        return {"rng": rng["rng"], "elapsed_s": state["elapsed_s"]}
 
     def finish(self, tokenizer, *, skipped: int, total: int, rows: list[dict] | None = None) -> None:
         """End the run: save the final model with `tokenizer` (see `save`), then report where things are and what

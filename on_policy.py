@@ -36,6 +36,7 @@ Held-out evaluation (--eval-data) is off-policy: no samples are drawn for it. ev
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -68,6 +69,21 @@ def parse_args(argv=None):
     common.check_eval_args(parser, args, stats=("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
+
+
+def encode_with_prompts(rows: list[dict], tokenizer, args, what: str | None = "--data") -> tuple[list[dict], int]:
+    """`common.encode_rows`, plus each row's prompt alone with the generation header (`prompt_ids`): what an
+    on-policy step samples from, rendered as generate_data.py prompts the teacher. `collate_with_prompts` hands
+    them to the loop's batches."""
+    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, what, truncated=args.truncated)
+    for example in examples:
+        prompt = common.render_chat(tokenizer, rows[example["row"]]["messages"], add_generation_prompt=True)
+        example["prompt_ids"] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return examples, skipped
+
+
+def collate_with_prompts(examples: list[dict], pad_id: int) -> dict:
+    return {**common.pad_batch(examples, pad_id), "prompts": [ex["prompt_ids"] for ex in examples]}
 
 
 def sampled_examples(prompts: list[list[int]], samples: list[dict]) -> list[dict]:
@@ -122,9 +138,11 @@ def main(argv=None):
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
-    examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
+    examples, skipped = encode_with_prompts(rows, tokenizer, args)
+    held_out = common.load_held_out(args, rows, tokenizer, encode=lambda r: encode_with_prompts(r, tokenizer, args,
+                                                                                                 None))
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                            held_out=common.load_held_out(args, rows, tokenizer))
+                            partial(collate_with_prompts, pad_id=tokenizer.pad_token_id), held_out=held_out)
     teacher, teacher_tokenizer = common.load_teacher(args, loop.device)
     head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
     vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
@@ -132,6 +150,11 @@ def main(argv=None):
     common.warn_template_mismatch(tokenizer, teacher_tokenizer)
     stop_ids = common.end_of_turn_ids(tokenizer)
     beta = common.divergence_beta(args)
+    # One coin per optimizer step, the same seed on every process, so all take the same kind of step; a resumed
+    # run replays the draws of the steps it skips.
+    coin = random.Random(args.seed)
+    for _ in range(loop.step_num):
+        coin.random()
     sampler = common.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
                                  trust_remote_code=args.trust_remote_code) if args.vllm else None
 
@@ -155,7 +178,7 @@ def main(argv=None):
 
     for micro_batches, num_tokens in loop:
         timer, stats = Timer(), {}
-        on_policy = loop.rng.random() < args.lmbda  # same seed on every process: all take the same kind of step
+        on_policy = coin.random() < args.lmbda
         if on_policy:
             with timer("gen"):
                 micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler)

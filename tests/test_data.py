@@ -46,7 +46,11 @@ def test_generate_rows_have_the_documented_fields(kit, tmp_path):
     assert row["messages"][1] == {"role": "user", "content": "What is 0 + 1?"}
     assert row["answer"] == "#### 1" and row["teacher"] == str(kit["teacher"])
     assert row["generation"]["max_new_tokens"] == 6 and row["finish_reason"] in ("stop", "length")
-    assert isinstance(row["completion"], str) and row["completion_tokens"] <= 6
+    assert isinstance(row["completion"], str)
+    # Lengths come from our decode loop: "length" means exactly --max-new-tokens tokens, "stop" fewer (the
+    # end-of-turn token that ended it is not part of the completion).
+    for r in rows:
+        assert (r["completion_tokens"] == 6) if r["finish_reason"] == "length" else (r["completion_tokens"] < 6)
 
 
 def test_resume_repairs_a_torn_line_and_never_duplicates(kit, tmp_path, capsys):

@@ -136,8 +136,8 @@ def test_exact_match_equals_scoring_the_saved_models_answers(kit, tmp_path):
 
 
 def test_training_is_the_same_with_and_without_evaluation(kit, tmp_path):
-    """on_policy samples with the torch RNG and flips its coin with the loop's, and LoRA dropout draws from the
-    RNG in train mode only: evaluation (eval mode, greedy answers) must leave the RNGs and the mode as they were."""
+    """on_policy samples with the torch RNG and flips its own coin, and LoRA dropout draws from the RNG in
+    train mode only: evaluation (eval mode, greedy answers) must leave the RNGs and the mode as they were."""
     pytest.importorskip("peft")
     data, held_out = write_rows(tmp_path / "d.jsonl", 8), eval_rows(tmp_path / "e.jsonl", n=3)
     problems = problems_file(tmp_path / "p.jsonl", ["7", "5"])

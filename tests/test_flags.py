@@ -32,7 +32,7 @@ SHARED_TRAIN = [
     ("--max-grad-norm", "-1"), ("--warmup-ratio", "1.5"), ("--warmup-ratio", "-0.1"), ("--weight-decay", "-0.1"),
     ("--lora-r", "0"), ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--max-length", "1"),
     ("--save-every", "-1"), ("--log-every", "0"), ("--eval-every", "-1"), ("--eval-max-new-tokens", "0"),
-    ("--eval-batch-size", "0"), ("--seed", "-1"), ("--max-steps", "2.5"),
+    ("--eval-batch-size", "0"), ("--seed", "-1"), ("--max-steps", "2.5"), ("--save-total-limit", "-1"),
 ]
 OWN = [
     ("token_level", "--temperature", "0"), ("token_level", "--alpha", "1.5"), ("token_level", "--beta", "-0.5"),

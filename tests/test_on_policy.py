@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -98,16 +99,22 @@ def test_lmbda_one_never_reads_the_teachers_text(kit, tmp_path):
     assert all(m["on_policy"] for m in logged[0])
 
 
-def test_runs_are_repeatable_and_the_mixture_is_recorded(kit, tmp_path):
+def test_runs_are_repeatable_resumable_and_the_mixture_is_recorded(kit, tmp_path):
+    """Run b continues a copy of run a from its step-4 checkpoint: the coin flips, the samples and the losses of
+    steps 5-8 must be a's (the coin's draws of skipped steps are replayed, the sampler's torch RNG restored)."""
     data = write_rows(tmp_path / "d.jsonl", 8)
     runs = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         out = tmp_path / name
-        on_policy.main(on_policy_args(kit, kit["teacher"], data, out, "--lmbda", "0.5", "--max-steps", "8",
-                                      "--lr", "1e-3", "--seed", seed))
+        flags = ["--lmbda", "0.5", "--max-steps", "8", "--lr", "1e-3", "--seed", seed, "--save-every", "4"]
+        if name == "b":
+            shutil.copytree(tmp_path / "a", out)
+            flags += ["--resume", str(out / "checkpoint-4")]
+        on_policy.main(on_policy_args(kit, kit["teacher"], data, out, *flags))
         runs.append([{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(out)])
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+    assert len({m["on_policy"] for m in runs[0][4:]}) == 2  # the resumed steps hold both kinds
     kinds = [m["on_policy"] for m in runs[0]]
     assert any(kinds) and not all(kinds)
     for m in runs[0]:

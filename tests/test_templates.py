@@ -6,11 +6,13 @@ itself, so they are in the mask; cross-tokenizer alignment still pairs end-of-tu
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
 import common
 import cross_tokenizer
+import on_policy
 from conftest import write_rows
 
 
@@ -58,8 +60,12 @@ def test_whitespace_around_the_answer_is_trained(llama2_tokenizers, name):
     tok = llama2_tokenizers[name]
     enc = common.encode_chat(tok, MESSAGES, "#### 5")
     assert masked(tok, enc) == EXPECTED[name]
-    # The prompt the model is asked with ends at [/INST]: everything after it, up to </s>, is the model's to write.
-    prompt = enc["prompt_ids"]
+    # The prompt the model is asked with (on-policy sampling) ends at [/INST]: everything after it, up to </s>, is
+    # the model's to write.
+    args = SimpleNamespace(max_length=None, truncated="no-eos")
+    [example], _ = on_policy.encode_with_prompts([{"messages": MESSAGES, "completion": "#### 5"}], tok, args)
+    assert example["input_ids"] == enc["input_ids"]
+    prompt = example["prompt_ids"]
     assert enc["input_ids"][:len(prompt)] == prompt
     assert [i for i, m in zip(enc["input_ids"], enc["loss_mask"]) if m] == enc["input_ids"][len(prompt):]
     assert common.end_of_turn_ids(tok)[0] == tok.eos_token_id
