@@ -20,6 +20,8 @@ Here, in minutes instead of GPU hours:
   5. every model answers the test problems: strict exact match ('#### N' only) with a 95% Wilson interval, the
      lenient score (last number), KL(teacher || model) and top-1 agreement where the vocabularies match;
      written to OUT/results.md, results.json and results.png (loss, held-out exact match vs step, accuracies)
+  6. explain.py draws what each method transferred, from these models, into OUT/figures/ (a PNG and the JSON of its
+     numbers each): mechanisms, alignment, logit_lens, attention_heads, first_token, stepmix
 What it shows: each method teaches a model that already knows the facts the task's format and the teacher's way
 of answering. What it does not show: which method is best on real models (the task is small and easy for the
 teacher; one seed; differences of a few points are inside the intervals).
@@ -43,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import common  # noqa: E402
 import cross_tokenizer  # noqa: E402
 import eval as evaluate  # noqa: E402
+import explain  # noqa: E402
 import generate_data  # noqa: E402
 import on_policy  # noqa: E402
 import plot_metrics  # noqa: E402
@@ -355,6 +358,21 @@ def plot(results: list[dict], out: Path) -> Path | None:
     return path
 
 
+def figures(out: Path, bases: dict, teacher: Path, trained: list[tuple[str, Path]], data: Path, quick: bool) -> Path:
+    """explain.py's figures of this run's own models, under OUT/figures: each method's mechanism, the ULD alignment,
+    inside the students (logit lens, most-changed head, first answer token) and the on-policy step mix. Cheap next
+    to training (seconds); redrawn on every run."""
+    folder, runs = out / "figures", {run.name: run for _, run in trained}
+    rows = 8 if quick else 64
+    explain.mechanisms(str(teacher), str(runs["token_level"]), str(data), folder, rows=rows)
+    explain.alignment(str(teacher), str(runs["cross_tokenizer"]), str(data), folder, rows=rows)
+    same_tokenizer = ["sequence_level", "token_level", "on_policy"]
+    explain.inside(str(bases["student"]), [str(runs[name]) for name in same_tokenizer], str(data), folder,
+                   rows=8 if quick else 32)
+    explain.stepmix(runs["on_policy"], folder)
+    return folder
+
+
 def main(argv=None):
     args = parse_args(argv)
     size = {k: v[1] if args.quick else v[0] for k, v in SIZES.items()}
@@ -406,12 +424,13 @@ def main(argv=None):
                  predictions / "student_other_tokenizer_base.jsonl"), "seconds": None, "run": None},
     ]
 
-    per_seed = []
+    per_seed, first_trained = [], None
     for seed in range(args.seed, args.seed + args.seeds):
         print(f"\n== 5. distillation, seed {seed}: four methods, same data, same step budget")
         seed_out = out if seed == args.seed else out / f"seed{seed}"
         seed_out.mkdir(exist_ok=True)
         trained = distil_students(seed_out, bases, teacher, teacher_data, dev, size, seed)
+        first_trained = first_trained or trained
         results = list(fixed)
         for name, run_dir in trained:
             metrics = common.read_jsonl(run_dir / "metrics.jsonl")
@@ -431,8 +450,15 @@ def main(argv=None):
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(per_seed if args.seeds > 1 else results, indent=2) + "\n")
     picture = plot(results, out)
+    print("\n== 6. explain.py: what each method transferred, from these models (held-out dev rows)")
+    try:
+        drawn = figures(out, bases, teacher, first_trained, dev_data, args.quick)
+    except common.DistillError as error:  # e.g. no matplotlib: the results stand without the figures
+        print(f"{error}: no figures")
+        drawn = None
     print("\n" + text)
-    print(f"\nfinished in {time.time() - start:.0f}s. {out / 'results.md'}" + (f", {picture}" if picture else ""))
+    print(f"\nfinished in {time.time() - start:.0f}s. {out / 'results.md'}" + (f", {picture}" if picture else "")
+          + (f"; figures in {drawn}" if drawn else ""))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import cache_teacher
 import common
 import cross_tokenizer
 import demo
+import doctor
 import eval as evaluate
+import explain
 import generate_data
 import on_policy
 import plot_metrics
@@ -31,7 +33,8 @@ SMOL_DATA = "data/teacher_smollm2-1.7b-instruct.jsonl"
 # -- --help ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("module", [generate_data, sequence_level, token_level, on_policy, cross_tokenizer,
-                                    cache_teacher, evaluate, plot_metrics, reproduce_blog, demo],
+                                    cache_teacher, evaluate, plot_metrics, reproduce_blog, demo, doctor,
+                                    explain],
                          ids=lambda m: m.__name__)
 def test_help_prints_the_docstring_as_the_file_writes_it(module, capsys):
     # A backslash-newline in a non-raw docstring is swallowed by Python: the printed command would be one joined

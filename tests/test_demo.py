@@ -52,6 +52,13 @@ def test_demo_quick_runs_every_stage(tmp_path):
         steps = [m["step"] for m in metrics if "eval_exact_match" in m]
         assert steps == [6, 12], (run, steps)
     assert (out / "results.png").stat().st_size > 10_000
+    # explain.py's figures of the run's own models, each with the numbers behind it
+    for name in ("mechanisms", "alignment", "logit_lens", "attention_heads", "first_token", "stepmix"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 5_000, name
+        assert json.loads((out / "figures" / f"{name}.json").read_text()), name
+    stepmix = json.loads((out / "figures" / "stepmix.json").read_text())
+    on_policy = [m["on_policy"] for m in common.read_jsonl(out / "on_policy" / "metrics.jsonl") if "on_policy" in m]
+    assert (stepmix["steps"], stepmix["on_policy"]) == (len(on_policy), sum(on_policy))
 
 
 def test_pretraining_text_is_not_the_chat_task():

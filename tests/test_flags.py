@@ -7,6 +7,7 @@ import pytest
 
 import cache_teacher
 import cross_tokenizer
+import doctor
 import eval as evaluate
 import generate_data
 import on_policy
@@ -22,6 +23,7 @@ SCRIPTS = {
     "generate_data": (generate_data, ["--output", "o.jsonl"]),
     "eval": (evaluate, ["--model", "m"]),
     "cache_teacher": (cache_teacher, ["--data", "d.jsonl", "--output", "c"]),
+    "doctor": (doctor, ["--data", "d.jsonl"]),
 }
 TRAINING = ("sequence_level", "token_level", "on_policy", "cross_tokenizer")
 
@@ -48,6 +50,8 @@ OWN = [
     ("eval", "--max-new-tokens", "0"), ("eval", "--batch-size", "0"), ("eval", "--num-examples", "-5"),
     ("cache_teacher", "--top-k", "0"), ("cache_teacher", "--batch-size", "0"), ("cache_teacher", "--shard-rows", "0"),
     ("cache_teacher", "--max-length", "1"), ("cache_teacher", "--chunk-size", "-1"),
+    ("doctor", "--rows", "0"), ("doctor", "--batch-size", "0"), ("doctor", "--max-length", "1"),
+    ("doctor", "--temperature", "0"), ("doctor", "--alpha", "1.5"), ("doctor", "--chunk-size", "-1"),
 ]
 CASES = [(script, flag, value) for script in TRAINING for flag, value in SHARED_TRAIN] + OWN
 
