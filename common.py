@@ -879,6 +879,9 @@ def encode_rows(rows: list[dict], tokenizer, max_length: int, what: str | None =
                            f"longer than --max-length {max_length}; use --truncated no-eos")
     if not examples:
         raise DistillError(f"every row is longer than --max-length {max_length}; raise it")
+    if what == "--data":  # the training data: doctor.py's mask and prompt checks on its first row
+        first = rows[examples[0]["row"]]
+        raise_or_warn(loss_mask_checks(tokenizer, first, f"tokenizer '{tokenizer.name_or_path}'")[0])
     return examples, skipped
 
 
