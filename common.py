@@ -1350,7 +1350,7 @@ def head_rows_check(who: str, tokens: int, rows: int) -> Check:
                      f"{rows}..{tokens - 1} have no logit")
     if rows > tokens:
         return Check("OK", "head", f"{who}: {rows} logit rows for {tokens} tokens; the {rows - tokens} padding rows "
-                     f"are not tokens: the token-level losses and generation read only the first {tokens} logits")
+                     f"are not tokens: the losses and generation read only the first {tokens} logits")
     return Check("OK", "head", f"{who}: {rows} logit rows = {tokens} tokens (no padding rows)")
 
 
@@ -1660,7 +1660,7 @@ _RESUME_ADJUSTABLE = {"lr", "weight_decay", "warmup_ratio", "max_steps", "epochs
                       "save_best", "dtype", "teacher_dtype", "bf16", "data", "student", "teacher", "teacher_cache"}
 _SETTING_NAMES = {"data_content": "--data content", "eval_data_content": "--eval-data content",
                   "student_content": "--student weights/tokenizer", "teacher_content": "--teacher weights/tokenizer",
-                  "teacher_cache_content": "--teacher-cache teacher/K", "training_rows": "training rows",
+                  "teacher_cache_content": "--teacher-cache teacher/store/K/dtype", "training_rows": "training rows",
                   "processes": "processes"}
 
 
@@ -1879,8 +1879,10 @@ class TrainLoop:
         if cache:
             manifest = json.loads((Path(cache) / "cache.json").read_text()) if (Path(cache) / "cache.json").exists() \
                 else {}
-            settings["teacher_cache_content"] = fingerprint(json.dumps(
-                [manifest.get(k) for k in ("teacher_fingerprint", "top_k", "vocab_fingerprint", "logprob_dtype")]))
+            keys = ["teacher_fingerprint", "top_k", "vocab_fingerprint", "logprob_dtype"]
+            if manifest.get("store") == "hidden":  # (top-K caches keep the fingerprint they had before --store)
+                keys += ["store", "hidden_dtype"]
+            settings["teacher_cache_content"] = fingerprint(json.dumps([manifest.get(k) for k in keys]))
         elif hasattr(args, "teacher_dtype") and args.teacher:  # a script that loads --teacher
             settings["teacher_content"] = model_fingerprint(args.teacher)
         settings["training_rows"] = len(self.examples)

@@ -12,6 +12,8 @@ r"""Cross-tokenizer distillation (ULD): learn from a teacher whose vocabulary is
 
     # from a teacher cache (`python cache_teacher.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct`)
     python cross_tokenizer.py --teacher-cache data/teacher_smollm2-1.7b-instruct.top64 --output-dir runs/uld_cached
+    # from an exact one (the same with `--store hidden`): the live teacher's loss at any --temperature
+    python cross_tokenizer.py --teacher-cache data/teacher_smollm2-1.7b-instruct.hidden --output-dir runs/uld_exact
 
     # held-out ULD objective and CE every 50 steps (eval_loss, eval_ce, eval_div), keeping the best eval_loss
     python cross_tokenizer.py --eval-data data/teacher_smol_heldout.jsonl --eval-every 50 --save-best eval_loss \
@@ -36,6 +38,11 @@ The log reports how good the alignment is: the share of student tokens whose tea
 same character, and the mean end-offset gap in characters. Held-out rows (--eval-data) are encoded and aligned the
 same way and log eval_loss (this objective), eval_ce and eval_div (the ULD term; metrics.jsonl's div in training,
 the key every script uses for its divergence term); from a --teacher-cache they must be cached too.
+
+A top-K cache (cache_teacher.py --store topk) gives the teacher's bucket vector exactly at T=1 only: at T != 1 its
+tail is re-tempered as one token (`cache_teacher.cached_teacher_log_buckets`). A hidden cache (--store hidden)
+holds the teacher's final hidden states h and head W; the teacher's logits h @ W^T then go through the same ULD
+code as the live teacher's, so the loss is the live one at any temperature (up to the cache's dtype rounding of h).
 """
 
 from __future__ import annotations
@@ -70,8 +77,9 @@ def parse_args(argv=None):
                              "--kl, which compares token by token): kl = KL(teacher||student) of the sorted "
                              "vectors; wasserstein = sorted L1 (ULD paper)")
     parser.add_argument("--teacher-cache", default=None,
-                        help="read the teacher's top-K log-probs and token offsets from a cache_teacher.py folder "
-                             "instead of loading --teacher (the cache's K must cover --top-k)")
+                        help="read the teacher from a cache_teacher.py folder instead of loading --teacher: "
+                             "--store hidden gives the live teacher's loss exactly; --store topk its top-K log-probs "
+                             "(the cache's K must cover --top-k; exact at T=1 only)")
     parser.add_argument("--min-exact-alignment", type=common.FRACTION, default=0.5,
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
@@ -141,21 +149,25 @@ def uld_distance(p: torch.Tensor, q: torch.Tensor, *, kind: str, temperature: fl
 
 def chunked_uld_and_ce(student_hidden, student_weight, targets, num_tokens, *, teacher_hidden=None,
                        teacher_weight=None, teacher_probs=None, alpha: float, top_k: int, temperature: float,
-                       kind: str = "kl", chunk_size: int = 0):
+                       kind: str = "kl", chunk_size: int = 0, student_vocab: int | None = None,
+                       teacher_vocab: int | None = None):
     """alpha * CE + (1 - alpha) * ULD, summed over aligned positions / num_tokens, chunk by chunk.
 
     The teacher is either live, `teacher_hidden` [N, H_t] with its head `teacher_weight`, or read from a cache,
     `teacher_probs` [N, k+1]: its sorted bucket vectors (`cache_teacher.cached_teacher_log_buckets(...).exp()`,
-    whose k then replaces `top_k`). `kind` is --uld-loss. Each chunk's [C, V] logits are recomputed in backward
-    (activation checkpointing) rather than kept, so memory is a few chunk-sized buffers; top-K selects K values
-    per row, no full-vocabulary sort. Returns (loss, ce_sum, uld_sum) with the sums detached for logging.
+    whose k then replaces `top_k`). `kind` is --uld-loss. `student_vocab`/`teacher_vocab`: the tokenizers' sizes;
+    head rows past them are padding, not tokens, and get no probability (default: every row). Each chunk's [C, V]
+    logits are recomputed in backward (activation checkpointing) rather than kept, so memory is a few chunk-sized
+    buffers; top-K selects K values per row, no full-vocabulary sort. Returns (loss, ce_sum, uld_sum) with the sums
+    detached for logging.
     """
     if (teacher_probs is None) == (teacher_hidden is None or teacher_weight is None):
         raise ValueError("pass either teacher_hidden and teacher_weight, or teacher_probs")
-    student_weight = common.full_weight(student_weight)
-    vocab_size = student_weight.shape[0]
-    teacher_vocab = teacher_weight.shape[0] if teacher_weight is not None else 0
-    chunk = chunk_size or common.auto_chunk_size(max(vocab_size, teacher_vocab))
+    student_weight = common.full_weight(student_weight)[:student_vocab]
+    if teacher_weight is not None:
+        teacher_weight = teacher_weight[:teacher_vocab]
+    teacher_rows_count = teacher_weight.shape[0] if teacher_weight is not None else 0
+    chunk = chunk_size or common.auto_chunk_size(max(student_weight.shape[0], teacher_rows_count))
     teacher_rows = teacher_hidden if teacher_probs is None else teacher_probs
 
     def piece(h, y, th):
@@ -229,8 +241,9 @@ def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length, what: str | Non
 def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: bool = False, *,
                       truncated: str = "no-eos"):
     """Like encode_pairs, with the teacher's tokens read from a cache: its offsets give the alignment and each
-    student example keeps, per completion token, the cached top-K row of its aligned teacher token. Training rows
-    absent from the cache are skipped; held-out ones are refused (a held-out loss on a subset would mislead)."""
+    student example keeps, per completion token, the cached row of its aligned teacher token (teacher_topk_logprobs
+    and teacher_tail_logprob of a top-K cache, teacher_hidden of a hidden one). Training rows absent from the cache
+    are skipped; held-out ones are refused (a held-out loss on a subset would mislead)."""
     examples, skipped, missing, differ = [], 0, 0, 0
     exact = count = 0
     for index, row in enumerate(rows):
@@ -249,8 +262,9 @@ def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: 
             continue
         teacher_offsets = [tuple(o) for o in teacher["offsets"].tolist()]
         aligned = torch.tensor(align_by_end_offsets(student["completion_offsets"], teacher_offsets))
-        student["teacher_topk_logprobs"] = teacher["topk_logprobs"][aligned]
-        student["teacher_tail_logprob"] = teacher["tail_logprob"][aligned]
+        for name in ("topk_logprobs", "tail_logprob", "hidden"):  # what the cache's store holds
+            if name in teacher:
+                student[f"teacher_{name}"] = teacher[name][aligned]
         exact += sum(s_end == teacher_offsets[j][1] for (_, s_end), j in zip(student["completion_offsets"],
                                                                              aligned.tolist()))
         count += len(aligned)
@@ -284,10 +298,11 @@ def collate_pairs(examples: list[dict], pad_id: int, teacher_pad_id: int) -> dic
 
 def main(argv=None):
     args = parse_args(argv)
+    manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
-    if args.teacher_cache:
+    if manifest is not None:
         return train_from_cache(args, rows, student, tokenizer)
     teacher_tokenizer = common.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code,
                                               what="--teacher")
@@ -307,6 +322,9 @@ def main(argv=None):
         (loop.output_dir / "alignment.json").write_text(json.dumps(alignment, indent=2) + "\n")
     teacher, _ = common.load_teacher(args, loop.device)
     head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
+    # Padded head rows are not tokens: neither distribution gives them mass.
+    vocabs = dict(student_vocab=min(len(tokenizer), head.weight.shape[0]),
+                  teacher_vocab=min(len(teacher_tokenizer), teacher_head.weight.shape[0]))
 
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
         with torch.inference_mode():
@@ -317,7 +335,7 @@ def main(argv=None):
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, num_tokens,
                                                    teacher_hidden=teacher_hidden.clone(),
-                                                   teacher_weight=teacher_head.weight, **uld_options(args))
+                                                   teacher_weight=teacher_head.weight, **vocabs, **uld_options(args))
         return loss, {"ce": ce_sum / num_tokens, "div": uld_sum / num_tokens}
 
     for micro_batches, num_tokens in loop:
@@ -330,14 +348,20 @@ def main(argv=None):
 
 
 def train_from_cache(args, rows, student, tokenizer):
-    """The same step with the teacher's top-K read from a cache_teacher.py folder: no teacher loaded."""
+    """The same step with the teacher read from a cache_teacher.py folder: no teacher loaded. A top-K cache gives
+    the teacher's sorted bucket vectors; a hidden cache its hidden states and head, fed to `chunked_uld_and_ce`
+    exactly as the live teacher's are."""
     manifest, cached = cache_teacher.load_cache(args.teacher_cache)
     if any(row["row_fingerprint"] is None for row in cached.values()):
         raise common.DistillError(f"--teacher-cache {args.teacher_cache}: written by an older cache_teacher.py that "
                                   "did not record what each row was scored on; re-create it")
-    k = min(args.top_k, manifest["top_k"], common.output_head(student).weight.shape[0] - 1)
-    if k < args.top_k:
-        print(f"--teacher-cache holds the top {manifest['top_k']}: comparing the top {k} (+ tail)")
+    hidden_store = cache_teacher.store_of(manifest) == "hidden"
+    if hidden_store:
+        teacher_weight = cache_teacher.load_head(args.teacher_cache, manifest)
+    else:
+        k = min(args.top_k, manifest["top_k"], common.output_head(student).weight.shape[0] - 1)
+        if k < args.top_k:
+            print(f"--teacher-cache holds the top {manifest['top_k']}: comparing the top {k} (+ tail)")
     examples, skipped, alignment = encode_from_cache(rows, tokenizer, cached, args.max_length,
                                                      truncated=args.truncated)
     print(f"alignment: {alignment['exact_end_fraction']:.1%} of {alignment['student_tokens']} student tokens end "
@@ -345,6 +369,9 @@ def train_from_cache(args, rows, student, tokenizer):
 
     def collate(exs):
         batch = common.pad_batch(exs, tokenizer.pad_token_id)
+        if hidden_store:  # [N, H_teacher], one per student target, as the live path's teacher_rows pick them
+            batch["teacher_hidden"] = torch.cat([ex["teacher_hidden"] for ex in exs])
+            return batch
         topk_logprobs = torch.cat([ex["teacher_topk_logprobs"] for ex in exs])
         tail_logprob = torch.cat([ex["teacher_tail_logprob"] for ex in exs])
         batch["teacher_probs"] = cache_teacher.cached_teacher_log_buckets(  # [N, k+1]
@@ -356,12 +383,21 @@ def train_from_cache(args, rows, student, tokenizer):
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
                             eval_set)
     head = common.output_head(loop.model)
+    vocabs = dict(student_vocab=min(len(tokenizer), head.weight.shape[0]))  # padded head rows are not tokens
+    if hidden_store:
+        teacher_weight = teacher_weight.to(loop.device)
+        vocabs["teacher_vocab"] = manifest["vocab"]
 
     def objective(batch, num_tokens, held_out=False):
         hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, num_tokens,
-                                                   teacher_probs=batch["teacher_probs"], **uld_options(args))
+        if hidden_store:  # a bf16/fp16 cache, widened to the head's dtype (the live teacher's states')
+            teacher = dict(teacher_hidden=batch["teacher_hidden"].to(teacher_weight.dtype),
+                           teacher_weight=teacher_weight)
+        else:
+            teacher = dict(teacher_probs=batch["teacher_probs"])
+        loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, num_tokens, **teacher,
+                                                   **vocabs, **uld_options(args))
         return loss, {"ce": ce_sum / num_tokens, "div": uld_sum / num_tokens}
 
     for micro_batches, num_tokens in loop:

@@ -178,12 +178,6 @@ def check_tokenizers(report: Report, rows: list[dict], student, tokenizer, teach
     if vocab is None:
         report.add(common.Check("INFO", "scripts", "different vocabularies: cross_tokenizer.py applies "
                                 "(token_level.py, on_policy.py and a top-K --teacher-cache need one vocabulary)"))
-        for who, model, tok in (("student", student, tokenizer), ("teacher", teacher, teacher_tokenizer)):
-            head_rows = common.output_head(model).weight.shape[0]
-            if head_rows > len(tok):  # cross_tokenizer.chunked_uld_and_ce projects onto the whole head
-                report.add(common.Check("WARN", "head", f"{who}: cross_tokenizer.py's CE and ULD take the softmax "
-                                        f"over all {head_rows} rows of the head, so its {head_rows - len(tok)} "
-                                        "padding rows get probability mass"))
     row = next((r for r in rows if not common.is_cut(r)), rows[0])
     for who, tok in (("student", tokenizer), ("teacher", teacher_tokenizer)):
         try:
@@ -457,7 +451,6 @@ def check_cache(report: Report, args, rows, student_pair, teacher_pair, vocab, b
     except common.DistillError as err:
         report.add(common.Check("FAIL", "cache", str(err)))
         return
-    store = manifest.get("store", "topk")
     checks = [
         ("teacher_fingerprint", common.model_fingerprint(args.teacher), "FAIL",
          f"written by teacher '{manifest.get('teacher')}' with other weights or tokenizer than --teacher"),
@@ -484,22 +477,36 @@ def check_cache(report: Report, args, rows, student_pair, teacher_pair, vocab, b
     status = "OK" if covered == len(rows) else "FAIL" if covered == 0 else "WARN"
     report.add(common.Check(status, "coverage", f"{covered} of {len(rows)} rows of --data are cached as they are "
                             "now (same id, messages and completion); training skips the others"))
-    if store != "topk":
-        rounded = f", stored in {manifest['hidden_dtype']}" if manifest.get("hidden_dtype") else ""
-        report.add(common.Check("INFO", "cache", f"stores the teacher's {store} states{rounded}: the loss reads the "
-                                "teacher's whole distribution (no top-K cut), so there is no top-K gap to measure"))
-    elif vocab is None or batch is None:
+    if vocab is None or batch is None:
         report.add(common.Check("SKIP", "cache gap", "the cached-vs-live gap is measured for token_level.py's "
-                                "top-K loss on the first batch (one vocabulary, a loss mask)"))
+                                "loss on the first batch (one vocabulary, a loss mask)"))
     else:
         report.add(cache_gap(args, folder, student, teacher, batch, examples, vocab))
+
+
+def hidden_cache_gap(folder, manifest, student_logits, teacher_logits, hidden, beta, temperature) -> common.Check:
+    """A --store hidden cache: the teacher's logits rebuilt from the cached hidden states and head against the
+    live teacher's, through the divergence token_level.py trains on (equal up to the storage dtype)."""
+    head = cache_teacher.load_head(folder, manifest).to(hidden.device)
+    cached_logits = (hidden.to(head.dtype) @ head[:teacher_logits.shape[1]].T).float()
+    from_cache = common.generalized_jsd_per_position(student_logits, cached_logits, beta, temperature).mean().item()
+    live = common.generalized_jsd_per_position(student_logits, teacher_logits, beta, temperature).mean().item()
+    rel = abs(from_cache - live) / max(abs(live), 1e-12)
+    gap = f"{common.divergence_name(beta)} at T={temperature:g} over {hidden.shape[0]} tokens: from the cached " \
+          f"hidden states ({manifest.get('hidden_dtype')}) {from_cache:.4f}, from the live teacher {live:.4f} " \
+          f"({rel:.2%})"
+    if not math.isfinite(from_cache) or rel > 0.02:
+        return common.Check("WARN", "cache gap", f"{gap}: an exact cache should agree; written by another teacher, "
+                            "dtype or template?")
+    return common.Check("INFO", "cache gap", f"{gap}: the exact cache trains the live objective")
 
 
 def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict], vocab: int) -> common.Check:
     """On the first batch's cached rows: the divergence token_level.py trains on from the cache (top-K + tail,
     cache_teacher.topk_bucket_divergence) against the same divergence from the live teacher, and how far the cached
     log-probabilities are from the live teacher's."""
-    _, cached = cache_teacher.load_cache(folder)
+    manifest, cached = cache_teacher.load_cache(folder)
+    store = cache_teacher.store_of(manifest)
     beta, temperature = common.divergence_beta(args), args.temperature
     student_hidden, teacher_hidden, targets = hidden_pair(student, teacher, batch)
     counts = batch["loss_mask"][:, 1:].sum(1).tolist()
@@ -516,11 +523,14 @@ def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict],
         return common.Check("WARN", "cache gap", "no row of the first batch is in the cache: gap not measured")
     device = student_hidden.device
     idx = torch.tensor(keep, device=device)
-    cache = {k: torch.cat([p[k] for p in parts]).to(device) for k in ("topk_ids", "topk_logprobs", "tail_logprob")}
+    names = [k for k in cache_teacher.SHARD_TENSORS[store] if k not in ("token_ids", "offsets")]
+    cache = {k: torch.cat([p[k] for p in parts]).to(device) for k in names}
     head, teacher_head = common.output_head(student).weight, common.output_head(teacher).weight
     with torch.no_grad():
         logits = (student_hidden[idx] @ head[:vocab].T).float()
         teacher_logits = (teacher_hidden[idx] @ teacher_head[:vocab].T).float()
+        if store == "hidden":
+            return hidden_cache_gap(folder, manifest, logits, teacher_logits, cache["hidden"], beta, temperature)
         from_cache = cache_teacher.topk_bucket_divergence(logits, cache["topk_ids"].long(), cache["topk_logprobs"],
                                                           cache["tail_logprob"], beta, temperature).mean().item()
         live = common.generalized_jsd_per_position(logits, teacher_logits, beta, temperature).mean().item()

@@ -9,6 +9,8 @@ r"""Token-level (logit) distillation: match the teacher's full next-token distri
 
     # from a teacher top-K cache (cache_teacher.py): the teacher is never loaded
     python token_level.py --teacher-cache data/teacher.top64 --output-dir runs/token_level-cached
+    # from an exact cache (cache_teacher.py --store hidden): the live teacher's loss, at any --kl and --temperature
+    python token_level.py --teacher-cache data/teacher.hidden --kl reverse --output-dir runs/token_level-exact
 
     # held-out loss and KL every 50 steps, plus greedy exact match on 200 GSM8K test problems; keep the best
     python token_level.py --eval-data data/teacher_heldout.jsonl --eval-problems data/gsm8k_test200.jsonl \
@@ -26,13 +28,21 @@ The [tokens, vocab] logits are never formed for a batch: both heads are applied 
 
 metrics.jsonl logs per step loss, ce and div (the T^2-scaled divergence term D, whatever --kl). Held-out rows
 (--eval-data) log eval_loss (this loss), eval_ce, eval_div and eval_kl = KL(teacher || student) at T=1 whatever
---kl and --temperature (comparable across runs). From a --teacher-cache the held-out rows must be in the cache too,
-eval_div is the cached top-K + tail divergence, and eval_kl is not logged (the cache holds top-K only).
+--kl and --temperature (comparable across runs). From a --teacher-cache the held-out rows must be in the cache too.
+
+A top-K cache (cache_teacher.py --store topk) replaces D by its K+1-bucket version (the teacher's K tokens plus one
+tail bucket, `cache_teacher.topk_bucket_divergence`): exact at T=1 for forward KL, an approximation otherwise, most
+of all for reverse KL, whose penalty on the student's mass outside the teacher's top K the tail bucket lumps
+together; eval_div is then that bucket divergence and eval_kl is not logged. A hidden cache (--store hidden) holds
+the teacher's final hidden states h and its head W, so the teacher's logits h @ W^T are the live teacher's and the
+loss, eval_div, eval_kl and the pre-flight are those of the live teacher (up to the cache's dtype rounding of h).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 
@@ -49,11 +59,16 @@ def parse_args(argv=None):
                         help="softmax temperature of the KL term (loss is T^2-scaled)")
     parser.add_argument("--alpha", type=common.FRACTION, default=0.1, help="weight of the cross-entropy term (0..1)")
     parser.add_argument("--teacher-cache", default=None,
-                        help="train from a cache_teacher.py folder (top-K log-probs + tail) instead of loading "
-                             "--teacher; the KL is then over the K cached tokens plus one tail bucket")
+                        help="train from a cache_teacher.py folder instead of loading --teacher: --store hidden "
+                             "gives the live teacher's loss exactly; --store topk the KL over the K cached tokens plus "
+                             "one tail bucket (approximate at T != 1 and for reverse KL/JSD)")
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="forward")
-    common.check_eval_args(parser, args, stats=("ce", "div") if args.teacher_cache else ("ce", "div", "kl"))
+    # eval_kl needs the full distribution: live, or a hidden cache (a missing cache.json is refused in main)
+    cache_json = Path(args.teacher_cache or "", "cache.json")
+    topk_cache = bool(args.teacher_cache) and not (cache_json.is_file() and cache_teacher.store_of(
+        json.loads(cache_json.read_text())) == "hidden")
+    common.check_eval_args(parser, args, stats=("ce", "div") if topk_cache else ("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
 
@@ -61,16 +76,21 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     beta = common.divergence_beta(args)
+    manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
     eval_set = common.load_held_out(args, rows, tokenizer)
-    if args.teacher_cache:  # no teacher in memory: its top-K rows ride along with each batch
+    if manifest is not None:  # no teacher in memory: its cached rows ride along with each batch
         examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, eval_set)
         loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
                                 eval_set)
-        train_from_cache(args, loop, beta, vocab)
+        if cache_teacher.store_of(manifest) == "hidden":
+            teacher_weight = cache_teacher.load_head(args.teacher_cache, manifest).to(loop.device)
+            train_with_teacher(args, loop, beta, vocab, teacher_weight)
+        else:
+            train_from_cache(args, loop, beta, vocab)
         loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
         return
     loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
@@ -81,22 +101,39 @@ def main(argv=None):
                                      teacher_head.weight.shape[0])
     common.warn_template_mismatch(tokenizer, teacher_tokenizer)
 
-    def objective(batch, num_tokens, held_out=False, preflight=False):  # training and held-out rows alike
+    def teacher_states(batch):  # [N, H_teacher]: the live teacher's final hidden states at the masked positions
         with torch.inference_mode():
             teacher_hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
-            teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
+            return common.shift_for_next_token(teacher_hidden, batch)[0]
+
+    train_with_teacher(args, loop, beta, vocab, teacher_head.weight, teacher_states)
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
+
+
+def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torch.Tensor, teacher_states=None):
+    """The training loop on the full-vocabulary loss, given the teacher's final hidden states at the masked
+    positions: `teacher_states(batch)` [N, H_teacher] from the live teacher, or (default) the batch's
+    "teacher_hidden" read from a --store hidden cache, with `teacher_weight` its head. One code path for both, so
+    a hidden cache gives the live teacher's loss, pre-flight and eval_kl."""
+    head = common.output_head(loop.model)
+
+    def objective(batch, num_tokens, held_out=False, preflight=False):  # training and held-out rows alike
+        if teacher_states is None:  # a bf16/fp16 cache, widened to the head's dtype (the live teacher's states')
+            teacher_hidden = batch["teacher_hidden"].to(teacher_weight.dtype)
+        else:
+            teacher_hidden = teacher_states(batch)
         hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         if preflight:
-            common.preflight(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
+            common.preflight(student_hidden, head.weight, teacher_hidden, teacher_weight, vocab=vocab,
                              temperature=args.temperature, beta=beta)
         loss, ce_sum, div_sum = common.fused_head_loss(
             student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
-            teacher_weight=teacher_head.weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
+            teacher_weight=teacher_weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
             chunk_size=args.chunk_size, vocab=vocab)
         stats = {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
         if held_out:  # eval_kl: plain KL(teacher || student) at T=1, whatever this run's divergence
-            stats["kl"] = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight,
+            stats["kl"] = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_weight,
                                            vocab=vocab, chunk_size=args.chunk_size)["kl_sum"] / num_tokens
         return loss, stats
 
@@ -106,11 +143,9 @@ def main(argv=None):
             loop.backward(loss, **stats)
         loop.step(num_tokens, evaluate=objective)
 
-    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
-
 
 def train_from_cache(args, loop, beta: float, vocab: int) -> None:
-    """The same step with the teacher's distribution read from the cache (cache_teacher.cached_teacher_loss)."""
+    """The same step with the teacher's distribution read from a top-K cache (cache_teacher.cached_teacher_loss)."""
     head = common.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False):
@@ -133,16 +168,16 @@ def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None
     """Pair every example with its cached teacher rows; refuse a cache from another vocabulary.
 
     Returns (examples that have a cache row scored on the same messages and completion, with the same target
-    tokens, the cache's vocabulary size, a collate
-    function that pads the batch and stacks its cached rows in the order shift_for_next_token uses). The
-    held-out examples (--eval-data) are paired too, in place; every one of them must be in the cache.
+    tokens, the cache's vocabulary size, a collate function that pads the batch and stacks its cached rows in the
+    order shift_for_next_token uses: topk_ids, topk_logprobs, tail_logprob of a top-K cache, teacher_hidden of a
+    hidden one). The held-out examples (--eval-data) are paired too, in place; every one of them must be in the cache.
     """
     manifest, cached = cache_teacher.load_cache(folder)
     if manifest["vocab_fingerprint"] != cache_teacher.vocab_fingerprint(tokenizer):
         raise common.DistillError(f"--teacher-cache {folder}: written with the tokenizer of {manifest['teacher']}, "
                                   "whose vocabulary differs from the student's (fingerprint "
                                   f"{manifest['vocab_fingerprint']} vs {cache_teacher.vocab_fingerprint(tokenizer)}); "
-                                  "a top-K cache is only meaningful for the same token ids (see cross_tokenizer.py)")
+                                  "a token-level cache is only valid for the same token ids (see cross_tokenizer.py)")
     if manifest["vocab"] > common.output_head(student).weight.shape[0]:
         raise common.DistillError(f"--teacher-cache {folder}: vocabulary {manifest['vocab']} is larger than the "
                                   "student's output head")
@@ -184,6 +219,9 @@ def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None
 
     def collate(batch_examples, pad_id=tokenizer.pad_token_id):
         batch = common.pad_batch(batch_examples, pad_id)
+        if cache_teacher.store_of(manifest) == "hidden":
+            batch["teacher_hidden"] = torch.cat([ex["cache"]["hidden"] for ex in batch_examples])
+            return batch
         for name in ("topk_ids", "topk_logprobs", "tail_logprob"):
             batch[name] = torch.cat([ex["cache"][name] for ex in batch_examples])
         batch["topk_ids"] = batch["topk_ids"].long()

@@ -128,6 +128,29 @@ def test_chunked_loss_and_gradients_match_materialized(kind):
     assert ce_sum.item() == pytest.approx(ce.item(), rel=1e-5)
 
 
+def test_padded_head_rows_get_no_probability():
+    """Rows past the tokenizers' sizes are padding: the loss equals one computed on the real rows alone, and the
+    student's padding rows get no gradient."""
+    g = torch.Generator().manual_seed(2)
+    student_hidden, teacher_hidden = torch.randn(9, 6, generator=g), torch.randn(9, 5, generator=g)
+    student_weight = torch.randn(13, 6, generator=g, requires_grad=True)
+    teacher_weight = torch.randn(19, 5, generator=g)
+    student_weight.data[10:] += 5.0  # padding rows that would win every softmax if they counted
+    targets = torch.randint(0, 10, (9,), generator=g)
+    options = dict(alpha=0.3, top_k=4, temperature=2.0, kind="kl", chunk_size=4)
+    loss, *_ = cross_tokenizer.chunked_uld_and_ce(student_hidden, student_weight, targets, 9,
+                                                  teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                                                  student_vocab=10, teacher_vocab=15, **options)
+    loss.backward()
+    real = student_weight.detach()[:10].clone().requires_grad_()
+    want, *_ = cross_tokenizer.chunked_uld_and_ce(student_hidden, real, targets, 9, teacher_hidden=teacher_hidden,
+                                                  teacher_weight=teacher_weight[:15], **options)
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(student_weight.grad[:10], real.grad)
+    assert (student_weight.grad[10:] == 0).all()
+
+
 @pytest.mark.parametrize("student,kind", [("student_nosys", "kl"), ("student_llama3", "wasserstein")])
 def test_cross_tokenizer_trains_saves_and_reloads(kit, trained_teacher, tmp_path, capsys, student, kind):
     data = write_rows(tmp_path / "d.jsonl", 32, seed=4)

@@ -10,6 +10,7 @@ import torch
 
 import common
 import eval as evaluate
+import sequence_level
 import token_level
 from conftest import read_metrics, write_rows
 
@@ -105,10 +106,28 @@ def test_template_mismatch_is_warned(kit, tmp_path, capsys):
     student = tmp_path / "student"
     shutil.copytree(kit["student"], student)
     template = (student / "chat_template.jinja").read_text()
+    # Another header ("assistant:"), consistent between training text and generation prompt: a template that
+    # differs from the teacher's but is right in itself (a self-inconsistent one is refused: test_doctor.py).
     changed = template.replace("+ '\\n' + message['content']", "+ ':\\n' + message['content']")
-    assert changed != template
+    changed = changed.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant:\\n'")
+    assert changed.count(":\\n") == 2
     (student / "chat_template.jinja").write_text(changed)
     data = write_rows(tmp_path / "d.jsonl", 4)
     token_level.main(["--teacher", str(kit["teacher"]), "--student", str(student), "--data", str(data),
                       "--output-dir", str(tmp_path / "run"), "--max-steps", "1"])
     assert "warning: teacher and student chat templates differ" in capsys.readouterr().out
+
+
+def test_a_template_whose_generation_prompt_is_not_the_training_prefix_is_refused(kit, tmp_path):
+    """Training renders '<|im_start|>assistant:' while generation prompts with '<|im_start|>assistant': the student
+    would answer, at inference, a context it never trained on. doctor.py's check, run by the training scripts."""
+    student = tmp_path / "student"
+    shutil.copytree(kit["student"], student)
+    template = (student / "chat_template.jinja").read_text()
+    (student / "chat_template.jinja").write_text(template.replace("+ '\\n' + message['content']",
+                                                                  "+ ':\\n' + message['content']"))
+    data = write_rows(tmp_path / "d.jsonl", 4)
+    with pytest.raises(common.DistillError, match="generation prompt .* is not a prefix of the training text"):
+        sequence_level.main(["--student", str(student), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                             "--max-steps", "1"])
+    assert not (tmp_path / "run").exists()
