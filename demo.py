@@ -58,8 +58,8 @@ DEMO_VERSION = 2  # bump when a stage changes what it produces, so old demo fold
 SIZES = {  # full, quick
     "train_problems": (2000, 200), "dev_problems": (100, 16), "test_problems": (400, 40),
     "teacher_data": (800, 64), "pretrain_texts": (20000, 2000),
-    "teacher_pretrain_steps": (1000, 40), "student_pretrain_steps": (1000, 40),
-    "teacher_steps": (400, 60), "teacher_extra_rounds": (2, 0), "student_steps": (400, 12), "eval_every": (50, 6),
+    "teacher_pretrain_steps": (1000, 20), "student_pretrain_steps": (1000, 20),
+    "teacher_steps": (400, 20), "teacher_extra_rounds": (2, 0), "student_steps": (400, 12), "eval_every": (50, 6),
 }
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gita", "Hugo", "Ines", "Jon", "Kai", "Lea"]
 ITEMS = ["apples", "pens", "cards", "eggs", "coins", "books", "cups", "toys"]

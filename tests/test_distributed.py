@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,16 +23,34 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 def run(cmd, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    except subprocess.TimeoutExpired as stuck:  # say where it stopped, not only that it did
+        script = next((c for c in cmd if c.endswith(".py")), cmd[0])
+        pytest.fail(f"{script} still running after 300 s\nstdout:\n{_text(stuck.stdout)[-2000:]}\n"
+                    f"stderr:\n{_text(stuck.stderr)[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _text(out: bytes | str | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+
+def free_port() -> int:
+    """A port nothing listens on: each launch gets its own rendezvous, never one a previous launch (or another
+    job on the machine) still holds at accelerate's default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(processes: int, script: str, args: list[str]):
     if processes == 1:
         return run([sys.executable, str(ROOT / script), *args])
     return run([*ACCELERATE, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / script), *args])
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                str(ROOT / script), *args])
 
 
 def test_token_level_two_processes_match_one(kit, tmp_path):
