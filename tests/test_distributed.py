@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,18 +24,19 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 def run(cmd, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    # Its own process group: on a timeout the launcher *and* its workers are killed, so no orphan keeps the output
+    # pipes open (which would make the test wait forever instead of failing).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, **kwargs)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kwargs)
-    except subprocess.TimeoutExpired as stuck:  # say where it stopped, not only that it did
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # say where it stopped, not only that it did
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
         script = next((c for c in cmd if c.endswith(".py")), cmd[0])
-        pytest.fail(f"{script} still running after 300 s\nstdout:\n{_text(stuck.stdout)[-2000:]}\n"
-                    f"stderr:\n{_text(stuck.stderr)[-2000:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def _text(out: bytes | str | None) -> str:
-    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+        pytest.fail(f"{script} still running after 300 s\nstdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def free_port() -> int:
