@@ -22,12 +22,12 @@ from conftest import ROOT, read_metrics, write_rows
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-def run(cmd, **kwargs):
+def run(cmd: list[str]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     # Its own process group: on a timeout the launcher *and* its workers are killed, so no orphan keeps the output
     # pipes open (which would make the test wait forever instead of failing).
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, **kwargs)
+                            start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:  # say where it stopped, not only that it did
@@ -36,7 +36,6 @@ def run(cmd, **kwargs):
         script = next((c for c in cmd if c.endswith(".py")), cmd[0])
         pytest.fail(f"{script} still running after 300 s\nstdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-2000:]}")
     assert proc.returncode == 0, stderr[-3000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def free_port() -> int:
@@ -47,12 +46,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, script: str, args: list[str]):
+def launch(processes: int, script: str, args: list[str]) -> None:
     if processes == 1:
-        return run([sys.executable, str(ROOT / script), *args])
-    return run([*ACCELERATE, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                str(ROOT / script), *args])
+        run([sys.executable, str(ROOT / script), *args])
+    else:
+        run([*ACCELERATE, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+             str(ROOT / script), *args])
 
 
 def test_token_level_two_processes_match_one(kit, tmp_path):
