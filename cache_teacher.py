@@ -66,7 +66,9 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+import checkpoints
 import common
+import models
 
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 HIDDEN_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -154,9 +156,9 @@ def open_cache(folder: str | Path, flag: str = "--teacher-cache", stores: tuple[
         if not head.is_file():
             raise common.DistillError(f"{flag} {folder}: the teacher's output head {head.name} is missing (a "
                                       "--store hidden cache needs it); re-run cache_teacher.py into this folder")
-        if common.file_fingerprint(head) != manifest.get("head_fingerprint"):
+        if checkpoints.file_fingerprint(head) != manifest.get("head_fingerprint"):
             raise common.DistillError(f"{flag} {folder}: {head.name} is not the head this cache was written with "
-                                      f"(fingerprint {common.file_fingerprint(head)}, cache.json: "
+                                      f"(fingerprint {checkpoints.file_fingerprint(head)}, cache.json: "
                                       f"{manifest.get('head_fingerprint')}); re-create the cache")
     return manifest
 
@@ -223,17 +225,17 @@ def check_resumable(out: Path, header: dict, rows: list[dict]) -> set[str]:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output)
-    common.check_output_path(out, "--output", folder=True)
-    leftover = sorted(p.name for p in out.iterdir() if p.name != common.LOCK_NAME) if out.exists() else []
+    checkpoints.check_output_path(out, "--output", folder=True)
+    leftover = sorted(p.name for p in out.iterdir() if p.name != checkpoints.LOCK_NAME) if out.exists() else []
     if leftover and "cache.json" not in leftover:
         raise common.DistillError(f"--output {out} is a non-empty folder without a cache.json "
                                   f"({', '.join(leftover[:5])}); choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    common.lock_output(out / common.LOCK_NAME, "--output", out)  # one cache_teacher.py per folder at a time
+    checkpoints.lock_output(out / checkpoints.LOCK_NAME, "--output", out)  # one cache_teacher.py per folder at a time
     try:
         return cache_into(args, out)
     finally:
-        common.unlock_output(out / common.LOCK_NAME)
+        checkpoints.unlock_output(out / checkpoints.LOCK_NAME)
 
 
 def cache_into(args, out: Path) -> dict:
@@ -243,14 +245,14 @@ def cache_into(args, out: Path) -> dict:
         raise common.DistillError(f"--data {args.data}: every row needs a unique 'id' to be cached "
                                   "(generate_data.py writes one)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher, tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
+    teacher, tokenizer = models.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
                                            trust_remote_code=args.trust_remote_code)
-    teacher = common.frozen_teacher(teacher)
-    head = common.output_head(teacher)
+    teacher = models.frozen_teacher(teacher)
+    head = models.output_head(teacher)
     vocab = min(head.weight.shape[0], len(tokenizer))
     header = {"teacher": args.teacher, "data": str(args.data), "vocab": vocab,
               "vocab_fingerprint": vocab_fingerprint(tokenizer),
-              "teacher_fingerprint": common.model_fingerprint(args.teacher),
+              "teacher_fingerprint": models.model_fingerprint(args.teacher),
               "template_fingerprint": common.fingerprint(tokenizer.chat_template or "")}
     if args.store == "topk":
         args.top_k = min(args.top_k, vocab)  # K = vocabulary caches the whole distribution (tail empty)
@@ -266,7 +268,7 @@ def cache_into(args, out: Path) -> dict:
         tmp = out / f".{HEAD_FILE}.tmp"
         save_file({"weight": head.weight.detach().contiguous().cpu()}, tmp)
         os.replace(tmp, out / HEAD_FILE)
-        header["head_fingerprint"] = common.file_fingerprint(out / HEAD_FILE)
+        header["head_fingerprint"] = checkpoints.file_fingerprint(out / HEAD_FILE)
     (out / "cache.json").write_text(json.dumps({**header, "complete": False}, indent=2) + "\n")
 
     todo = [row for row in rows if row["id"] not in done]
@@ -276,7 +278,7 @@ def cache_into(args, out: Path) -> dict:
         group = examples[lo:lo + args.batch_size]
         batch = {k: v.to(device) for k, v in common.pad_batch(group, tokenizer.pad_token_id).items()}
         with torch.inference_mode():
-            hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
             teacher_hidden, token_ids = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
             if args.store == "topk":
                 topk_ids, topk_logprobs, tail = teacher_topk(teacher_hidden, head.weight, args.top_k,

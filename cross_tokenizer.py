@@ -57,6 +57,8 @@ from torch.utils.checkpoint import checkpoint
 
 import cache_teacher
 import common
+import models
+import training
 
 
 def parse_args(argv=None):
@@ -84,7 +86,7 @@ def parse_args(argv=None):
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
     args = parser.parse_args(argv)
-    common.check_eval_args(parser, args, stats=("ce", "div"))
+    training.check_eval_args(parser, args, stats=("ce", "div"))
     common.fill_train_defaults(parser, args)
     return args
 
@@ -300,11 +302,11 @@ def main(argv=None):
     args = parse_args(argv)
     manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
     rows = common.load_distill_rows(args.data)
-    student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
+    student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     if manifest is not None:
         return train_from_cache(args, rows, student, tokenizer)
-    teacher_tokenizer = common.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code,
+    teacher_tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code,
                                               what="--teacher")
     examples, skipped, alignment = encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length,
                                                 truncated=args.truncated)
@@ -313,25 +315,25 @@ def main(argv=None):
     if alignment["exact_end_fraction"] < args.min_exact_alignment:
         print(f"warning: exact alignment {alignment['exact_end_fraction']:.1%} is below --min-exact-alignment "
               f"{args.min_exact_alignment:.0%}; the tokenizers segment this text very differently")
-    eval_set = common.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_pairs(
+    eval_set = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_pairs(
         eval_rows, tokenizer, teacher_tokenizer, args.max_length, None, truncated=args.truncated)[:2])
-    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             collate=lambda exs: collate_pairs(exs, tokenizer.pad_token_id,
                                                               teacher_tokenizer.pad_token_id), held_out=eval_set)
     if loop.accelerator.is_main_process:
         (loop.output_dir / "alignment.json").write_text(json.dumps(alignment, indent=2) + "\n")
-    teacher, _ = common.load_teacher(args, loop.device)
-    head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
+    teacher, _ = models.load_teacher(args, loop.device)
+    head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
     # Padded head rows are not tokens: neither distribution gives them mass.
     vocabs = dict(student_vocab=min(len(tokenizer), head.weight.shape[0]),
                   teacher_vocab=min(len(teacher_tokenizer), teacher_head.weight.shape[0]))
 
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
         with torch.inference_mode():
-            teacher_hidden = common.teacher_hidden_states(teacher, batch["teacher_input_ids"],
+            teacher_hidden = models.teacher_hidden_states(teacher, batch["teacher_input_ids"],
                                                            batch["teacher_attention_mask"])
             teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
-        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         loss, ce_sum, uld_sum = chunked_uld_and_ce(student_hidden, head.weight, targets, num_tokens,
                                                    teacher_hidden=teacher_hidden.clone(),
@@ -359,7 +361,7 @@ def train_from_cache(args, rows, student, tokenizer):
     if hidden_store:
         teacher_weight = cache_teacher.load_head(args.teacher_cache, manifest)
     else:
-        k = min(args.top_k, manifest["top_k"], common.output_head(student).weight.shape[0] - 1)
+        k = min(args.top_k, manifest["top_k"], models.output_head(student).weight.shape[0] - 1)
         if k < args.top_k:
             print(f"--teacher-cache holds the top {manifest['top_k']}: comparing the top {k} (+ tail)")
     examples, skipped, alignment = encode_from_cache(rows, tokenizer, cached, args.max_length,
@@ -378,18 +380,18 @@ def train_from_cache(args, rows, student, tokenizer):
             topk_logprobs, tail_logprob, k, args.temperature).exp()
         return batch
 
-    eval_set = common.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(
+    eval_set = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(
         eval_rows, tokenizer, cached, args.max_length, held_out=True, truncated=args.truncated)[:2])
-    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
+    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
                             eval_set)
-    head = common.output_head(loop.model)
+    head = models.output_head(loop.model)
     vocabs = dict(student_vocab=min(len(tokenizer), head.weight.shape[0]))  # padded head rows are not tokens
     if hidden_store:
         teacher_weight = teacher_weight.to(loop.device)
         vocabs["teacher_vocab"] = manifest["vocab"]
 
     def objective(batch, num_tokens, held_out=False):
-        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         if hidden_store:  # a bf16/fp16 cache, widened to the head's dtype (the live teacher's states')
             teacher = dict(teacher_hidden=batch["teacher_hidden"].to(teacher_weight.dtype),

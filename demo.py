@@ -47,11 +47,14 @@ import cross_tokenizer  # noqa: E402
 import eval as evaluate  # noqa: E402
 import explain  # noqa: E402
 import generate_data  # noqa: E402
+import generation  # noqa: E402
+import models  # noqa: E402
 import on_policy  # noqa: E402
 import plot_metrics  # noqa: E402
 import sequence_level  # noqa: E402
 import tiny  # noqa: E402
 import token_level  # noqa: E402
+import training  # noqa: E402
 
 SYSTEM_PROMPT = "Solve the math word problem. Show the calculation, then give the answer as '#### <number>'."
 DEMO_VERSION = 2  # bump when a stage changes what it produces, so old demo folders are not reused
@@ -208,11 +211,11 @@ def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: in
     if (folder / "config.json").exists():
         return folder
     kit_folder, arch, size = MODELS[name]
-    tokenizer = common.load_tokenizer(str(kit[kit_folder]))
+    tokenizer = models.load_tokenizer(str(kit[kit_folder]))
     init = out / f"{name}_init"
     if not (init / "config.json").exists():
         tiny.save_model(init, tiny.build_model(arch, tokenizer, **{**size, "seed": size["seed"] + seed}), tokenizer)
-    model, tokenizer = common.load_model(str(init))
+    model, tokenizer = models.load_model(str(init))
     examples = []
     for row in common.read_jsonl(corpus):
         # BOS where the tokenizer adds one, and EOS: documents end, as in real pretraining data.
@@ -222,11 +225,11 @@ def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: in
         "--student", str(init), "--data", str(corpus), "--output-dir", str(folder), "--max-steps", str(steps),
         "--batch-size", "32", "--lr", "3e-3", "--warmup-ratio", "0.05", "--log-every", "250", "--seed", str(seed),
         "--save-every", "100", *continue_flags(folder)])
-    loop = common.TrainLoop(args, model, examples, tokenizer.pad_token_id)
-    head = common.output_head(loop.model)
+    loop = training.TrainLoop(args, model, examples, tokenizer.pad_token_id)
+    head = models.output_head(loop.model)
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
-            hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
             hidden, targets = common.shift_for_next_token(hidden, batch)
             loss, _, _ = common.fused_head_loss(hidden, head.weight, targets, num_tokens, alpha=1.0)
             loop.backward(loss)
@@ -238,13 +241,13 @@ def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: in
 def score(model_dir: Path, problems: list[dict], teacher=None, predictions_path: Path | None = None) -> dict:
     """Held-out strict and lenient exact match (with 95% intervals) of a model, and its KL / top-1 agreement to
     the teacher where vocabularies match. Every reply is written to `predictions_path` for auditing."""
-    model, tokenizer = common.load_model(str(model_dir))
-    predictions = common.answer_problems(model, tokenizer, problems, system_prompt=SYSTEM_PROMPT,
+    model, tokenizer = models.load_model(str(model_dir))
+    predictions = generation.answer_problems(model, tokenizer, problems, system_prompt=SYSTEM_PROMPT,
                                          max_new_tokens=32, batch_size=100, desc=f"eval {model_dir.name}")
     references = [p["answer"] for p in problems]
-    scores = common.score_answers(predictions, references)
+    scores = generation.score_answers(predictions, references)
     if predictions_path is not None:
-        write_jsonl(predictions_path, ({"prompt": p["prompt"], "reply": reply, **common.judge_answer(reply, ref)}
+        write_jsonl(predictions_path, ({"prompt": p["prompt"], "reply": reply, **generation.judge_answer(reply, ref)}
                                        for p, reply, ref in zip(problems, predictions, references)))
     row = {"exact_match": scores["strict"], "ci": scores["strict_ci"], "lenient": scores["lenient"],
            "lenient_ci": scores["lenient_ci"], "n": scores["n"], "kl_to_teacher": None, "top1_agreement": None,
@@ -407,8 +410,8 @@ def main(argv=None):
     dev = {"data": dev_data, "problems": dev_task}
 
     print("\n== 4. evaluation of the teacher and the base students on the test problems")
-    teacher_model, teacher_tokenizer = common.load_model(str(teacher))
-    teacher_texts = common.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=SYSTEM_PROMPT,
+    teacher_model, teacher_tokenizer = models.load_model(str(teacher))
+    teacher_texts = generation.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=SYSTEM_PROMPT,
                                            max_new_tokens=32, batch_size=100, desc="teacher answers")
     reference = (teacher_model, teacher_tokenizer, teacher_texts)
     predictions = out / "predictions"

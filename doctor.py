@@ -43,8 +43,10 @@ from pathlib import Path
 import torch
 
 import cache_teacher
+import checks
 import common
 import cross_tokenizer
+import models
 
 # The fused loss against its float64 reference: relative error allowed, by the student's dtype. float32 differs
 # only by summation order; bf16/fp16 heads round each logit to their dtype before the float32 softmax math.
@@ -107,8 +109,8 @@ class Report(list):
     def section(self, title: str) -> None:
         print(f"\n{title}", flush=True)
 
-    def add(self, *checks: common.Check) -> None:
-        for check in checks:
+    def add(self, *found: checks.Check) -> None:
+        for check in found:
             self.append(check)
             status = f"{check.status:<4}"
             if self.color:
@@ -131,15 +133,15 @@ def main(argv=None) -> Report:
 def run_checks(args) -> Report:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     report = Report(color)
-    common.seed_everything(args.seed)
+    models.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = common.load_distill_rows(args.data)
     first = rows[:args.rows]
     # Loaded as the training scripts load them: the student on the CPU in --dtype ('auto' = float32), then moved.
-    student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
+    student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     student = student.to(device)
-    teacher, teacher_tokenizer = common.load_teacher(args, device)
+    teacher, teacher_tokenizer = models.load_teacher(args, device)
 
     report.section(f"tokenizers: --student {args.student}, --teacher {args.teacher}")
     vocab = check_tokenizers(report, first, student, tokenizer, teacher, teacher_tokenizer)
@@ -149,19 +151,19 @@ def run_checks(args) -> Report:
     batch = examples = None
     try:
         if not template_ok:
-            report.add(common.Check("SKIP", "numbers", "the loss mask above cannot be built"))
+            report.add(checks.Check("SKIP", "numbers", "the loss mask above cannot be built"))
         elif vocab is None:
             check_cross_tokenizer(report, args, first, student, tokenizer, teacher, teacher_tokenizer)
         else:
             batch, examples = first_batch(args, first, tokenizer)
             check_first_batch(report, args, student, teacher, batch, vocab)
     except common.DistillError as err:  # e.g. every first row longer than --max-length
-        report.add(common.Check("FAIL", "numbers", str(err)))
+        report.add(checks.Check("FAIL", "numbers", str(err)))
     report.section("cost")
     report.add(memory_estimate(args, student, teacher, vocab or len(tokenizer)))
     if args.time:
         report.add(time_steps(args, student, teacher, batch, vocab) if batch is not None else
-                   common.Check("SKIP", "time", "times token_level.py's step on the first batch: needs one "
+                   checks.Check("SKIP", "time", "times token_level.py's step on the first batch: needs one "
                                 "vocabulary and a loss mask"))
     if args.teacher_cache:
         report.section(f"teacher cache: {args.teacher_cache}")
@@ -172,11 +174,11 @@ def run_checks(args) -> Report:
 # -- tokenizers and templates ---------------------------------------------------------------------------------
 
 def check_tokenizers(report: Report, rows: list[dict], student, tokenizer, teacher, teacher_tokenizer) -> int | None:
-    rows_s, rows_t = (common.output_head(m).weight.shape[0] for m in (student, teacher))
-    vocab, checks = common.vocabulary_checks(tokenizer, teacher_tokenizer, rows_s, rows_t)
-    report.add(*checks)
+    rows_s, rows_t = (models.output_head(m).weight.shape[0] for m in (student, teacher))
+    vocab, found = checks.vocabulary_checks(tokenizer, teacher_tokenizer, rows_s, rows_t)
+    report.add(*found)
     if vocab is None:
-        report.add(common.Check("INFO", "scripts", "different vocabularies: cross_tokenizer.py applies "
+        report.add(checks.Check("INFO", "scripts", "different vocabularies: cross_tokenizer.py applies "
                                 "(token_level.py, on_policy.py and a top-K --teacher-cache need one vocabulary)"))
     row = next((r for r in rows if not common.is_cut(r)), rows[0])
     for who, tok in (("student", tokenizer), ("teacher", teacher_tokenizer)):
@@ -184,7 +186,7 @@ def check_tokenizers(report: Report, rows: list[dict], student, tokenizer, teach
             example = common.encode_chat(tok, row["messages"], row["completion"])
         except common.DistillError:
             example = None  # the template check below reports it
-        report.add(common.special_tokens_check(tok, who, example))
+        report.add(checks.special_tokens_check(tok, who, example))
     return vocab
 
 
@@ -194,22 +196,22 @@ def check_templates(report: Report, rows: list[dict], tokenizer, teacher_tokeniz
     student's; the teacher's is what generate_data.py prompted it with, and what cross_tokenizer.py feeds it)."""
     row = next((r for r in rows if not common.is_cut(r)), None)
     if row is None:
-        report.add(common.Check("WARN", "mask", f"all {len(rows)} first rows were cut at --max-new-tokens: none ends "
+        report.add(checks.Check("WARN", "mask", f"all {len(rows)} first rows were cut at --max-new-tokens: none ends "
                                 "with an end-of-turn token to show"))
         row = rows[0]
     ok = True  # whether the training text can be encoded: the student's template, and the teacher's too when
     for who, tok in (("student", tokenizer), ("teacher", teacher_tokenizer)):  # it reads its own (cross_tokenizer)
-        checks, _ = common.loss_mask_checks(tok, row, who, color=color)
-        report.add(*checks)
+        found, _ = checks.loss_mask_checks(tok, row, who, color=color)
+        report.add(*found)
         if who == "student" or vocab is None:
-            ok = ok and all(c.status != "FAIL" for c in checks)
+            ok = ok and all(c.status != "FAIL" for c in found)
     if vocab is not None and ok:
         # a teacher template that cannot close a turn raises here: its mask check above said so
         with contextlib.suppress(common.DistillError):
-            report.add(common.template_match_check(tokenizer, teacher_tokenizer))
+            report.add(checks.template_match_check(tokenizer, teacher_tokenizer))
     generation = row.get("generation") or {}
     if "temperature" in generation:
-        report.add(common.Check("INFO", "temperature", f"the data was sampled at temperature "
+        report.add(checks.Check("INFO", "temperature", f"the data was sampled at temperature "
                                 f"{generation['temperature']:g} (generate_data.py); the loss's --temperature is "
                                 "separate and applies to both models' logits alike"))
     return ok
@@ -226,12 +228,12 @@ def first_batch(args, rows: list[dict], tokenizer) -> tuple[dict, list[dict]]:
 
 def hidden_pair(student, teacher, batch: dict):
     """(student_hidden [N, H], teacher_hidden [N, H_t], targets [N]) on the batch's completion tokens, no grad."""
-    device = common.output_head(student).weight.device
+    device = models.output_head(student).weight.device
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.no_grad():
-        hidden = common.student_hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        hidden = models.student_hidden_states(student, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)
-        hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+        hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
         teacher_hidden, _ = common.shift_for_next_token(hidden, batch)
     return student_hidden, teacher_hidden, targets
 
@@ -239,31 +241,31 @@ def hidden_pair(student, teacher, batch: dict):
 def check_first_batch(report: Report, args, student, teacher, batch: dict, vocab: int) -> None:
     beta, temperature = common.divergence_beta(args), args.temperature
     student_hidden, teacher_hidden, targets = hidden_pair(student, teacher, batch)
-    head, teacher_head = common.output_head(student).weight.detach(), common.output_head(teacher).weight
+    head, teacher_head = models.output_head(student).weight.detach(), models.output_head(teacher).weight
     n = targets.shape[0]
     try:
-        itself = common.agreement(teacher_hidden, teacher_head, teacher_hidden, teacher_head, vocab=vocab,
+        itself = checks.agreement(teacher_hidden, teacher_head, teacher_hidden, teacher_head, vocab=vocab,
                                   temperature=temperature, names=("--teacher", "--teacher"),
                                   where="on the first batch", dtype_flags=("--teacher-dtype", "--teacher-dtype"))
-        stats = common.agreement(student_hidden, head, teacher_hidden, teacher_head, vocab=vocab,
+        stats = checks.agreement(student_hidden, head, teacher_hidden, teacher_head, vocab=vocab,
                                  temperature=temperature, beta=beta, chunk_size=args.chunk_size,
                                  names=("--student", "--teacher"), where="on the first batch",
                                  dtype_flags=("--dtype", "--teacher-dtype"))
     except common.DistillError as err:
-        report.add(common.Check("FAIL", "finite", str(err)))
+        report.add(checks.Check("FAIL", "finite", str(err)))
         return
-    report.add(common.Check("OK", "finite", f"student and teacher logits are finite on the {n} completion tokens"))
+    report.add(checks.Check("OK", "finite", f"student and teacher logits are finite on the {n} completion tokens"))
     self_kl = itself["kl_sum"] / max(n, 1)
-    report.add(common.Check("OK" if abs(self_kl) < 1e-6 else "FAIL", "self-KL",
+    report.add(checks.Check("OK" if abs(self_kl) < 1e-6 else "FAIL", "self-KL",
                             f"KL(teacher||teacher) at T={temperature:g} = {self_kl:.2e} (must be 0)"))
     kl, div, top1 = (stats[k] / max(n, 1) for k in ("kl_sum", "div_sum", "top1_sum"))
-    if common.model_fingerprint(args.student) == common.model_fingerprint(args.teacher) and head.dtype == \
+    if models.model_fingerprint(args.student) == models.model_fingerprint(args.teacher) and head.dtype == \
             teacher_head.dtype:  # one model read twice: the training and the inference forward must agree
         same = kl < 1e-5 and top1 == 1.0
-        report.add(common.Check("OK" if same else "FAIL", "same model", f"--student and --teacher are one model: "
+        report.add(checks.Check("OK" if same else "FAIL", "same model", f"--student and --teacher are one model: "
                                 f"KL = {kl:.2e}, top-1 agreement {top1:.1%} (must be 0 and 100%)"))
     minimized = "" if beta == 0 else f"{common.divergence_name(beta)} = {div:.4f}, "
-    report.add(common.Check("INFO", "agreement", f"{minimized}KL(teacher||student) at T={temperature:g} = {kl:.4f}, "
+    report.add(checks.Check("INFO", "agreement", f"{minimized}KL(teacher||student) at T={temperature:g} = {kl:.4f}, "
                             f"top-1 agreement {top1:.1%} (the pre-flight token_level.py prints)"))
     report.add(fused_loss_check(student_hidden, head, teacher_hidden, teacher_head, targets, vocab=vocab,
                                 alpha=args.alpha, beta=beta, temperature=temperature, chunk_size=args.chunk_size))
@@ -289,7 +291,7 @@ def reference_loss(hidden, weight, teacher_logits, targets, *, vocab: int, alpha
 
 
 def fused_loss_check(student_hidden, head, teacher_hidden, teacher_head, targets, *, vocab: int, alpha: float,
-                     beta: float, temperature: float, chunk_size: int) -> common.Check:
+                     beta: float, temperature: float, chunk_size: int) -> checks.Check:
     """common.fused_head_loss and its gradients (hidden states, head) against `reference_loss` in float64, on the
     batch's first REFERENCE_TOKENS completion tokens. The tolerance follows the student head's dtype."""
     n = min(targets.shape[0], REFERENCE_TOKENS)
@@ -315,7 +317,7 @@ def fused_loss_check(student_hidden, head, teacher_hidden, teacher_head, targets
     tolerance = TOLERANCE.get(head.dtype, 3e-2)
     bad = [name for name, e in errors.items() if not e <= tolerance]
     shown = ", ".join(f"{name} {e:.1e}" for name, e in errors.items())
-    return common.Check("FAIL" if bad else "OK", "fused loss",
+    return checks.Check("FAIL" if bad else "OK", "fused loss",
                         f"chunked loss and gradients vs a float64 reference on {n} tokens: relative error {shown} "
                         f"({'above' if bad else 'within'} {tolerance:.0e} for {str(head.dtype).split('.')[-1]})")
 
@@ -325,26 +327,26 @@ def check_cross_tokenizer(report: Report, args, rows, student, tokenizer, teache
     finite logits on both sides (each model on its own tokens)."""
     examples, _, alignment = cross_tokenizer.encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length)
     exact = alignment["exact_end_fraction"]
-    report.add(common.Check("OK" if exact >= ALIGNMENT_WARN else "WARN", "alignment",
+    report.add(checks.Check("OK" if exact >= ALIGNMENT_WARN else "WARN", "alignment",
                             f"{exact:.1%} of {alignment['student_tokens']} student completion tokens end where a "
                             f"teacher token ends (mean gap {alignment['mean_end_gap_chars']:.2f} characters)"))
     for who, model, tok in (("--student", student, tokenizer), ("--teacher", teacher, teacher_tokenizer)):
         batch, _ = first_batch(args, rows, tok)
-        device = common.output_head(model).weight.device
+        device = models.output_head(model).weight.device
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
-            hidden = common.teacher_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+            hidden = models.teacher_hidden_states(model, batch["input_ids"], batch["attention_mask"])
             hidden, _ = common.shift_for_next_token(hidden, batch)
-            weight = common.output_head(model).weight[:len(tok)]
+            weight = models.output_head(model).weight[:len(tok)]
             chunk = args.chunk_size or common.auto_chunk_size(len(tok))
             try:
                 for lo in range(0, hidden.shape[0], chunk):
                     common.check_finite_logits(hidden[lo:lo + chunk] @ weight.T, who, "on the first batch")
             except common.DistillError as err:
-                report.add(common.Check("FAIL", "finite", str(err)))
+                report.add(checks.Check("FAIL", "finite", str(err)))
                 continue
-        report.add(common.Check("OK", "finite", f"{who}'s logits are finite on its first batch"))
-    report.add(common.Check("SKIP", "numbers", "teacher-student KL, top-1 agreement and the fused loss need one "
+        report.add(checks.Check("OK", "finite", f"{who}'s logits are finite on its first batch"))
+    report.add(checks.Check("SKIP", "numbers", "teacher-student KL, top-1 agreement and the fused loss need one "
                             "vocabulary (cross_tokenizer.py compares sorted probabilities)"))
 
 
@@ -354,7 +356,7 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def memory_estimate(args, student, teacher, vocab: int) -> common.Check:
+def memory_estimate(args, student, teacher, vocab: int) -> checks.Check:
     """Peak memory of a training step, an estimate from counts (one process, full fine-tuning, torch AdamW):
 
     weights, gradients and 2 AdamW states (exp_avg, exp_avg_sq) in the student's dtype, no separate master copy
@@ -381,7 +383,7 @@ def memory_estimate(args, student, teacher, vocab: int) -> common.Check:
     beta = common.divergence_beta(args)
     # the buffer count fused_head_loss allocates (its private helper: one definition of it)
     buffers = 1 + (args.alpha < 1) + common._spare_buffers(args.alpha, beta)
-    head_rows, hidden = common.output_head(student).weight.shape
+    head_rows, hidden = models.output_head(student).weight.shape
     parts = {
         "student weights": s_params * s_bytes,
         "gradients": s_params * s_bytes,
@@ -394,18 +396,18 @@ def memory_estimate(args, student, teacher, vocab: int) -> common.Check:
     }
     total = sum(parts.values())
     detail = "\n".join(f"{name:<44} {gib(value):>12}" for name, value in parts.items())
-    return common.Check("INFO", "memory", f"~{gib(total)} peak for batch {args.batch_size} x {args.max_length} "
+    return checks.Check("INFO", "memory", f"~{gib(total)} peak for batch {args.batch_size} x {args.max_length} "
                         f"tokens (an estimate: {s_params / 1e6:.1f}M student parameters in "
                         f"{str(next(student.parameters()).dtype).split('.')[-1]}; no CUDA context, allocator slack "
                         "or DDP buffers)", detail=detail)
 
 
-def time_steps(args, student, teacher, batch: dict, vocab: int, steps: int = 3) -> common.Check:
+def time_steps(args, student, teacher, batch: dict, vocab: int, steps: int = 3) -> checks.Check:
     """Three full training steps on the first batch (teacher forward, student forward, fused loss, backward,
     AdamW at lr 0), timed; with the peak memory measured on a GPU."""
-    device = common.output_head(student).weight.device
+    device = models.output_head(student).weight.device
     batch = {k: v.to(device) for k, v in batch.items()}
-    teacher_head = common.output_head(teacher).weight
+    teacher_head = models.output_head(teacher).weight
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -416,12 +418,12 @@ def time_steps(args, student, teacher, batch: dict, vocab: int, steps: int = 3) 
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            teacher_hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
             teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            hidden = common.student_hidden_states(student, batch["input_ids"], batch["attention_mask"])
+            hidden = models.student_hidden_states(student, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)
-        loss, _, _ = common.fused_head_loss(student_hidden, common.output_head(student).weight, targets,
+        loss, _, _ = common.fused_head_loss(student_hidden, models.output_head(student).weight, targets,
                                             targets.shape[0], teacher_hidden=teacher_hidden.clone(),
                                             teacher_weight=teacher_head, alpha=args.alpha,
                                             beta=common.divergence_beta(args), temperature=args.temperature,
@@ -436,7 +438,7 @@ def time_steps(args, student, teacher, batch: dict, vocab: int, steps: int = 3) 
     del optimizer
     peak = f", measured peak {gib(torch.cuda.max_memory_allocated(device))}" if device.type == "cuda" else ""
     shape = tuple(batch["input_ids"].shape)
-    return common.Check("INFO", "time", f"{steps} steps on the first batch {shape}: "
+    return checks.Check("INFO", "time", f"{steps} steps on the first batch {shape}: "
                         f"{', '.join(f'{t:.2f}s' for t in times)} (the first includes warm-up){peak}")
 
 
@@ -449,42 +451,42 @@ def check_cache(report: Report, args, rows, student_pair, teacher_pair, vocab, b
     try:
         manifest = cache_teacher.read_manifest(folder)
     except common.DistillError as err:
-        report.add(common.Check("FAIL", "cache", str(err)))
+        report.add(checks.Check("FAIL", "cache", str(err)))
         return
-    checks = [
-        ("teacher_fingerprint", common.model_fingerprint(args.teacher), "FAIL",
+    expected = [
+        ("teacher_fingerprint", models.model_fingerprint(args.teacher), "FAIL",
          f"written by teacher '{manifest.get('teacher')}' with other weights or tokenizer than --teacher"),
         ("vocab_fingerprint", cache_teacher.vocab_fingerprint(teacher_tokenizer), "FAIL",
          "written with another vocabulary than --teacher's"),
         ("template_fingerprint", common.fingerprint(tokenizer.chat_template or ""), "WARN",
          "scored with another chat template than the student's: rows whose tokens differ are skipped"),
     ]
-    for key, mine, status, problem in checks:
+    for key, mine, status, problem in expected:
         if key == "template_fingerprint" and vocab is None:
             continue  # cross_tokenizer.py reads the teacher's own tokens and offsets from the cache
         same = manifest.get(key) == mine
-        report.add(common.Check("OK" if same else status, "cache",
+        report.add(checks.Check("OK" if same else status, "cache",
                                 f"{key.replace('_', ' ')} matches" if same else problem))
     if not manifest.get("complete"):
-        report.add(common.Check("WARN", "cache", "incomplete (cache_teacher.py was interrupted; re-run it to "
+        report.add(checks.Check("WARN", "cache", "incomplete (cache_teacher.py was interrupted; re-run it to "
                                 "finish)"))
     try:
         cached = {row_id: fp for row_id, _, _, fp in cache_teacher.cached_rows(Path(folder))}
     except Exception as err:  # noqa: BLE001 (a layout this doctor does not know: say so rather than guess)
-        report.add(common.Check("WARN", "coverage", f"cannot read the cached rows: {common.first_line(err)}"))
+        report.add(checks.Check("WARN", "coverage", f"cannot read the cached rows: {common.first_line(err)}"))
         return
     covered = sum(cached.get(row.get("id")) == common.row_fingerprint(row) for row in rows)
     status = "OK" if covered == len(rows) else "FAIL" if covered == 0 else "WARN"
-    report.add(common.Check(status, "coverage", f"{covered} of {len(rows)} rows of --data are cached as they are "
+    report.add(checks.Check(status, "coverage", f"{covered} of {len(rows)} rows of --data are cached as they are "
                             "now (same id, messages and completion); training skips the others"))
     if vocab is None or batch is None:
-        report.add(common.Check("SKIP", "cache gap", "the cached-vs-live gap is measured for token_level.py's "
+        report.add(checks.Check("SKIP", "cache gap", "the cached-vs-live gap is measured for token_level.py's "
                                 "loss on the first batch (one vocabulary, a loss mask)"))
     else:
         report.add(cache_gap(args, folder, student, teacher, batch, examples, vocab))
 
 
-def hidden_cache_gap(folder, manifest, student_logits, teacher_logits, hidden, beta, temperature) -> common.Check:
+def hidden_cache_gap(folder, manifest, student_logits, teacher_logits, hidden, beta, temperature) -> checks.Check:
     """A --store hidden cache: the teacher's logits rebuilt from the cached hidden states and head against the
     live teacher's, through the divergence token_level.py trains on (equal up to the storage dtype)."""
     head = cache_teacher.load_head(folder, manifest).to(hidden.device)
@@ -496,12 +498,12 @@ def hidden_cache_gap(folder, manifest, student_logits, teacher_logits, hidden, b
           f"hidden states ({manifest.get('hidden_dtype')}) {from_cache:.4f}, from the live teacher {live:.4f} " \
           f"({rel:.2%})"
     if not math.isfinite(from_cache) or rel > 0.02:
-        return common.Check("WARN", "cache gap", f"{gap}: an exact cache should agree; written by another teacher, "
+        return checks.Check("WARN", "cache gap", f"{gap}: an exact cache should agree; written by another teacher, "
                             "dtype or template?")
-    return common.Check("INFO", "cache gap", f"{gap}: the exact cache trains the live objective")
+    return checks.Check("INFO", "cache gap", f"{gap}: the exact cache trains the live objective")
 
 
-def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict], vocab: int) -> common.Check:
+def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict], vocab: int) -> checks.Check:
     """On the first batch's cached rows: the divergence token_level.py trains on from the cache (top-K + tail,
     cache_teacher.topk_bucket_divergence) against the same divergence from the live teacher, and how far the cached
     log-probabilities are from the live teacher's."""
@@ -520,12 +522,12 @@ def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict],
             keep += span
             parts.append(entry)
     if not keep:
-        return common.Check("WARN", "cache gap", "no row of the first batch is in the cache: gap not measured")
+        return checks.Check("WARN", "cache gap", "no row of the first batch is in the cache: gap not measured")
     device = student_hidden.device
     idx = torch.tensor(keep, device=device)
     names = [k for k in cache_teacher.SHARD_TENSORS[store] if k not in ("token_ids", "offsets")]
     cache = {k: torch.cat([p[k] for p in parts]).to(device) for k in names}
-    head, teacher_head = common.output_head(student).weight, common.output_head(teacher).weight
+    head, teacher_head = models.output_head(student).weight, models.output_head(teacher).weight
     with torch.no_grad():
         logits = (student_hidden[idx] @ head[:vocab].T).float()
         teacher_logits = (teacher_hidden[idx] @ teacher_head[:vocab].T).float()
@@ -549,8 +551,8 @@ def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict],
         problems.append(f"from this cache the run trains another objective than with the live teacher ({why}): "
                         "raise cache_teacher.py's --top-k or use its --store hidden")
     if problems:
-        return common.Check("WARN", "cache gap", f"{gap}; {'; '.join(problems)}")
-    return common.Check("INFO", "cache gap", f"{gap}; cached log-probabilities within {drift:.3f} of the live "
+        return checks.Check("WARN", "cache gap", f"{gap}; {'; '.join(problems)}")
+    return checks.Check("INFO", "cache gap", f"{gap}; cached log-probabilities within {drift:.3f} of the live "
                         "teacher's")
 
 if __name__ == "__main__":

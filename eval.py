@@ -15,7 +15,7 @@ r"""Evaluate models on GSM8K-style problems: greedy answers, exact match on the 
     python -c "import common, eval; print(eval.markdown_table(common.read_jsonl('results.jsonl')))"
 
 Each model answers with its own chat template and the same system prompt as generate_data.py. Answers are scored
-by `common.score_answers` two ways. Strict (the primary number, `exact_match`): the reply must state its answer
+by `generation.score_answers` two ways. Strict (the primary number, `exact_match`): the reply must state its answer
 as '#### N' or \boxed{N}; a reply cut off before it, or that never states one, is wrong. Lenient
 (`exact_match_lenient`): the same, else the last number in the reply. The reference is read leniently ('#### N'
 in GSM8K). A '-' counts as a minus sign only where it cannot be a subtraction ('12 - 5' ends on 5, not -5). Both
@@ -38,7 +38,10 @@ from pathlib import Path
 
 import torch
 
+import checks
 import common
+import generation
+import models
 
 
 def parse_args(argv=None):
@@ -84,13 +87,13 @@ def load_for_eval(name: str, base: str | None = None, *, dtype="auto", device="c
     """A model (or a LoRA adapter merged into its base) and its tokenizer, ready for generation."""
     adapter_config = Path(name) / "adapter_config.json"
     if not adapter_config.exists():
-        return common.load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return models.load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     from peft import PeftModel
 
     base = base or json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    model, _ = common.load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+    model, _ = models.load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                  what="--base")
-    tokenizer = common.load_tokenizer(name, trust_remote_code=trust_remote_code)
+    tokenizer = models.load_tokenizer(name, trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(model, name).merge_and_unload(), tokenizer
 
 
@@ -100,7 +103,7 @@ def heldout_agreement(student, teacher, examples: list[dict], pad_id: int, *, vo
                       names: tuple[str, str] = ("the student", "the teacher")) -> dict[str, float]:
     """Mean KL(teacher || student) and top-1 agreement over the completion tokens of `examples`; non-finite
     logits raise DistillError naming the model (`names`)."""
-    student_head, teacher_head = common.output_head(student), common.output_head(teacher)
+    student_head, teacher_head = models.output_head(student), models.output_head(teacher)
     vocab = vocab or min(student_head.weight.shape[0], teacher_head.weight.shape[0])
     device = next(student.parameters()).device
     total = {"kl_sum": 0.0, "top1_sum": 0.0, "count": 0.0}
@@ -108,10 +111,10 @@ def heldout_agreement(student, teacher, examples: list[dict], pad_id: int, *, vo
         batch = {k: v.to(device) for k, v in common.pad_batch(examples[lo:lo + batch_size], pad_id).items()}
         # Both models only score here, so the student takes the inference path too.
         s_hidden, _ = common.shift_for_next_token(
-            common.teacher_hidden_states(student, batch["input_ids"], batch["attention_mask"]), batch)
+            models.teacher_hidden_states(student, batch["input_ids"], batch["attention_mask"]), batch)
         t_hidden, _ = common.shift_for_next_token(
-            common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"]), batch)
-        stats = common.agreement(s_hidden, student_head.weight, t_hidden, teacher_head.weight, vocab=vocab,
+            models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"]), batch)
+        stats = checks.agreement(s_hidden, student_head.weight, t_hidden, teacher_head.weight, vocab=vocab,
                                  temperature=temperature, names=names,
                                  where="on the held-out completions")
         for key in total:
@@ -125,8 +128,8 @@ def teacher_agreement(student, tokenizer, teacher, teacher_tokenizer, problems, 
     """Mean KL(teacher || student) (T=1) and top-1 agreement on the teacher's own completions; None when the
     vocabularies differ (the comparison is undefined)."""
     try:
-        vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, common.output_head(student).weight.shape[0],
-                                         common.output_head(teacher).weight.shape[0])
+        vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, models.output_head(student).weight.shape[0],
+                                         models.output_head(teacher).weight.shape[0])
     except common.DistillError:
         return None
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -139,7 +142,7 @@ def teacher_agreement(student, tokenizer, teacher, teacher_tokenizer, problems, 
 def score_row(predictions: list[str], references: list[str | None]) -> dict:
     """The exact-match fields of a results row: strict (`exact_match`, the primary score) and lenient fractions,
     their counts and Wilson 95% intervals [low, high], over the `n` problems that have a reference number."""
-    s = common.score_answers(predictions, references)
+    s = generation.score_answers(predictions, references)
     return {"n": s["n"], "exact_match": s["strict"], "exact_match_ci": list(s["strict_ci"]),
             "correct": s["strict_correct"], "exact_match_lenient": s["lenient"],
             "exact_match_lenient_ci": list(s["lenient_ci"]), "correct_lenient": s["lenient_correct"]}
@@ -151,7 +154,7 @@ def format_score(fraction: float | None, ci, n: int | None = None) -> str:
     if fraction is None:
         return "-"
     if ci is None and n:
-        ci = common.wilson_interval(round(fraction * n), n)
+        ci = generation.wilson_interval(round(fraction * n), n)
     interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci is not None else ""
     return f"{fraction:.1%}{interval}"
 
@@ -188,7 +191,7 @@ def save_predictions(path: str | Path, problems: list[dict], predictions: list[s
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for problem, reply in zip(problems, predictions):
-            verdict = common.judge_answer(reply, problem["answer"])
+            verdict = generation.judge_answer(reply, problem["answer"])
             f.write(json.dumps({"name": name, "model": model, "index": problem["index"], "prompt": problem["prompt"],
                                 "reply": reply, "strict": verdict["strict"], "lenient": verdict["lenient"],
                                 "reference_text": problem["answer"], "reference": verdict["reference"],
@@ -204,9 +207,9 @@ def main(argv=None):
                     batch_size=args.batch_size)
     teacher = None
     if args.teacher:  # asked once, whatever the number of models compared to it
-        model, tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
+        model, tokenizer = models.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
                                              trust_remote_code=args.trust_remote_code)
-        teacher = (model, tokenizer, common.answer_problems(model, tokenizer, problems, desc="teacher answers",
+        teacher = (model, tokenizer, generation.answer_problems(model, tokenizer, problems, desc="teacher answers",
                                                             what="--teacher", **settings))
     output = Path(args.output)
     for name in args.model or default_models(args.student, args.runs):
@@ -223,7 +226,7 @@ def evaluate_model(args, name: str, problems: list[dict], device, settings: dict
     start = time.time()
     model, tokenizer = load_for_eval(name, args.base, dtype=args.dtype, device=device,
                                      trust_remote_code=args.trust_remote_code)
-    predictions = common.answer_problems(model, tokenizer, problems, desc=f"answer {Path(name).name}",
+    predictions = generation.answer_problems(model, tokenizer, problems, desc=f"answer {Path(name).name}",
                                          what="--model", **settings)
     label = args.name or name
     row = {"name": label, "model": name, "dataset": args.dataset, "split": args.split,

@@ -48,8 +48,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checks
 import common
 import cross_tokenizer
+import models
 import plot_metrics
 
 DPI = 100
@@ -163,12 +165,12 @@ def load_inspected(name: str, device: torch.device, what: str):
         except ImportError:
             raise common.DistillError(f"{what} '{name}' is a LoRA adapter: reading it needs peft") from None
         base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model, tokenizer = common.load_model(base_name, dtype="float32", what=f"{what} (base of {name})")
+        model, tokenizer = models.load_model(base_name, dtype="float32", what=f"{what} (base of {name})")
         model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
         if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-            tokenizer = common.load_tokenizer(str(folder), what=what)
+            tokenizer = models.load_tokenizer(str(folder), what=what)
     else:
-        model, tokenizer = common.load_model(name, dtype="float32", what=what)
+        model, tokenizer = models.load_model(name, dtype="float32", what=what)
     model.set_attn_implementation("eager")
     model.eval().requires_grad_(False)
     return model.to(device), tokenizer
@@ -237,7 +239,7 @@ def uncertain_position(teacher, student, rows, tokenizer, teacher_tokenizer, dev
     with torch.no_grad():
         t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, s_logits.shape[-1], t_logits.shape[-1])
+    vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, s_logits.shape[-1], t_logits.shape[-1])
     mask = batch["loss_mask"][:, 1:].bool()
     entropy = torch.special.entr(F.softmax(t_logits[:, :-1, :vocab], -1)).sum(-1).masked_fill(~mask, -1.0)
     flat = int(entropy.flatten().argmax())
@@ -435,7 +437,7 @@ def _lens_sums(model, out, batch: dict) -> tuple[torch.Tensor, int]:
     the model's own output."""
     mask = batch["loss_mask"][:, 1:].bool()
     targets = batch["input_ids"][:, 1:][mask]
-    norm, head = final_norm(model), common.output_head(model)
+    norm, head = final_norm(model), models.output_head(model)
     sums = []
     for n, hidden in enumerate(out.hidden_states):
         hidden = hidden[:, :-1][mask]

@@ -34,7 +34,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import checkpoints
 import common
+import generation
+import models
 
 
 def parse_args(argv=None):
@@ -54,7 +57,7 @@ def parse_args(argv=None):
                         help="JSONL file to write (appended to when resuming); default: the file the training "
                              f"scripts read for this --teacher: {common.DEFAULT_DATA} for {common.BLOG_TEACHER}, "
                              "data/teacher_<name>.jsonl for another (<name>: its last part, lower-cased)")
-    common.add_vllm_args(parser)
+    generation.add_vllm_args(parser)
     args = parser.parse_args(argv)
     if args.output is None:
         args.output = common.default_data_path(args.teacher)
@@ -95,24 +98,24 @@ def check_same_generation(path: Path, done: dict[str, dict], teacher: str, teach
 def main(argv=None):
     args = parse_args(argv)
     out_path = Path(args.output)
-    common.check_output_path(out_path, "--output", folder=False)
+    checkpoints.check_output_path(out_path, "--output", folder=False)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     created = not out_path.exists()
     # The output file itself is the lock: a second generate_data.py writing it is refused, not interleaved.
-    common.lock_output(out_path, "--output", out_path, record_pid=False)
+    checkpoints.lock_output(out_path, "--output", out_path, record_pid=False)
     try:
         generate_into(args, out_path)
     finally:
         if created and out_path.stat().st_size == 0:
             out_path.unlink()  # nothing was written: leave no empty file behind
-        common.unlock_output(out_path)
+        checkpoints.unlock_output(out_path)
 
 
 def generate_into(args, out_path: Path) -> None:
-    common.seed_everything(args.seed)
+    models.seed_everything(args.seed)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed}
-    teacher_fingerprint = common.model_fingerprint(args.teacher)
+    teacher_fingerprint = models.model_fingerprint(args.teacher)
     prompts = common.prompts_from_args(args)
     done = load_done(out_path)
     check_same_generation(out_path, done, args.teacher, teacher_fingerprint, settings)
@@ -139,13 +142,13 @@ def generate_into(args, out_path: Path) -> None:
         return
 
     if args.vllm:
-        tokenizer = common.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code, what="--teacher")
-        sampler = common.VLLMSampler(args.teacher, dtype=args.dtype, seed=args.seed,
+        tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code, what="--teacher")
+        sampler = generation.VLLMSampler(args.teacher, dtype=args.dtype, seed=args.seed,
                                      gpu_memory_utilization=args.vllm_gpu_memory,
                                      trust_remote_code=args.trust_remote_code)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        teacher, tokenizer = common.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
+        teacher, tokenizer = models.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
                                                trust_remote_code=args.trust_remote_code)
     stop_ids = common.end_of_turn_ids(tokenizer)
     cut = written = empty = 0
@@ -156,7 +159,8 @@ def generate_into(args, out_path: Path) -> None:
             torch.manual_seed(args.seed + int(common.fingerprint(batch[0]["id"]), 16) % 2**31)
             prompt_ids = [tokenizer(common.render_chat(tokenizer, r["messages"], add_generation_prompt=True),
                                     add_special_tokens=False)["input_ids"] for r in batch]
-            sample = sampler.generate if args.vllm else partial(common.generate, teacher, tokenizer, what="--teacher")
+            sample = sampler.generate if args.vllm else partial(generation.generate, teacher, tokenizer,
+                                                                what="--teacher")
             results = sample(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, stop_ids=stop_ids)
             lines = []

@@ -44,7 +44,11 @@ from functools import partial
 
 import torch
 
+import checks
 import common
+import generation
+import models
+import training
 
 
 def parse_args(argv=None):
@@ -63,10 +67,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=256,
                         help="max tokens the student samples per prompt; a sample cut there is trained without an "
                              "end-of-turn token (like a --truncated no-eos row)")
-    common.add_vllm_args(parser)
+    generation.add_vllm_args(parser)
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="reverse", bare_beta_alias=True)
-    common.check_eval_args(parser, args, stats=("ce", "div", "kl"))
+    training.check_eval_args(parser, args, stats=("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
 
@@ -105,7 +109,7 @@ def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, samp
         sampler.load_weights(student)
         sample = sampler.generate
     else:
-        sample = partial(common.generate, student, tokenizer, what="--student")
+        sample = partial(generation.generate, student, tokenizer, what="--student")
     samples = sample(prompts, max_new_tokens=args.max_new_tokens, temperature=args.gen_temperature,
                      top_p=args.top_p, stop_ids=stop_ids)
     examples = sampled_examples(prompts, samples)
@@ -136,18 +140,19 @@ class Timer:
 def main(argv=None):
     args = parse_args(argv)
     rows = common.load_distill_rows(args.data)
-    student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
+    student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = encode_with_prompts(rows, tokenizer, args)
-    held_out = common.load_held_out(args, rows, tokenizer, encode=lambda r: encode_with_prompts(r, tokenizer, args,
+    checks.check_training_data(tokenizer, rows, examples)
+    held_out = training.load_held_out(args, rows, tokenizer, encode=lambda r: encode_with_prompts(r, tokenizer, args,
                                                                                                  None))
-    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             partial(collate_with_prompts, pad_id=tokenizer.pad_token_id), held_out=held_out)
-    teacher, teacher_tokenizer = common.load_teacher(args, loop.device)
-    head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
-    vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
+    teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
+    head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
+    vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
                                      teacher_head.weight.shape[0])
-    common.warn_template_mismatch(tokenizer, teacher_tokenizer)
+    checks.warn_template_mismatch(tokenizer, teacher_tokenizer)
     stop_ids = common.end_of_turn_ids(tokenizer)
     beta = common.divergence_beta(args)
     # One coin per optimizer step, the same seed on every process, so all take the same kind of step; a resumed
@@ -155,16 +160,16 @@ def main(argv=None):
     coin = random.Random(args.seed)
     for _ in range(loop.step_num):
         coin.random()
-    sampler = common.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
+    sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
                                  trust_remote_code=args.trust_remote_code) if args.vllm else None
 
     def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
         timer = timer or Timer()
         with timer("teacher"), torch.inference_mode():
-            teacher_hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
             teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
         with timer("student"):
-            hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
             student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
             loss, ce_sum, div_sum = common.fused_head_loss(
                 student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
@@ -172,7 +177,7 @@ def main(argv=None):
                 chunk_size=args.chunk_size, vocab=vocab)
         if not held_out:
             return loss, {"div": div_sum / num_tokens}
-        stats = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
+        stats = checks.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
                                  chunk_size=args.chunk_size)  # KL(teacher || student) at T=1
         return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens, "kl": stats["kl_sum"] / num_tokens}
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import common
 import cross_tokenizer
 import eval as evaluate
@@ -195,7 +196,7 @@ def train(script, folder: Path, argv: list[str]) -> str:
     if same and any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         print(f"{folder}: finished earlier with these settings, reused")
         return str(folder)
-    if same and common.complete_checkpoints(folder):
+    if same and checkpoints.complete_checkpoints(folder):
         argv += ["--resume", str(folder)]
     elif folder.exists():
         argv += ["--overwrite"]  # a run with other settings, or one cut before its first checkpoint

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 
+import checks
 import common
+import models
+import training
 
 
 def parse_args(argv=None):
@@ -30,7 +33,7 @@ def parse_args(argv=None):
     common.add_train_args(parser, teacher=False, student_default=common.BLOG_STUDENT,
                           output_dir="runs/sequence_level")
     args = parser.parse_args(argv)
-    common.check_eval_args(parser, args, stats=("ce",))
+    training.check_eval_args(parser, args, stats=("ce",))
     common.fill_train_defaults(parser, args)
     return args
 
@@ -38,15 +41,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rows = common.load_distill_rows(args.data)
-    student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
+    student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
-    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                            held_out=common.load_held_out(args, rows, tokenizer))
-    head = common.output_head(loop.model)
+    checks.check_training_data(tokenizer, rows, examples)
+    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+                            held_out=training.load_held_out(args, rows, tokenizer))
+    head = models.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
-        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         loss, ce_sum, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens,
                                                  alpha=1.0, chunk_size=args.chunk_size)

@@ -47,7 +47,10 @@ from pathlib import Path
 import torch
 
 import cache_teacher
+import checks
 import common
+import models
+import training
 
 
 def parse_args(argv=None):
@@ -68,7 +71,7 @@ def parse_args(argv=None):
     cache_json = Path(args.teacher_cache or "", "cache.json")
     topk_cache = bool(args.teacher_cache) and not (cache_json.is_file() and cache_teacher.store_of(
         json.loads(cache_json.read_text())) == "hidden")
-    common.check_eval_args(parser, args, stats=("ce", "div") if topk_cache else ("ce", "div", "kl"))
+    training.check_eval_args(parser, args, stats=("ce", "div") if topk_cache else ("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
 
@@ -78,13 +81,14 @@ def main(argv=None):
     beta = common.divergence_beta(args)
     manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
     rows = common.load_distill_rows(args.data)
-    student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
+    student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
-    eval_set = common.load_held_out(args, rows, tokenizer)
+    checks.check_training_data(tokenizer, rows, examples)
+    eval_set = training.load_held_out(args, rows, tokenizer)
     if manifest is not None:  # no teacher in memory: its cached rows ride along with each batch
         examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, eval_set)
-        loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
+        loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
                                 eval_set)
         if cache_teacher.store_of(manifest) == "hidden":
             teacher_weight = cache_teacher.load_head(args.teacher_cache, manifest).to(loop.device)
@@ -93,17 +97,17 @@ def main(argv=None):
             train_from_cache(args, loop, beta, vocab)
         loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
         return
-    loop = common.TrainLoop(args, common.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             held_out=eval_set)
-    teacher, teacher_tokenizer = common.load_teacher(args, loop.device)
-    head, teacher_head = common.output_head(loop.model), common.output_head(teacher)
-    vocab = common.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
+    teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
+    head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
+    vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
                                      teacher_head.weight.shape[0])
-    common.warn_template_mismatch(tokenizer, teacher_tokenizer)
+    checks.warn_template_mismatch(tokenizer, teacher_tokenizer)
 
     def teacher_states(batch):  # [N, H_teacher]: the live teacher's final hidden states at the masked positions
         with torch.inference_mode():
-            teacher_hidden = common.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
             return common.shift_for_next_token(teacher_hidden, batch)[0]
 
     train_with_teacher(args, loop, beta, vocab, teacher_head.weight, teacher_states)
@@ -115,17 +119,17 @@ def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torc
     positions: `teacher_states(batch)` [N, H_teacher] from the live teacher, or (default) the batch's
     "teacher_hidden" read from a --store hidden cache, with `teacher_weight` its head. One code path for both, so
     a hidden cache gives the live teacher's loss, pre-flight and eval_kl."""
-    head = common.output_head(loop.model)
+    head = models.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False, preflight=False):  # training and held-out rows alike
         if teacher_states is None:  # a bf16/fp16 cache, widened to the head's dtype (the live teacher's states')
             teacher_hidden = batch["teacher_hidden"].to(teacher_weight.dtype)
         else:
             teacher_hidden = teacher_states(batch)
-        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         if preflight:
-            common.preflight(student_hidden, head.weight, teacher_hidden, teacher_weight, vocab=vocab,
+            checks.preflight(student_hidden, head.weight, teacher_hidden, teacher_weight, vocab=vocab,
                              temperature=args.temperature, beta=beta)
         loss, ce_sum, div_sum = common.fused_head_loss(
             student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
@@ -133,7 +137,7 @@ def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torc
             chunk_size=args.chunk_size, vocab=vocab)
         stats = {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
         if held_out:  # eval_kl: plain KL(teacher || student) at T=1, whatever this run's divergence
-            stats["kl"] = common.agreement(student_hidden, head.weight, teacher_hidden, teacher_weight,
+            stats["kl"] = checks.agreement(student_hidden, head.weight, teacher_hidden, teacher_weight,
                                            vocab=vocab, chunk_size=args.chunk_size)["kl_sum"] / num_tokens
         return loss, stats
 
@@ -146,10 +150,10 @@ def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torc
 
 def train_from_cache(args, loop, beta: float, vocab: int) -> None:
     """The same step with the teacher's distribution read from a top-K cache (cache_teacher.cached_teacher_loss)."""
-    head = common.output_head(loop.model)
+    head = models.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False):
-        hidden = common.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         loss, ce_sum, div_sum = cache_teacher.cached_teacher_loss(
             student_hidden, head.weight, targets, num_tokens, batch, alpha=args.alpha, beta=beta,
@@ -178,7 +182,7 @@ def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None
                                   "whose vocabulary differs from the student's (fingerprint "
                                   f"{manifest['vocab_fingerprint']} vs {cache_teacher.vocab_fingerprint(tokenizer)}); "
                                   "a token-level cache is only valid for the same token ids (see cross_tokenizer.py)")
-    if manifest["vocab"] > common.output_head(student).weight.shape[0]:
+    if manifest["vocab"] > models.output_head(student).weight.shape[0]:
         raise common.DistillError(f"--teacher-cache {folder}: vocabulary {manifest['vocab']} is larger than the "
                                   "student's output head")
     if not manifest.get("complete"):

@@ -81,22 +81,24 @@ def heldout_reverse_kl(model_dir: Path, teacher_model, tokenizer, problems: list
     """Mean reverse KL(student || teacher) at T=1 over the completion tokens of the teacher's held-out answers."""
     import torch
 
+    import checks
     import common
     import demo
+    import models
 
-    student = common.load_model(str(model_dir))[0].eval()
+    student = models.load_model(str(model_dir))[0].eval()
     examples = [common.encode_chat(tokenizer, [{"role": "system", "content": demo.SYSTEM_PROMPT},
                                                {"role": "user", "content": p["prompt"]}], text)
                 for p, text in zip(problems, texts)]
-    heads = common.output_head(student).weight, common.output_head(teacher_model).weight
+    heads = models.output_head(student).weight, models.output_head(teacher_model).weight
     total = count = 0.0
     with torch.inference_mode():
         for lo in range(0, len(examples), 16):
             batch = common.pad_batch(examples[lo:lo + 16], tokenizer.pad_token_id)
-            s, t = (common.shift_for_next_token(common.teacher_hidden_states(m, batch["input_ids"],
+            s, t = (common.shift_for_next_token(models.teacher_hidden_states(m, batch["input_ids"],
                                                                              batch["attention_mask"]), batch)[0]
                     for m in (student, teacher_model))
-            stats = common.agreement(s, heads[0], t, heads[1], vocab=min(h.shape[0] for h in heads), beta=1.0)
+            stats = checks.agreement(s, heads[0], t, heads[1], vocab=min(h.shape[0] for h in heads), beta=1.0)
             total, count = total + stats["div_sum"], count + stats["count"]
     return total / max(count, 1.0)
 
@@ -108,6 +110,8 @@ def main():
     args = parser.parse_args()
     import common
     import demo
+    import generation
+    import models
     import tiny
 
     demo_dir, out = Path(args.demo), Path(args.out)
@@ -129,8 +133,8 @@ def main():
 
     print("== 2. quality (demo budget)")
     problems = common.load_prompt_dataset(str(demo_dir / "task_test.jsonl"))
-    teacher_model, teacher_tokenizer = common.load_model(str(teacher))
-    texts = common.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=demo.SYSTEM_PROMPT,
+    teacher_model, teacher_tokenizer = models.load_model(str(teacher))
+    texts = generation.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=demo.SYSTEM_PROMPT,
                                    max_new_tokens=32, batch_size=50, desc="teacher answers")
     teachers = {"live": ["--teacher", str(teacher)], "cached_k64": ["--teacher-cache", str(out / "cache_k64")],
                 "hidden": ["--teacher-cache", str(out / "cache_hidden")]}
@@ -153,7 +157,7 @@ def main():
     print("== 3. cost with a larger teacher")
     big = out / "big_teacher"
     if not (big / "config.json").exists():
-        tokenizer = common.load_tokenizer(str(teacher))
+        tokenizer = models.load_tokenizer(str(teacher))
         tiny.save_model(big, tiny.build_model("qwen2", tokenizer, hidden=768, layers=12, heads=12, kv_heads=4,
                                               intermediate=2048), tokenizer)
     big_cache = cache(big, data, out / "big_cache_k64", 64, rows=320)
@@ -164,7 +168,7 @@ def main():
     from_cache = run_token_level([*cost_args, "--teacher-cache", str(out / "big_cache_k64")], out / "cost_cached")
     big_hidden = cache(big, data, out / "big_cache_hidden", None, rows=320)
     from_hidden = run_token_level([*cost_args, "--teacher-cache", str(out / "big_cache_hidden")], out / "cost_hidden")
-    params = sum(p.numel() for p in common.load_model(str(big))[0].parameters())
+    params = sum(p.numel() for p in models.load_model(str(big))[0].parameters())
 
     def first_steps(name: str) -> list[float]:  # the training divergence (div) of the first 10 steps
         return [json.loads(line)["div"] for line in (out / name / "metrics.jsonl").read_text().splitlines()[:10]]

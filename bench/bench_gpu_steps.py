@@ -3,7 +3,7 @@
     python bench/bench_gpu_steps.py build --work /tmp/gc            # Qwen2.5-0.5B/1.5B-shaped models, tokenizer, data
     python bench/bench_gpu_steps.py train --work /tmp/gc --script token_level   # 10 steps of token_level.py
     python bench/bench_gpu_steps.py train --work /tmp/gc --script on_policy     # 10 on-policy steps
-    python bench/bench_gpu_steps.py decode --work /tmp/gc           # common.generate vs model.generate
+    python bench/bench_gpu_steps.py decode --work /tmp/gc           # generation.generate vs model.generate
     python bench/bench_gpu_steps.py vllm --work /tmp/gc             # vLLM on the same prompts, when installed
     python bench/bench_gpu_steps.py build --work /tmp/t --student-shape tiny-student --teacher-shape tiny-teacher
                                                                     # seconds on CPU (gpu_check.sh --cpu)
@@ -16,14 +16,14 @@ softmax and sampling step, is as wide as a real run's. Weights are saved in bf16
 
 `train` runs the script's own main() on that folder, unchanged, with the flags of a bf16 GPU run (--bf16
 --teacher-dtype bfloat16: float32 student weights under bf16 autocast, bf16 teacher). It only wraps, with
-torch.cuda.synchronize() on either side, the functions whose time it reports: common.teacher_hidden_states (the
-teacher's forward), common.generate (on-policy sampling) and TrainLoop.step (clipping, AdamW, logging); the
+torch.cuda.synchronize() on either side, the functions whose time it reports: models.teacher_hidden_states (the
+teacher's forward), generation.generate (on-policy sampling) and TrainLoop.step (clipping, AdamW, logging); the
 step time runs from the end of one TrainLoop.step to the end of the next, and the student's forward, loss and
 backward (with batching) are the rest of it. The first step (kernel selection, the pre-flight check) is reported
 apart. TrainLoop.save is skipped: writing random weights would time the disk. Peak memory is
 torch.cuda.max_memory_allocated over the whole run (peak RSS on CPU).
 
-`decode` times common.generate, the decode loop on-policy sampling uses, against model.generate on the same
+`decode` times generation.generate, the decode loop on-policy sampling uses, against model.generate on the same
 left-padded prompts, greedy, both producing exactly --new-tokens per row (no stop token: a random model rarely
 emits one, and equal work makes tokens/s comparable); median of --reps after one short warm-up each.
 """
@@ -171,9 +171,13 @@ def cmd_build(args) -> None:
 # train
 
 
-def instrument(common, report):
-    """Wrap the timed functions (see the module docstring) in `common`, which the scripts call through; returns
+def instrument(report):
+    """Wrap the timed functions (see the module docstring) in the modules the scripts call them through; returns
     (the list each step's record is appended to, where the student and teacher were found)."""
+    import generation
+    import models
+    import training
+
     phase, steps, state = defaultdict(float), [], {}
 
     def timed(name, fn):
@@ -192,15 +196,15 @@ def instrument(common, report):
         param = next(model.parameters())
         return f"{str(param.dtype).removeprefix('torch.')} on {param.device}"
 
-    teacher_forward = common.teacher_hidden_states
+    teacher_forward = models.teacher_hidden_states
 
     def backbone(model, *a, **k):
         state.setdefault("teacher", placed(model))
         return teacher_forward(model, *a, **k)
 
-    common.teacher_hidden_states = timed("teacher", backbone)
-    common.generate = timed("sampling", common.generate)
-    loop_iter, loop_step = common.TrainLoop.__iter__, common.TrainLoop.step
+    models.teacher_hidden_states = timed("teacher", backbone)
+    generation.generate = timed("sampling", generation.generate)
+    loop_iter, loop_step = training.TrainLoop.__iter__, training.TrainLoop.step
 
     def loop_iter_timed(self):
         sync()
@@ -223,9 +227,9 @@ def instrument(common, report):
         report(f"  step {len(steps)}: {rec['step_s']:.3f} s, {rec['tokens']:.0f} loss tokens ({split(rec)})")
         return row
 
-    common.TrainLoop.__iter__ = loop_iter_timed
-    common.TrainLoop.step = loop_step_timed
-    common.TrainLoop.save = lambda self, tokenizer, path=None: Path(path or self.output_dir)
+    training.TrainLoop.__iter__ = loop_iter_timed
+    training.TrainLoop.step = loop_step_timed
+    training.TrainLoop.save = lambda self, tokenizer, path=None: Path(path or self.output_dir)
     return steps, state
 
 
@@ -253,10 +257,8 @@ def cmd_train(args) -> None:
     def report(line: str) -> None:
         print(line, file=real_stdout, flush=True)
 
-    import common
-
     script = importlib.import_module(args.script)
-    steps, state = instrument(common, report)
+    steps, state = instrument(report)
     sampling = f", {args.max_new_tokens} sampled tokens per prompt" if args.script == "on_policy" else ""
     report(f"{args.script}.py: {args.steps} steps of batch {args.batch_size}{sampling}, {device_name()}; "
            f"student {shapes['student']}-shaped, teacher {shapes['teacher']}-shaped")
@@ -308,11 +310,13 @@ def median_time(fn, reps: int) -> tuple[float, object]:
 
 def cmd_decode(args) -> None:
     import common
+    import generation
+    import models
 
     work = Path(args.work)
     shapes = json.loads((work / "build.json").read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = common.load_model(str(work / "student"), dtype="auto", device=device)
+    model, tokenizer = models.load_model(str(work / "student"), dtype="auto", device=device)
     model.generation_config.eos_token_id = None  # run every row to --new-tokens, as ours does with no stop id
     prompts = load_prompts(work, tokenizer, args.batch)
     batch = common.pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
@@ -320,7 +324,7 @@ def cmd_decode(args) -> None:
 
     def ours(n):
         # -1 is no token id, so no row stops early
-        return [r["tokens"] for r in common.generate(model, tokenizer, prompts, max_new_tokens=n, stop_ids=[-1])]
+        return [r["tokens"] for r in generation.generate(model, tokenizer, prompts, max_new_tokens=n, stop_ids=[-1])]
 
     def theirs(n):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
@@ -332,7 +336,7 @@ def cmd_decode(args) -> None:
           f"in {dtype}, {device_name()}, median of {args.reps} after a {args.warmup_tokens}-token warm-up",
           flush=True)
     results = {}
-    for name, fn in (("common.generate (ours)", ours), ("model.generate (transformers)", theirs)):
+    for name, fn in (("generation.generate (ours)", ours), ("model.generate (transformers)", theirs)):
         fn(args.warmup_tokens)
         seconds, tokens = median_time(lambda fn=fn: fn(args.new_tokens), args.reps)
         produced = sum(len(row) for row in tokens)
@@ -340,7 +344,7 @@ def cmd_decode(args) -> None:
         print(f"  {name:30s} {seconds:8.3f} s  {produced / seconds:10,.0f} tokens/s  ({produced} tokens)", flush=True)
     (s_ours, n_ours, t_ours), (s_hf, n_hf, t_hf) = results.values()
     same = sum(a == b for a, b in zip(t_ours, t_hf))
-    # A random model's argmax can land on a padded head row, which common.generate never picks and transformers
+    # A random model's argmax can land on a padded head row, which generation.generate never picks and transformers
     # does: from there on the two rows differ, with the same work per token.
     print(f"  ours / model.generate: {(n_ours / s_ours) / (n_hf / s_hf):.2f}x the tokens/s; identical greedy tokens "
           f"in {same} of {len(t_ours)} rows (rows part where transformers picks a padded head row); "
@@ -357,10 +361,10 @@ def cmd_vllm(args) -> None:
     import vllm
     from vllm.inputs import TokensPrompt
 
-    import common
+    import models
 
     work = Path(args.work)
-    tokenizer = common.load_tokenizer(str(work / "student"))
+    tokenizer = models.load_tokenizer(str(work / "student"))
     prompts = [TokensPrompt(prompt_token_ids=p) for p in load_prompts(work, tokenizer, args.batch)]
     start = time.perf_counter()
     llm = vllm.LLM(model=str(work / "student"), dtype="bfloat16", gpu_memory_utilization=0.5, seed=0)
@@ -395,7 +399,7 @@ def main() -> None:
     train.add_argument("--steps", type=int, default=10, help="optimizer steps (the first is reported apart)")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per step (one micro-batch)")
     train.add_argument("--max-new-tokens", type=int, default=256, help="tokens sampled per prompt (on_policy)")
-    for name, what in (("decode", "time common.generate against model.generate"),
+    for name, what in (("decode", "time generation.generate against model.generate"),
                        ("vllm", "time vLLM's generate on the same prompts, when it is installed")):
         p = sub.add_parser(name, help=what)
         p.add_argument("--batch", type=int, default=64, help="prompts decoded together")

@@ -17,16 +17,17 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import models  # noqa: E402
 
 
 def batch_and_teacher(teacher_path: str, rank: int, world: int):
     """The same 4 sequences as the single-process reference; this rank takes rows rank::world."""
     input_ids = torch.randint(3, 400, (4, 12), generator=torch.Generator().manual_seed(1))
-    teacher = common.frozen_teacher(transformers.AutoModelForCausalLM.from_pretrained(teacher_path))
+    teacher = models.frozen_teacher(transformers.AutoModelForCausalLM.from_pretrained(teacher_path))
     mine = input_ids[rank::world]
     with torch.no_grad():
-        teacher_hidden = common.teacher_hidden_states(teacher, mine, torch.ones_like(mine))
-    return mine, teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]), common.output_head(teacher).weight
+        teacher_hidden = models.teacher_hidden_states(teacher, mine, torch.ones_like(mine))
+    return mine, teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]), models.output_head(teacher).weight
 
 
 def tied_student(path: str):
@@ -40,9 +41,9 @@ def tied_student(path: str):
 
 
 def fused_loss(student, input_ids, teacher_hidden, teacher_weight, num_tokens):
-    hidden = common.student_hidden_states(student, input_ids, torch.ones_like(input_ids))
+    hidden = models.student_hidden_states(student, input_ids, torch.ones_like(input_ids))
     loss, _, _ = common.fused_head_loss(
-        hidden[:, :-1].reshape(-1, hidden.shape[-1]), common.output_head(student).weight,
+        hidden[:, :-1].reshape(-1, hidden.shape[-1]), models.output_head(student).weight,
         input_ids[:, 1:].reshape(-1), num_tokens, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         alpha=0.3, beta=0.5, temperature=2.0, chunk_size=7)
     return loss

@@ -8,8 +8,10 @@ import shutil
 
 import pytest
 
+import checkpoints
 import common
 import generate_data
+import models
 import sequence_level
 from conftest import write_rows
 
@@ -79,7 +81,7 @@ def test_model_folders_that_hold_no_model(kit, tmp_path):
     with pytest.raises(common.DistillError, match=f"--student '{empty}' is an empty folder"):
         train(kit, data, tmp_path / "run", student=empty)
     tokenizer_only = tmp_path / "tok"
-    common.load_tokenizer(str(kit["student"])).save_pretrained(tokenizer_only)
+    models.load_tokenizer(str(kit["student"])).save_pretrained(tokenizer_only)
     with pytest.raises(common.DistillError, match="holds a tokenizer but no model"):
         train(kit, data, tmp_path / "run", student=tokenizer_only)
 
@@ -110,7 +112,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(kit, tmp_pa
 
 
 def test_an_output_without_write_permission_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(common.os, "access", lambda path, mode: False)  # root may write anywhere: pretend
+    monkeypatch.setattr(checkpoints.os, "access", lambda path, mode: False)  # root may write anywhere: pretend
     with pytest.raises(common.DistillError, match=f"--output '{tmp_path}/sub/out.jsonl': no permission to write to "
                                                   f"'{tmp_path}'"):
-        common.check_output_path(tmp_path / "sub" / "out.jsonl", "--output", folder=False)
+        checkpoints.check_output_path(tmp_path / "sub" / "out.jsonl", "--output", folder=False)

@@ -18,6 +18,7 @@ import doctor
 import eval as evaluate
 import explain
 import generate_data
+import models
 import on_policy
 import plot_metrics
 import reproduce_blog
@@ -109,7 +110,7 @@ def no_model_loads(*_, **__):
 @pytest.mark.parametrize("name", list(TRAINING))
 def test_missing_default_data_is_one_line_naming_the_command(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(common, "load_model", no_model_loads)
+    monkeypatch.setattr(models, "load_model", no_model_loads)
     with pytest.raises(SystemExit) as exit_info:
         common.run_main(lambda: TRAINING[name].main([]))
     assert exit_info.value.code == 2
@@ -122,7 +123,7 @@ def test_missing_default_data_is_one_line_naming_the_command(name, tmp_path, mon
 
 def test_an_explicit_missing_data_file_keeps_its_own_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(common, "load_model", no_model_loads)
+    monkeypatch.setattr(models, "load_model", no_model_loads)
     with pytest.raises(common.DistillError, match=r"^--data: file 'nope.jsonl' not found$"):
         token_level.main(["--data", "nope.jsonl", "--kl", "reverse"])
 
@@ -184,8 +185,8 @@ def test_tiny_blog_recipe_writes_the_whole_table(tmp_path, capsys):
     assert any(row["on_policy"] for row in common.read_jsonl(out / "runs" / "on_policy" / "metrics.jsonl"))
     config = json.loads((out / "runs" / "cross_tokenizer" / "run_config.json").read_text())
     assert config["lora"] and config["lora_target_modules"] == "q_proj,k_proj,v_proj,o_proj"
-    assert cache_teacher.vocab_fingerprint(common.load_tokenizer(config["teacher"])) != cache_teacher.vocab_fingerprint(
-        common.load_tokenizer(config["student"]))
+    assert cache_teacher.vocab_fingerprint(models.load_tokenizer(config["teacher"])) != cache_teacher.vocab_fingerprint(
+        models.load_tokenizer(config["student"]))
 
     # Re-running reuses every finished step and writes the same table.
     capsys.readouterr()

@@ -14,6 +14,7 @@ import torch
 
 import cache_teacher
 import common
+import models
 import token_level
 from conftest import ROOT, read_metrics, write_rows
 
@@ -87,7 +88,7 @@ def test_cache_round_trip(kit, tmp_path):
     data, manifest = make_cache(kit, tmp_path, k=8, logprob_dtype="float32")
     assert manifest["complete"] and manifest["rows"] == 12 and len(manifest["shards"]) == 2  # 6 rows each
     _, cached = cache_teacher.load_cache(tmp_path / "cache")
-    teacher, tokenizer = common.load_model(str(kit["teacher"]))
+    teacher, tokenizer = models.load_model(str(kit["teacher"]))
     examples, _ = common.encode_rows(common.load_distill_rows(data), tokenizer, 1024)
     assert {ex["id"] for ex in examples} == set(cached)
     for ex in examples[:4]:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import cache_teacher
 import common
 import cross_tokenizer
+import models
 import token_level
 from conftest import read_metrics, write_rows
 
@@ -41,8 +42,8 @@ def hidden_cache(teacher, tmp_path):
 
 def test_hidden_cache_holds_the_teachers_states_and_head(teacher, hidden_cache):
     data, folder, manifest = hidden_cache
-    teacher, tokenizer = common.load_model(str(teacher))
-    head = common.output_head(teacher).weight
+    teacher, tokenizer = models.load_model(str(teacher))
+    head = models.output_head(teacher).weight
     assert manifest["store"] == "hidden" and manifest["complete"] and manifest["rows"] == 12
     assert (manifest["hidden_size"], manifest["head_rows"], manifest["hidden_dtype"]) == (
         head.shape[1], head.shape[0], "float32")

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import cross_tokenizer
+import models
 from conftest import read_metrics, write_rows
 from cross_tokenizer import align_by_end_offsets
 
@@ -31,7 +32,7 @@ def test_align_by_end_offsets(student, teacher, want):
 
 @pytest.fixture(scope="module")
 def tokenizers(kit):
-    return {name: common.load_tokenizer(str(kit[name])) for name in ("student", "student_llama3", "student_nosys")}
+    return {name: models.load_tokenizer(str(kit[name])) for name in ("student", "student_llama3", "student_nosys")}
 
 
 COMPLETIONS = [

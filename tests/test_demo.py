@@ -11,6 +11,7 @@ import sys
 
 import common
 import demo
+import generation
 from conftest import ROOT
 
 
@@ -35,7 +36,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
     for result, (name, (strict, lo, hi, lenient, llo, lhi)) in zip(results, rows.items()):
         assert result["name"] == name
         # the printed interval is the Wilson interval of the printed score over the test problems
-        want = common.wilson_interval(round(result["exact_match"] * result["n"]), result["n"])
+        want = generation.wilson_interval(round(result["exact_match"] * result["n"]), result["n"])
         assert (lo, hi) == (round(100 * want[0], 1), round(100 * want[1], 1)), name
         assert lo <= strict <= hi and llo <= lenient <= lhi and strict <= lenient + 1e-9
         assert result["n"] == len(problems)

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import cache_teacher
+import checks
 import common
 import doctor
+import models
 from conftest import write_rows
 
 
@@ -71,8 +73,8 @@ def test_mask_is_shown_on_the_text_with_the_end_of_turn_token_inside(clean):
 
 def test_printed_agreement_is_the_direct_computation(kit, data, clean):
     """KL(teacher||student) at T=2 over the first batch's completion tokens, from full logits in float64."""
-    student, tok = common.load_model(str(kit["student"]))
-    teacher, _ = common.load_model(str(kit["teacher"]))
+    student, tok = models.load_model(str(kit["student"]))
+    teacher, _ = models.load_model(str(kit["teacher"]))
     batch, _ = doctor.first_batch(doctor.parse_args(["--data", str(data)]), common.load_distill_rows(data)[:8], tok)
     with torch.no_grad():
         s = student.double()(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -133,8 +135,8 @@ def test_a_vocabulary_differing_in_two_ids_is_caught(kit, data, tmp_path):
     report = run(kit, data, student=student)
     assert "2 of 512 shared ids map to different tokens" in find(report, "WARN", "vocabulary")[0].message
     with pytest.raises(common.DistillError, match="vocabularies differ"):  # what the training scripts do with it
-        tok, teacher_tok = common.load_tokenizer(str(student)), common.load_tokenizer(str(kit["teacher"]))
-        common.shared_vocab_size(tok, teacher_tok, 512, 512)
+        tok, teacher_tok = models.load_tokenizer(str(student)), models.load_tokenizer(str(kit["teacher"]))
+        checks.shared_vocab_size(tok, teacher_tok, 512, 512)
 
 
 def test_pad_equal_to_eos_is_warned_and_the_end_of_turn_stays_trained(kit, data, tmp_path):
@@ -146,7 +148,7 @@ def test_pad_equal_to_eos_is_warned_and_the_end_of_turn_stays_trained(kit, data,
     assert [c.topic for c in report if c.status in ("WARN", "FAIL")] == ["specials"]
     assert "pad == eos" in find(report, "WARN", "specials")[0].message
     # the end-of-turn token (= pad) is trained, and padding after it is not: masked by position, not by id
-    tok = common.load_tokenizer(str(student))
+    tok = models.load_tokenizer(str(student))
     assert tok.pad_token_id == tok.eos_token_id
     rows = common.load_distill_rows(data)
     short, long = (common.encode_chat(tok, r["messages"], r["completion"]) for r in rows[:2])

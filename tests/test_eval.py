@@ -10,6 +10,7 @@ import pytest
 
 import common
 import eval as evaluate
+import generation
 import sequence_level
 from conftest import write_rows
 
@@ -30,11 +31,11 @@ from conftest import write_rows
     ("", None),
 ])
 def test_extract_answer(text, want):
-    assert common.extract_answer(text) == want
+    assert generation.extract_answer(text) == want
 
 
 def test_equal_numbers_compare_equal():
-    assert common.extract_answer("#### 1,080.00") == common.extract_answer("The answer is 1080")
+    assert generation.extract_answer("#### 1,080.00") == generation.extract_answer("The answer is 1080")
 
 
 # Replies as models write them, each with (strict, lenient): strict needs '#### N' or \boxed{N}.
@@ -54,8 +55,8 @@ SHOWS_WORK_THEN_ANSWERS = "apples_bought = 5\napples_given = 7\ntotal = apples_b
     ("So \\boxed{9}, i.e. 9 + 1 = 10", "9", "9"),
 ])
 def test_strict_and_lenient(text, strict, lenient):
-    assert common.extract_answer(text, strict=True) == strict
-    assert common.extract_answer(text) == lenient
+    assert generation.extract_answer(text, strict=True) == strict
+    assert generation.extract_answer(text) == lenient
 
 
 @pytest.mark.parametrize("text,want", [
@@ -88,7 +89,7 @@ def test_strict_and_lenient(text, strict, lenient):
     ("Qwen2.5 says 7", "7"),
 ])
 def test_minus_is_a_sign_only_where_it_cannot_subtract(text, want):
-    assert common.extract_answer(text) == want
+    assert generation.extract_answer(text) == want
 
 
 def _wilson_by_quadratic(k: int, n: int, z: float) -> tuple[float, float]:
@@ -103,45 +104,45 @@ def _wilson_by_quadratic(k: int, n: int, z: float) -> tuple[float, float]:
 @pytest.mark.parametrize("k,n", [(0, 10), (5, 10), (10, 10), (1, 3), (62, 100), (313, 500), (499, 500), (0, 1)])
 @pytest.mark.parametrize("z", [1.96, 1.0, 2.576])
 def test_wilson_interval_matches_the_quadratic(k, n, z):
-    assert common.wilson_interval(k, n, z) == pytest.approx(_wilson_by_quadratic(k, n, z), abs=1e-12)
+    assert generation.wilson_interval(k, n, z) == pytest.approx(_wilson_by_quadratic(k, n, z), abs=1e-12)
 
 
 def test_wilson_interval_reference_values():
-    assert common.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert common.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    assert common.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    assert common.wilson_interval(0, 0) == (0.0, 1.0)
-    low, high = common.wilson_interval(250, 500)
+    assert generation.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert generation.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert generation.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert generation.wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = generation.wilson_interval(250, 500)
     assert high - low == pytest.approx(2 * 0.0437, abs=1e-3)  # the docstring's '+-4.4 points on 500'
     with pytest.raises(ValueError):
-        common.wilson_interval(11, 10)
+        generation.wilson_interval(11, 10)
 
 
 def test_judge_answer():
-    assert common.judge_answer(CUT_OFF_IN_CODE, "... #### 2") == {
+    assert generation.judge_answer(CUT_OFF_IN_CODE, "... #### 2") == {
         "strict": None, "lenient": "2", "reference": "2", "strict_ok": False, "lenient_ok": True}
-    assert common.judge_answer(SHOWS_WORK_THEN_ANSWERS, "5 + 7 = 12\n#### 12") == {
+    assert generation.judge_answer(SHOWS_WORK_THEN_ANSWERS, "5 + 7 = 12\n#### 12") == {
         "strict": "12", "lenient": "12", "reference": "12", "strict_ok": True, "lenient_ok": True}
     # No reference number: nothing can be correct, not even a reply without a number.
-    assert common.judge_answer("no idea", None)["lenient_ok"] is False
-    assert common.judge_answer("no idea", "none given")["strict_ok"] is False
+    assert generation.judge_answer("no idea", None)["lenient_ok"] is False
+    assert generation.judge_answer("no idea", "none given")["strict_ok"] is False
 
 
 def test_score_answers_counts():
     predictions = ["#### 3", "3", CUT_OFF_IN_CODE, "She has 12 - 5 left", "#### 4", "#### 1", "#### 9"]
     references = ["#### 3", "#### 3", "#### 2", "#### -5", "#### 5", None, "no number"]
-    scores = common.score_answers(predictions, references)
+    scores = generation.score_answers(predictions, references)
     # The last two have no reference number and are not scored; of the 5 others, 1 is strictly right and 3
     # leniently ('3' and the cut-off '2'); '12 - 5' is not -5.
     assert {k: scores[k] for k in ("n", "strict_correct", "lenient_correct")} == {
         "n": 5, "strict_correct": 1, "lenient_correct": 3}
     assert scores["strict"] == 1 / 5 and scores["lenient"] == 3 / 5
-    assert scores["strict_ci"] == common.wilson_interval(1, 5)
-    assert scores["lenient_ci"] == common.wilson_interval(3, 5)
+    assert scores["strict_ci"] == generation.wilson_interval(1, 5)
+    assert scores["lenient_ci"] == generation.wilson_interval(3, 5)
     with pytest.raises(common.DistillError, match="reference answer with a number"):
-        common.score_answers(["#### 1"], ["no number"])
+        generation.score_answers(["#### 1"], ["no number"])
     with pytest.raises(common.DistillError, match="predictions"):
-        common.score_answers(["#### 1"], ["#### 1", "#### 2"])
+        generation.score_answers(["#### 1"], ["#### 1", "#### 2"])
 
 
 def test_table_shows_the_ci_and_still_reads_old_rows():
@@ -149,7 +150,7 @@ def test_table_shows_the_ci_and_still_reads_old_rows():
     old = {"name": "old", "exact_match": 0.5, "n": 10, "kl_to_teacher": 0.25, "top1_agreement": 0.5}
     oldest = {"name": "oldest", "exact_match": 0.5}
     table = evaluate.markdown_table([new, old, oldest])
-    low, high = common.wilson_interval(5, 8)
+    low, high = generation.wilson_interval(5, 8)
     assert f"| new | 62.5% [{100 * low:.1f}, {100 * high:.1f}] | 100.0% [67.6, 100.0] | - | - | 8 |" in table
     # An old row's single number fell back to the last number: shown as lenient (with a CI from n), never strict.
     assert "| old | - | 50.0% [23.7, 76.3] † | 0.250 | 50.0% | 10 |" in table
@@ -175,7 +176,7 @@ def test_eval_on_a_tiny_model(kit, tmp_path, capsys):
     results = {r["name"]: r for r in common.read_jsonl(out)}
     assert results["trained"]["exact_match"] == 1.0 and results["untrained"]["exact_match"] == 0.0
     assert results["trained"]["correct"] == results["trained"]["correct_lenient"] == 4
-    assert results["trained"]["exact_match_ci"] == pytest.approx(list(common.wilson_interval(4, 4)))
+    assert results["trained"]["exact_match_ci"] == pytest.approx(list(generation.wilson_interval(4, 4)))
     assert results["trained"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)  # it *is* the teacher
     assert results["trained"]["top1_agreement"] == 1.0
     assert results["untrained"]["kl_to_teacher"] > 1.0
@@ -190,8 +191,8 @@ def test_eval_on_a_tiny_model(kit, tmp_path, capsys):
         assert [p["reference_text"] for p in saved] == [r["completion"] for r in rows]
         assert [p["reference"] for p in saved] == [r["answer"] for r in rows]
         for p in saved:
-            assert p["strict"] == common.extract_answer(p["reply"], strict=True)
-            assert p["lenient"] == common.extract_answer(p["reply"])
+            assert p["strict"] == generation.extract_answer(p["reply"], strict=True)
+            assert p["lenient"] == generation.extract_answer(p["reply"])
             assert p["strict_ok"] == (p["strict"] == p["reference"])
             assert p["lenient_ok"] == (p["lenient"] == p["reference"])
         assert sum(p["strict_ok"] for p in saved) / len(saved) == row["exact_match"]

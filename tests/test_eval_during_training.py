@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import common
 import cross_tokenizer
+import generation
+import models
 import on_policy
 import sequence_level
 import tiny
@@ -49,8 +51,8 @@ def test_eval_rows_are_logged_every_n_steps_and_at_the_last(kit, tmp_path):
 
 def reference_metrics(student_dir, teacher_dir, rows_file, *, alpha, beta, temperature):
     """eval_loss, eval_ce, eval_div and eval_kl from their formulas: float64, plain log_softmax, one row at a time."""
-    student, tokenizer = common.load_model(str(student_dir))
-    teacher, _ = common.load_model(str(teacher_dir))
+    student, tokenizer = models.load_model(str(student_dir))
+    teacher, _ = models.load_model(str(teacher_dir))
     student, teacher = student.double().eval(), teacher.double().eval()
     examples, _ = common.encode_rows(common.load_distill_rows(rows_file), tokenizer, 1024)
     ce = soft = kl = count = 0.0
@@ -126,11 +128,11 @@ def test_exact_match_equals_scoring_the_saved_models_answers(kit, tmp_path):
                          "--warmup-ratio", "0", "--output-dir", str(out)])
     logged = read_metrics(out)[-1]
     assert eval_keys(logged) == {"eval_exact_match"}
-    model, tokenizer = common.load_model(str(out))
+    model, tokenizer = models.load_model(str(out))
     rows = common.load_prompt_dataset(str(problems))
     # The default system prompt is the training data's: the one its rows were generated with.
-    replies = common.answer_problems(model, tokenizer, rows, system_prompt=SYSTEM, max_new_tokens=12, batch_size=5)
-    want = common.score_answers(replies, [p["answer"] for p in rows])["strict"]
+    replies = generation.answer_problems(model, tokenizer, rows, system_prompt=SYSTEM, max_new_tokens=12, batch_size=5)
+    want = generation.score_answers(replies, [p["answer"] for p in rows])["strict"]
     assert logged["eval_exact_match"] == want
     assert 0 < want < 1, replies  # the comparison can tell right from wrong answers
 
@@ -145,9 +147,9 @@ def test_training_is_the_same_with_and_without_evaluation(kit, tmp_path):
             "--max-steps", "4", "--batch-size", "2", "--lr", "3e-3", "--lmbda", "0.5", "--max-new-tokens", "6",
             "--seed", "2", "--lora", "--lora-r", "4", "--lora-dropout", "0.5"]
     # The LoRA weights are drawn before TrainLoop seeds the RNGs: start both runs from the same state.
-    common.seed_everything(0)
+    models.seed_everything(0)
     on_policy.main([*args, "--output-dir", str(tmp_path / "plain")])
-    common.seed_everything(0)
+    models.seed_everything(0)
     on_policy.main([*args, "--output-dir", str(tmp_path / "eval"), "--eval-data", str(held_out), "--eval-problems",
                     str(problems), "--eval-every", "1", "--eval-max-new-tokens", "4"])
     plain, evaluated = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "eval")

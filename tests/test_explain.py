@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import common
 import cross_tokenizer
 import explain
+import models
 from conftest import write_rows
 
 TOL = 1e-5
@@ -50,8 +51,8 @@ def mechanisms(kit, data, out):
 def test_mechanisms_picks_the_max_entropy_position_and_shows_its_probabilities(kit, data, mechanisms):
     check_png(mechanisms["png"])
     numbers = json.loads(mechanisms["json"].read_text())
-    teacher, tokenizer = common.load_model(str(kit["teacher"]))
-    student, _ = common.load_model(str(kit["student"]))
+    teacher, tokenizer = models.load_model(str(kit["teacher"]))
+    student, _ = models.load_model(str(kit["student"]))
     rows = common.load_distill_rows(data)[:4]
     best = (-1.0, None)
     for r, row in enumerate(rows):
@@ -104,8 +105,8 @@ def test_alignment_pairs_are_the_closest_end_offsets(kit, data, out):
                                top_k=10, device="cpu")
     check_png(result["png"])
     numbers = json.loads(result["json"].read_text())
-    t_tok = common.load_tokenizer(str(kit["teacher"]))
-    s_tok = common.load_tokenizer(str(kit["student_nosys"]))
+    t_tok = models.load_tokenizer(str(kit["teacher"]))
+    s_tok = models.load_tokenizer(str(kit["student_nosys"]))
     rows = common.load_distill_rows(data)
     row = rows[numbers["row"]]
     s_enc = common.encode_chat(s_tok, row["messages"], row["completion"])
@@ -130,8 +131,8 @@ def test_alignment_pairs_are_the_closest_end_offsets(kit, data, out):
     assert numbers["stats"]["student_tokens"] == total
     assert math.isclose(numbers["stats"]["exact_end_fraction"], 1 - sum(counts) / total)
     # the sorted top-K + tail vectors at the chosen pair, from direct forward passes
-    teacher, _ = common.load_model(str(kit["teacher"]))
-    student, _ = common.load_model(str(kit["student_nosys"]))
+    teacher, _ = models.load_model(str(kit["teacher"]))
+    student, _ = models.load_model(str(kit["student_nosys"]))
     i, j = numbers["pair"], pairs[numbers["pair"]]
     s_pos = [n for n, m in enumerate(s_enc["loss_mask"]) if m][i]
     t_pos = [n for n, m in enumerate(t_enc["loss_mask"]) if m][j]
@@ -154,7 +155,7 @@ def lora_adapter(kit, tmp_path_factory):
     """A LoRA adapter on the kit's student with non-zero (random) B matrices, as a saved adapter folder."""
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = common.load_model(str(kit["student"]))
+    model, tokenizer = models.load_model(str(kit["student"]))
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     for name, param in model.named_parameters():
@@ -189,11 +190,11 @@ def test_inside_logit_lens_last_layer_is_the_models_output(kit, data, inside, lo
     numbers = json.loads(inside["json"].read_text())
     lens = numbers["logit_lens"]
     rows = common.load_distill_rows(data)[:4]
-    base, tokenizer = common.load_model(str(kit["student"]))
-    padded, _ = common.load_model(str(kit["student_padded"]))
+    base, tokenizer = models.load_model(str(kit["student"]))
+    padded, _ = models.load_model(str(kit["student_padded"]))
     from peft import PeftModel
 
-    unmerged = PeftModel.from_pretrained(common.load_model(str(kit["student"]))[0], str(lora_adapter)).eval()
+    unmerged = PeftModel.from_pretrained(models.load_model(str(kit["student"]))[0], str(lora_adapter)).eval()
     want = {}
     for label, model in (("base", base), ("padded", padded), ("lora", unmerged)):
         assert len(lens[label]) == base.config.num_hidden_layers + 1  # embeddings, then every layer
@@ -221,7 +222,7 @@ def test_inside_most_changed_head_and_first_token(kit, data, inside):
 
     numbers = json.loads(inside["json"].read_text())
     rows = common.load_distill_rows(data)[:4]
-    tokenizer = common.load_tokenizer(str(kit["student"]))
+    tokenizer = models.load_tokenizer(str(kit["student"]))
 
     def load(name):
         return AutoModelForCausalLM.from_pretrained(str(kit[name]), attn_implementation="eager").eval()
@@ -280,9 +281,9 @@ def test_stepmix_of_a_run_without_on_policy_steps_is_one_clear_error(tmp_path):
 
 
 def test_token_text_is_readable(kit):
-    tokenizer = common.load_tokenizer(str(kit["teacher"]))
+    tokenizer = models.load_tokenizer(str(kit["teacher"]))
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     assert explain.token_text(tokenizer, newline[0]) == "↵"
-    sentencepiece = common.load_tokenizer(str(kit["student_nosys"]))
+    sentencepiece = models.load_tokenizer(str(kit["student_nosys"]))
     word = sentencepiece("hello apples", add_special_tokens=False)["input_ids"]
     assert any(explain.token_text(sentencepiece, i).startswith("␣") for i in word[1:])

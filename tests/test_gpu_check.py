@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-import common
+import generation
+import models
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM = r"[\d,]+(?:\.\d+)?"
@@ -45,8 +46,8 @@ EXPECTED = {
         rf"time split per step: sampling {NUM} s \({NUM}%\), teacher forward",
         rf"peak memory: {NUM} GB peak RSS",
     ],
-    "decode: common.generate vs model.generate": [
-        rf"common.generate \(ours\) +{NUM} s +{NUM} tokens/s +\(32 tokens\)",
+    "decode: generation.generate vs model.generate": [
+        rf"generation.generate \(ours\) +{NUM} s +{NUM} tokens/s +\(32 tokens\)",
         rf"model.generate \(transformers\) +{NUM} s +{NUM} tokens/s +\(32 tokens\)",
         rf"ours / model.generate: {NUM}x the tokens/s",
     ],
@@ -82,11 +83,11 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path):
 
 
 def test_generate_never_samples_a_padded_head_row(kit):
-    model, tok = common.load_model(str(kit["student_padded"]))
-    rows = common.output_head(model).weight.shape[0]
+    model, tok = models.load_model(str(kit["student_padded"]))
+    rows = models.output_head(model).weight.shape[0]
     assert rows > len(tok)
     prompts = [tok("Ana has 3 apples.")["input_ids"]] * 8
     torch.manual_seed(0)
     # Hot sampling of a random model spreads over every row, padding included, unless generate excludes it.
-    samples = common.generate(model, tok, prompts, max_new_tokens=32, temperature=20.0, stop_ids=[-1])
+    samples = generation.generate(model, tok, prompts, max_new_tokens=32, temperature=20.0, stop_ids=[-1])
     assert max(t for s in samples for t in s["tokens"]) < len(tok)

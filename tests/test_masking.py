@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import models
 
 MESSAGES = [{"role": "system", "content": "Sys"}, {"role": "user", "content": "Q?"}]
 TRICKY = " Café 🙂 costs 12.5 dollars.\n#### 12.5\n"
@@ -30,7 +31,7 @@ STYLES = ["student", "student_llama3", "student_nosys"]
 
 @pytest.fixture(scope="module")
 def tokenizers(kit):
-    return {name: common.load_tokenizer(str(kit[name])) for name in STYLES}
+    return {name: models.load_tokenizer(str(kit[name])) for name in STYLES}
 
 
 @pytest.mark.parametrize("name,completion", list(EXPECTED))

@@ -15,6 +15,7 @@ import common
 import cross_tokenizer
 import eval as evaluate
 import generate_data
+import models
 import on_policy
 import sequence_level
 import token_level
@@ -106,8 +107,8 @@ def test_eval_names_the_model_with_non_finite_logits(kit, nan_teacher, prompts, 
 
 def test_held_out_kl_refuses_non_finite_teacher_logits(kit, nan_teacher):
     """The KL of eval.py (and the pre-flight) came out as 0.000 for a NaN teacher, since NaN > 0 is false."""
-    student, tokenizer = common.load_model(str(kit["student"]))
-    teacher, _ = common.load_model(str(nan_teacher))
+    student, tokenizer = models.load_model(str(kit["student"]))
+    teacher, _ = models.load_model(str(nan_teacher))
     example = common.encode_chat(tokenizer, [{"role": "user", "content": "Q?"}], "#### 5")
     with pytest.raises(common.DistillError, match="teacher's logits are not finite"):
         evaluate.heldout_agreement(student, teacher, [example], tokenizer.pad_token_id)

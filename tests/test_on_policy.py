@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import common
+import generation
+import models
 import on_policy
 import sequence_level
 import token_level
@@ -48,15 +50,15 @@ def stopping_student(kit, tmp_path_factory):
 
 def test_generation_stops_at_the_first_end_of_turn_or_is_cut(stopping_student):
     model_dir, messages = stopping_student
-    model, tok = common.load_model(str(model_dir))
+    model, tok = models.load_model(str(model_dir))
     stop = common.end_of_turn_ids(tok)
     prompt = tok(common.render_chat(tok, messages, add_generation_prompt=True), add_special_tokens=False)
     other = tok(common.render_chat(tok, [{"role": "user", "content": "Count the 17 cookies slowly."}],
                                    add_generation_prompt=True), add_special_tokens=False)
-    done, cut = common.generate(model, tok, [prompt["input_ids"], other["input_ids"]], max_new_tokens=12)
+    done, cut = generation.generate(model, tok, [prompt["input_ids"], other["input_ids"]], max_new_tokens=12)
     assert done["finished"] and done["tokens"][-1] in stop and not set(done["tokens"][:-1]) & set(stop)
     assert tok.decode(done["tokens"][:-1]) == "hi there"
-    short = common.generate(model, tok, [prompt["input_ids"]], max_new_tokens=1)[0]
+    short = generation.generate(model, tok, [prompt["input_ids"]], max_new_tokens=1)[0]
     assert not short["finished"] and len(short["tokens"]) == 1
     assert cut["finished"] or len(cut["tokens"]) == 12
 
@@ -148,10 +150,10 @@ def test_vllm_flag_without_vllm_is_one_clear_error(kit, tmp_path):
 def test_our_decode_loop_matches_transformers_generate_greedily(kit, name):
     from transformers import GenerationConfig
 
-    model, tok = common.load_model(str(kit[name]))
+    model, tok = models.load_model(str(kit[name]))
     prompts = [tok(common.render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True),
                    add_special_tokens=False)["input_ids"] for q in ("Hi?", "What is 12 + 30, exactly?", "Ok")]
-    ours = common.generate(model, tok, prompts, max_new_tokens=12, stop_ids=[10**9])  # a stop that never comes
+    ours = generation.generate(model, tok, prompts, max_new_tokens=12, stop_ids=[10**9])  # a stop that never comes
     batch = common.pad_batch([{"input_ids": p} for p in prompts], tok.pad_token_id, side="left")
     config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
     theirs = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -16,6 +16,7 @@ import cache_teacher
 import common
 import cross_tokenizer
 import generate_data
+import models
 import sequence_level
 import token_level
 from conftest import read_metrics, write_rows
@@ -144,7 +145,7 @@ def test_cached_rows_of_another_prompt_are_skipped_and_counted(kit, tmp_path, ca
     assert "0 rows absent from the cache and 3 whose prompt, completion or tokens differ" in capsys.readouterr().out
 
     _, cached = cache_teacher.load_cache(tmp_path / "cache")
-    tokenizer = common.load_tokenizer(str(kit["student"]))
+    tokenizer = models.load_tokenizer(str(kit["student"]))
     examples, _, _ = cross_tokenizer.encode_from_cache(common.load_distill_rows(changed), tokenizer, cached, 1024)
     assert len(examples) == 5
     with pytest.raises(common.DistillError, match="3 were cached for another prompt"):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import common
 import sequence_level
 from conftest import read_metrics, write_rows
@@ -66,8 +67,8 @@ def test_state_round_trip_is_exact(tmp_path):
     optimizer.step()
     state = {"optimizer": optimizer.state_dict(), "python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": np.random.get_state(), "best": {"metric": "eval_loss", "value": 0.25}, "none": None}
-    common.save_state(state, tmp_path, "s")
-    back = common.load_state(tmp_path, "s")
+    checkpoints.save_state(state, tmp_path, "s")
+    back = checkpoints.load_state(tmp_path, "s")
     assert back["python"] == state["python"] and back["best"] == state["best"] and back["none"] is None
     assert torch.equal(back["torch"], state["torch"])
     assert back["numpy"][0] == "MT19937" and np.array_equal(back["numpy"][1], state["numpy"][1])

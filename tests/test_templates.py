@@ -12,6 +12,7 @@ import pytest
 
 import common
 import cross_tokenizer
+import models
 import on_policy
 from conftest import write_rows
 
@@ -45,7 +46,7 @@ EXPECTED = {
 def llama2_tokenizers(kit):
     tokenizers = {}
     for name in EXPECTED:
-        tok = common.load_tokenizer(str(kit[name]))
+        tok = models.load_tokenizer(str(kit[name]))
         tok.chat_template = llama2_template(bos=tok.bos_token is not None)
         tokenizers[name] = tok
     return tokenizers
@@ -95,7 +96,7 @@ def llama2_student(kit, tmp_path_factory):
     """The kit's SentencePiece student, saved with the Llama-2-chat template."""
     folder = tmp_path_factory.mktemp("llama2") / "student"
     shutil.copytree(kit["student_nosys"], folder)
-    tok = common.load_tokenizer(str(folder))
+    tok = models.load_tokenizer(str(folder))
     tok.chat_template = llama2_template()
     tok.save_pretrained(folder)
     return folder
@@ -105,8 +106,8 @@ def test_cross_tokenizer_pairs_end_of_turn_with_end_of_turn(kit, llama2_student,
     """Byte-level BPE teacher (ChatML, no space before <|im_end|>) and a SentencePiece student whose template
     closes with ' </s>': the student's whitespace token pairs with the teacher's last answer token, </s> with
     <|im_end|>."""
-    student_tok = common.load_tokenizer(str(llama2_student))
-    teacher_tok = common.load_tokenizer(str(kit["teacher"]))
+    student_tok = models.load_tokenizer(str(llama2_student))
+    teacher_tok = models.load_tokenizer(str(kit["teacher"]))
     rows = [{"id": "r", "messages": MESSAGES, "completion": "Ben has 12 apples.\n#### 12"}]
     (ex,), skipped, stats = cross_tokenizer.encode_pairs(rows, student_tok, teacher_tok, 1024)
     teacher_targets = [ex["teacher_ids"][j] for j in ex["teacher_targets"]]

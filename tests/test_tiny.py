@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config  # noqa: E402
 
 import common  # noqa: E402
+import generation  # noqa: E402
 import tiny  # noqa: E402
 
 CHATML_FOLDERS = ["teacher", "teacher_llama", "student", "student_padded"]
@@ -119,12 +120,12 @@ def test_sizes_and_generation(kit):
     student = AutoModelForCausalLM.from_pretrained(kit["student"])
     assert teacher.num_parameters() > student.num_parameters()
     tok = _load(kit, "teacher")
-    # Our decode loop (common.generate, used by generate_data, eval and on_policy), not transformers': a stop id
+    # Our decode loop (generation.generate, used by generate_data, eval and on_policy), not transformers': a stop id
     # that never comes means exactly max_new_tokens tokens, unfinished; the real stop ids end a sample early.
     prompts = [tok("Ana has 7 apples.")["input_ids"], tok("Tom")["input_ids"]]
-    for result in common.generate(teacher, tok, prompts, max_new_tokens=4, stop_ids=[10**9]):
+    for result in generation.generate(teacher, tok, prompts, max_new_tokens=4, stop_ids=[10**9]):
         assert len(result["tokens"]) == 4 and not result["finished"]
-    for result in common.generate(teacher, tok, prompts, max_new_tokens=4):
+    for result in generation.generate(teacher, tok, prompts, max_new_tokens=4):
         assert 1 <= len(result["tokens"]) <= 4
         assert result["finished"] == (result["tokens"][-1] in common.end_of_turn_ids(tok))
 

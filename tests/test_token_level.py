@@ -10,6 +10,7 @@ import torch
 
 import common
 import eval as evaluate
+import models
 import sequence_level
 import token_level
 from conftest import read_metrics, write_rows
@@ -18,8 +19,8 @@ from conftest import read_metrics, write_rows
 def reference_loss(teacher_dir, student_dir, data, kind, temperature, beta=0.5, alpha=0.0):
     """alpha * CE + (1 - alpha) * T^2 * D over every completion token of `data`, in float64, written out from
     the formulas (not with common's loss functions)."""
-    student, tok = common.load_model(str(student_dir))
-    teacher, _ = common.load_model(str(teacher_dir))
+    student, tok = models.load_model(str(student_dir))
+    teacher, _ = models.load_model(str(teacher_dir))
     student, teacher = student.double(), teacher.double()
     rows = common.load_distill_rows(data)
     examples, _ = common.encode_rows(rows, tok, 1024)
@@ -77,11 +78,11 @@ def test_student_moves_toward_the_teacher(kit, trained_teacher, tmp_path, kind):
                       "--lr", "3e-3", "--max-steps", "40", "--batch-size", "8", "--log-every", "100"])
     metrics = read_metrics(out)
     assert sum(m["loss"] for m in metrics[-5:]) < 0.7 * sum(m["loss"] for m in metrics[:5])
-    teacher, tok = common.load_model(str(trained_teacher))
+    teacher, tok = models.load_model(str(trained_teacher))
     examples, _ = common.encode_rows(heldout, tok, 1024)
-    before = evaluate.heldout_agreement(common.load_model(str(kit["student"]))[0], teacher, examples,
+    before = evaluate.heldout_agreement(models.load_model(str(kit["student"]))[0], teacher, examples,
                                       tok.pad_token_id)
-    after = evaluate.heldout_agreement(common.load_model(str(out))[0], teacher, examples, tok.pad_token_id)
+    after = evaluate.heldout_agreement(models.load_model(str(out))[0], teacher, examples, tok.pad_token_id)
     assert after["kl"] < 0.7 * before["kl"], (before, after)
     assert after["top1"] > before["top1"]
 

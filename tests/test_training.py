@@ -11,6 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
+import generation
+import models
 import sequence_level
 from conftest import ROOT, read_metrics, write_rows
 
@@ -20,9 +22,9 @@ def micro_batch_grads(model, examples, pad_id, split, normalize_globally=True):
     model.zero_grad()
     batches = [common.pad_batch(examples[i:i + split], pad_id) for i in range(0, len(examples), split)]
     total = sum(b["loss_mask"][:, 1:].sum().item() for b in batches)
-    head = common.output_head(model)
+    head = models.output_head(model)
     for batch in batches:
-        hidden = common.student_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        hidden = models.student_hidden_states(model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)
         num_tokens = total if normalize_globally else len(targets) * len(batches)
         loss, _, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens, chunk_size=16)
@@ -31,7 +33,7 @@ def micro_batch_grads(model, examples, pad_id, split, normalize_globally=True):
 
 
 def test_gradient_accumulation_equals_one_big_batch(kit, tmp_path):
-    model, tok = common.load_model(str(kit["student"]), dtype="float32")
+    model, tok = models.load_model(str(kit["student"]), dtype="float32")
     model = model.double()
     rows = common.load_distill_rows(write_rows(tmp_path / "d.jsonl", 8))
     # Unequal completion lengths so the micro-batches hold different numbers of masked tokens.
@@ -90,9 +92,9 @@ def test_student_reproduces_one_fixed_teacher_answer(kit, tmp_path, student):
     sequence_level.main(["--student", str(kit[student]), "--data", str(data), "--output-dir", str(out),
                          "--max-steps", "150", "--batch-size", "4", "--lr", "1e-2", "--warmup-ratio", "0",
                          "--log-every", "100"])
-    model, tok = common.load_model(str(out))
+    model, tok = models.load_model(str(out))
     prompt = tok(common.render_chat(tok, messages, add_generation_prompt=True), add_special_tokens=False)
-    result = common.generate(model, tok, [prompt["input_ids"]], max_new_tokens=40)[0]
+    result = generation.generate(model, tok, [prompt["input_ids"]], max_new_tokens=40)[0]
     assert result["finished"], "the student must have learned to emit the end-of-turn token"
     assert tok.decode(result["tokens"][:-1], skip_special_tokens=True).strip() == answer
 
@@ -102,13 +104,13 @@ def test_lora_trains_only_the_adapter(kit, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     trained = {}
-    wrap = common.maybe_lora
+    wrap = models.maybe_lora
 
     def spy(model, args):  # keep the very model the loop trains, to inspect it afterwards
         trained["model"] = wrap(model, args)
         return trained["model"]
 
-    monkeypatch.setattr(common, "maybe_lora", spy)
+    monkeypatch.setattr(models, "maybe_lora", spy)
     data = write_rows(tmp_path / "d.jsonl", 8)
     out = tmp_path / "lora"
     sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(out),

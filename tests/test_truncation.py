@@ -12,6 +12,8 @@ import cache_teacher
 import common
 import cross_tokenizer
 import generate_data
+import generation
+import models
 import sequence_level
 import token_level
 from conftest import write_rows
@@ -34,7 +36,7 @@ def masked_tokens(tokenizer, example) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer(kit):
-    return common.load_tokenizer(str(kit["student"]))
+    return models.load_tokenizer(str(kit["student"]))
 
 
 def test_a_cut_row_trains_without_the_end_of_turn_token(tokenizer, tmp_path):
@@ -73,7 +75,7 @@ def test_every_row_cut_and_skipped_is_a_clear_error(tokenizer, tmp_path):
 
 def test_cross_tokenizer_pairs_no_end_of_turn_for_a_cut_row(kit, tokenizer, tmp_path):
     rows = common.load_distill_rows(with_cut_rows(tmp_path / "d.jsonl", 2, cut=(1,)))
-    teacher_tok = common.load_tokenizer(str(kit["student_llama3"]))
+    teacher_tok = models.load_tokenizer(str(kit["student_llama3"]))
     (done, cut), skipped, _ = cross_tokenizer.encode_pairs(rows, tokenizer, teacher_tok, 1024)
     eot = teacher_tok.convert_tokens_to_ids("<|eot_id|>")
     assert done["teacher_ids"][done["teacher_targets"][-1]] == eot
@@ -87,7 +89,7 @@ def test_the_teacher_cache_holds_cut_rows_as_token_level_trains_them(kit, tmp_pa
     data = with_cut_rows(tmp_path / "d.jsonl", 4, cut=(1, 2))
     cache_teacher.main(["--teacher", str(kit["teacher"]), "--data", str(data), "--output", str(tmp_path / "c"),
                         "--top-k", "4"])
-    student, tok = common.load_model(str(kit["student"]))
+    student, tok = models.load_model(str(kit["student"]))
     examples, _ = common.encode_rows(common.load_distill_rows(data), tok, 1024)
     kept, _, _ = token_level.attach_cache(tmp_path / "c", tok, examples, student)
     assert len(kept) == 4  # no row "differs" from the cache: both left the cut rows' end-of-turn out
@@ -108,7 +110,7 @@ def gen_args(kit, prompts, output):
 
 
 def fake_generate(empty: set[int]):
-    """common.generate that answers '#### 7' to every prompt but those at the positions in `empty`, which it
+    """generation.generate that answers '#### 7' to every prompt but those at the positions in `empty`, which it
     ends at once (an empty completion)."""
     def generate(model, tokenizer, prompts, *, stop_ids, **_):
         answer = tokenizer("#### 7", add_special_tokens=False)["input_ids"]
@@ -118,7 +120,7 @@ def fake_generate(empty: set[int]):
 
 
 def test_empty_completions_are_not_written(kit, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "generate", fake_generate(empty={1, 2}))
+    monkeypatch.setattr(generation, "generate", fake_generate(empty={1, 2}))
     out = tmp_path / "o.jsonl"
     generate_data.main(gen_args(kit, write_prompts(tmp_path / "p.jsonl", 4), out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -127,7 +129,7 @@ def test_empty_completions_are_not_written(kit, tmp_path, monkeypatch, capsys):
 
 
 def test_an_empty_completion_left_in_the_output_is_generated_again(kit, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "generate", fake_generate(empty=set()))
+    monkeypatch.setattr(generation, "generate", fake_generate(empty=set()))
     prompts, out = write_prompts(tmp_path / "p.jsonl", 3), tmp_path / "o.jsonl"
     generate_data.main(gen_args(kit, prompts, out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -147,6 +149,6 @@ def test_an_empty_completion_left_in_the_output_is_generated_again(kit, tmp_path
 
 
 def test_every_completion_empty_is_an_error(kit, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "generate", fake_generate(empty={0, 1}))
+    monkeypatch.setattr(generation, "generate", fake_generate(empty={0, 1}))
     with pytest.raises(common.DistillError, match="--teacher returned an empty completion for every prompt"):
         generate_data.main(gen_args(kit, write_prompts(tmp_path / "p.jsonl", 2), tmp_path / "o.jsonl"))
