@@ -432,6 +432,17 @@ def cached_teacher_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
     return loss, total[0].detach(), total[1].detach()
 
 
+def run_inputs(manifest: dict) -> checkpoints.RunInputs:
+    """What --resume compares of a run trained from this cache: the teacher, store, K and dtypes it holds (the
+    folder's path may change). --teacher and --teacher-dtype play no part in such a run."""
+    keys = ["teacher_fingerprint", "top_k", "vocab_fingerprint", "logprob_dtype"]
+    if manifest.get("store") == "hidden":  # (top-K caches keep the fingerprint they had before --store)
+        keys += ["store", "hidden_dtype"]
+    content = common.fingerprint(json.dumps([manifest.get(k) for k in keys]))
+    return checkpoints.RunInputs(contents={"teacher_cache_content": ("--teacher-cache teacher/store/K/dtype", content)},
+                                 adjustable=("teacher_cache",), ignored=("teacher", "teacher_dtype"))
+
+
 def vocab_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's vocabulary (token -> id) and special tokens: equal means same token ids."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])

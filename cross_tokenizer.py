@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import cache_teacher
+import checkpoints
 import common
 import models
 import training
@@ -319,7 +320,11 @@ def main(argv=None):
         eval_rows, tokenizer, teacher_tokenizer, args.max_length, None, truncated=args.truncated)[:2])
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                             collate=lambda exs: collate_pairs(exs, tokenizer.pad_token_id,
-                                                              teacher_tokenizer.pad_token_id), held_out=eval_set)
+                                                              teacher_tokenizer.pad_token_id), held_out=eval_set,
+                              inputs=checkpoints.RunInputs(
+                                  contents=checkpoints.live_teacher_inputs(args.teacher).contents,
+                                  adjustable=("teacher", "teacher_dtype"), ignored=("min_exact_alignment",)),
+                              models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
     if loop.accelerator.is_main_process:
         (loop.output_dir / "alignment.json").write_text(json.dumps(alignment, indent=2) + "\n")
     teacher, _ = models.load_teacher(args, loop.device)
@@ -383,7 +388,8 @@ def train_from_cache(args, rows, student, tokenizer):
     eval_set = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(
         eval_rows, tokenizer, cached, args.max_length, held_out=True, truncated=args.truncated)[:2])
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
-                            eval_set)
+                            eval_set,
+                              inputs=cache_teacher.run_inputs(manifest))
     head = models.output_head(loop.model)
     vocabs = dict(student_vocab=min(len(tokenizer), head.weight.shape[0]))  # padded head rows are not tokens
     if hidden_store:

@@ -44,6 +44,7 @@ from functools import partial
 
 import torch
 
+import checkpoints
 import checks
 import common
 import generation
@@ -146,8 +147,11 @@ def main(argv=None):
     checks.check_training_data(tokenizer, rows, examples)
     held_out = training.load_held_out(args, rows, tokenizer, encode=lambda r: encode_with_prompts(r, tokenizer, args,
                                                                                                  None))
+    inputs = checkpoints.live_teacher_inputs(args.teacher)
+    inputs.ignored += ("vllm", "vllm_gpu_memory")  # where the samples are drawn, not what is trained
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                            partial(collate_with_prompts, pad_id=tokenizer.pad_token_id), held_out=held_out)
+                              partial(collate_with_prompts, pad_id=tokenizer.pad_token_id), held_out=held_out,
+                              inputs=inputs, models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
     teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
     head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
     vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],

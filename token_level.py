@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import cache_teacher
+import checkpoints
 import checks
 import common
 import models
@@ -89,7 +90,7 @@ def main(argv=None):
     if manifest is not None:  # no teacher in memory: its cached rows ride along with each batch
         examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, eval_set)
         loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
-                                eval_set)
+                                  eval_set, inputs=cache_teacher.run_inputs(manifest))
         if cache_teacher.store_of(manifest) == "hidden":
             teacher_weight = cache_teacher.load_head(args.teacher_cache, manifest).to(loop.device)
             train_with_teacher(args, loop, beta, vocab, teacher_weight)
@@ -98,7 +99,8 @@ def main(argv=None):
         loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
         return
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                            held_out=eval_set)
+                              held_out=eval_set, inputs=checkpoints.live_teacher_inputs(args.teacher),
+                              models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
     teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
     head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
     vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
