@@ -164,6 +164,20 @@ def main(argv=None):
     coin = random.Random(args.seed)
     for _ in range(loop.step_num):
         coin.random()
+
+    def hidden_states(batch):  # [N, H_teacher], [N, H], targets [N]: both models at the completion positions
+        with torch.inference_mode():
+            teacher_hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)
+        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        return (teacher_hidden, *common.shift_for_next_token(hidden, batch))
+
+    def preflight(batch):  # how far apart the two start; non-finite logits of either stop the run here
+        teacher_hidden, student_hidden, _ = hidden_states(batch)
+        checks.preflight(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
+                         temperature=args.temperature, beta=beta)
+
+    training.preflight(loop, preflight)
     sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
                                  trust_remote_code=args.trust_remote_code) if args.vllm else None
 

@@ -426,6 +426,22 @@ class TrainLoop:
 
 
 
+def preflight(loop: TrainLoop, check) -> None:
+    """The pre-flight, an explicit step before the first update (and again after --resume): `check(batch)` runs
+    on the run's first micro-batch (`TrainLoop.first_batch`) without gradients, in eval mode, and every RNG state
+    is put back afterwards, so the run trains exactly as it would without it. A check stops the run by raising."""
+    model, rng = loop.model, _get_rng_state()
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            check(loop.first_batch())
+    finally:
+        for module, training in modes:
+            module.training = training
+        _set_rng_state(rng)
+
+
 def check_finite_step(loss: float | None, grad_norm: float | None, lr: float, step: int,
                       models: dict[str, str]) -> None:
     """Stop before an update with a non-finite loss or gradient norm: AdamW would write NaN into every weight it
