@@ -130,7 +130,7 @@ FRACTION = bounded(float, 0, 1)
 POSITIVE_FRACTION = bounded(float, 0, 1, low_open=True)  # top-p 0 would keep no token at all
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser) -> None:
     """Flags shared by every script that loads a model (training, generation, evaluation)."""
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype to load weights in; 'auto' = bfloat16 for models that are only run (teacher, "
@@ -144,99 +144,108 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_default: str, output_dir: str,
-                   teacher_default: str | None = None, lr: float = 1e-5) -> None:
-    """The flags every training script shares (the conventions later scripts rely on).
+                   teacher_default: str | None = None, lr: float = 1e-5):
+    """The flags every training script shares (the conventions later scripts rely on), in --help's groups; returns
+    the group where the script adds the flags of its method.
 
     output_dir: the default --output-dir, a template filled from the parsed flags ("runs/token_level-{kl}");
     the script calls `fill_train_defaults` after parsing.
     """
-    add_model_args(parser)
-    parser.add_argument("--student", default=student_default, help="student model: hub id or local folder")
+    models = parser.add_argument_group("models")
+    data = parser.add_argument_group("data")
+    optimization = parser.add_argument_group("optimization")
+    method = parser.add_argument_group("the method")
+    evaluation = parser.add_argument_group("held-out evaluation")
+    output = parser.add_argument_group("checkpoints and output")
+    add_model_args(models)
+    models.add_argument("--student", default=student_default, help="student model: hub id or local folder")
     if teacher:
-        parser.add_argument("--teacher", default=teacher_default, help="teacher model: hub id or local folder")
-        parser.add_argument("--teacher-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+        models.add_argument("--teacher", default=teacher_default, help="teacher model: hub id or local folder")
+        models.add_argument("--teacher-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                             help="dtype for the frozen teacher (default: same as --dtype)")
     else:
-        parser.add_argument("--teacher", default=None,
+        models.add_argument("--teacher", default=None,
                             help="the teacher that wrote --data; only recorded in run_config.json (never loaded)")
-    parser.add_argument("--data", default=None,
-                        help="JSONL written by generate_data.py (messages + completion); default: the file "
-                             f"generate_data.py writes for --teacher ({DEFAULT_DATA} for {BLOG_TEACHER}, "
-                             "data/teacher_<name>.jsonl for another, see default_data_path)")
-    parser.add_argument("--output-dir", default=None, help="where the trained model and metrics.jsonl go "
-                                                            f"(default: {output_dir.format_map(_Shown())})")
-    parser.output_dir_template = output_dir  # filled in from the parsed flags by fill_train_defaults
-    parser.add_argument("--max-steps", type=bounded(int, 1, note=" (leave it out to train for --epochs)"),
-                        default=None, help="optimizer steps to run (overrides --epochs; unset = --epochs)")
-    parser.add_argument("--epochs", type=bounded(float, 0, low_open=True), default=1.0,
-                        help="passes over the data when --max-steps is unset (fractions allowed)")
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="sequences per micro-batch per process")
-    parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
-                        help="micro-batches accumulated per optimizer step")
-    parser.add_argument("--lr", type=NON_NEGATIVE, default=lr, help="peak learning rate (AdamW)")
-    parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--warmup-ratio", type=FRACTION, default=0.03,
-                        help="fraction of steps of linear warmup (0..1)")
-    parser.add_argument("--max-grad-norm", type=bounded(float, 0, note=" (0 = off)"), default=1.0,
-                        help="clip the global gradient norm (0 = off)")
-    parser.add_argument("--max-length", type=bounded(int, 2), default=1024,
-                        help="max tokens of prompt + completion; longer rows are skipped and counted")
-    parser.add_argument("--truncated", default="no-eos", choices=["no-eos", "skip"],
-                        help="rows generate_data.py cut at --max-new-tokens (finish_reason 'length'): 'no-eos' "
-                             "trains on their text without the end-of-turn token, so the student never learns to "
-                             "stop mid-answer (what TRL and most SFT do with a cut sequence); 'skip' leaves them "
-                             "out, losing the longest answers. Counted in the end-of-run report either way")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the student (GPU)")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
+    data.add_argument("--data", default=None,
+                      help="JSONL written by generate_data.py (messages + completion); default: the file "
+                           f"generate_data.py writes for --teacher ({DEFAULT_DATA} for {BLOG_TEACHER}, "
+                           "data/teacher_<name>.jsonl for another, see default_data_path)")
+    output.add_argument("--output-dir", default=output_dir, help="where the trained model and metrics.jsonl go "
+                                                              f"(default: {output_dir.format_map(_Shown())})")
+    optimization.add_argument("--max-steps", type=bounded(int, 1, note=" (leave it out to train for --epochs)"),
+                              default=None, help="optimizer steps to run (overrides --epochs; unset = --epochs)")
+    optimization.add_argument("--epochs", type=bounded(float, 0, low_open=True), default=1.0,
+                              help="passes over the data when --max-steps is unset (fractions allowed)")
+    optimization.add_argument("--batch-size", type=POSITIVE_INT, default=4,
+                              help="sequences per micro-batch per process")
+    optimization.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
+                              help="micro-batches accumulated per optimizer step")
+    optimization.add_argument("--lr", type=NON_NEGATIVE, default=lr, help="peak learning rate (AdamW)")
+    optimization.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay")
+    optimization.add_argument("--warmup-ratio", type=FRACTION, default=0.03,
+                              help="fraction of steps of linear warmup (0..1)")
+    optimization.add_argument("--max-grad-norm", type=bounded(float, 0, note=" (0 = off)"), default=1.0,
+                              help="clip the global gradient norm (0 = off)")
+    data.add_argument("--max-length", type=bounded(int, 2), default=1024,
+                      help="max tokens of prompt + completion; longer rows are skipped and counted")
+    data.add_argument("--truncated", default="no-eos", choices=["no-eos", "skip"],
+                      help="rows generate_data.py cut at --max-new-tokens (finish_reason 'length'): 'no-eos' "
+                           "trains on their text without the end-of-turn token, so the student never learns to "
+                           "stop mid-answer (what TRL and most SFT do with a cut sequence); 'skip' leaves them "
+                           "out, losing the longest answers. Counted in the end-of-run report either way")
+    models.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the student (GPU)")
+    models.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the student's activations in backward to save memory")
-    parser.add_argument("--chunk-size", type=bounded(int, 0, note=" (0 = automatic)"), default=0,
-                        help="positions per chunk when projecting hidden states to the vocabulary in the loss "
-                             "(0 = automatic: ~128 MB per [chunk, vocab] float32 buffer)")
-    parser.add_argument("--log-every", type=POSITIVE_INT, default=1, help="print a metrics line every N steps")
-    parser.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
+    optimization.add_argument("--chunk-size", type=bounded(int, 0, note=" (0 = automatic)"), default=0,
+                              help="positions per chunk when projecting hidden states to the vocabulary in the loss "
+                                   "(0 = automatic: ~128 MB per [chunk, vocab] float32 buffer)")
+    output.add_argument("--log-every", type=POSITIVE_INT, default=1, help="print a metrics line every N steps")
+    output.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="also send each step's metrics to this tracker through accelerate (metrics.jsonl is "
                              "always written); tensorboard logs go to OUTPUT_DIR/runs")
-    parser.add_argument("--save-every", type=bounded(int, 0, note=" (0 = never)"), default=0,
+    output.add_argument("--save-every", type=bounded(int, 0, note=" (0 = never)"), default=0,
                         help="write a resumable checkpoint (weights, optimizer, schedule, RNG, data position) "
                              "every N optimizer steps to OUTPUT_DIR/checkpoint-N (0 = never)")
-    parser.add_argument("--resume", default=None,
+    output.add_argument("--resume", default=None,
                         help="continue from a checkpoint folder, or from the latest complete checkpoint in a folder; "
                              "refused if the data, models or loss differ from the checkpoint's run")
-    parser.add_argument("--overwrite", action="store_true",
+    output.add_argument("--overwrite", action="store_true",
                         help="clear a non-empty --output-dir holding an earlier run first (without it, or --resume, "
                              "a non-empty --output-dir is refused)")
-    parser.add_argument("--save-total-limit", type=bounded(int, 0, note=" (0 = keep all)"), default=0, metavar="N",
+    output.add_argument("--save-total-limit", type=bounded(int, 0, note=" (0 = keep all)"), default=0, metavar="N",
                         help="keep only the newest N checkpoints of --save-every, deleting older ones (0 = keep all)")
-    parser.add_argument("--eval-data", default=None,
-                        help="held-out JSONL in --data's format (messages + completion): every --eval-every steps "
-                             "log eval_loss (this script's training objective on it), eval_ce and the script's other "
-                             "eval_* terms")
-    parser.add_argument("--eval-every", type=bounded(int, 0, note=" (0 = never)"), default=0,
-                        help="evaluate on --eval-data/--eval-problems every N optimizer steps and after the last "
-                             "(0 = never); eval_* keys join that step's metrics.jsonl row")
-    parser.add_argument("--eval-problems", default=None,
-                        help="held-out problems (.jsonl with question/answer, like GSM8K): also log "
-                             "eval_exact_match, the strict score of the student's greedy answers")
-    parser.add_argument("--eval-max-new-tokens", type=POSITIVE_INT, default=256,
-                        help="max tokens per greedy answer to --eval-problems")
-    parser.add_argument("--eval-batch-size", type=POSITIVE_INT, default=None,
-                        help="rows per held-out forward and prompts per generate call (default: --batch-size)")
-    parser.add_argument("--eval-system-prompt", default=None,
-                        help="system message for --eval-problems ('' for none; default: the system message of the "
-                             "first --data row, so problems are asked as the data was generated, else the "
-                             "generate_data.py default)")
-    parser.add_argument("--save-best", default=None, metavar="METRIC",
-                        help=f"keep the model of the best evaluation in OUTPUT_DIR/best, with best.json naming its "
-                             f"step and value; METRIC is an eval_* key this run logs ({', '.join(HIGHER_IS_BETTER)} "
-                             "higher is better, every other one (eval_loss, eval_ce, eval_kl, ...) lower)")
-    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights (peft)")
-    parser.add_argument("--lora-r", type=POSITIVE_INT, default=16, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=POSITIVE_INT, default=32,
+    evaluation.add_argument("--eval-data", default=None,
+                            help="held-out JSONL in --data's format (messages + completion): every --eval-every steps "
+                                 "log eval_loss (this script's training objective on it), eval_ce and the script's "
+                                 "other eval_* terms")
+    evaluation.add_argument("--eval-every", type=bounded(int, 0, note=" (0 = never)"), default=0,
+                            help="evaluate on --eval-data/--eval-problems every N optimizer steps and after the last "
+                                 "(0 = never); eval_* keys join that step's metrics.jsonl row")
+    evaluation.add_argument("--eval-problems", default=None,
+                            help="held-out problems (.jsonl with question/answer, like GSM8K): also log "
+                                 "eval_exact_match, the strict score of the student's greedy answers")
+    evaluation.add_argument("--eval-max-new-tokens", type=POSITIVE_INT, default=256,
+                            help="max tokens per greedy answer to --eval-problems")
+    evaluation.add_argument("--eval-batch-size", type=POSITIVE_INT, default=None,
+                            help="rows per held-out forward and prompts per generate call (default: --batch-size)")
+    evaluation.add_argument("--eval-system-prompt", default=None,
+                            help="system message for --eval-problems ('' for none; default: the system message of the "
+                                 "first --data row, so problems are asked as the data was generated, else the "
+                                 "generate_data.py default)")
+    evaluation.add_argument("--save-best", default=None, metavar="METRIC",
+                            help=f"keep the model of the best evaluation in OUTPUT_DIR/best, with best.json naming its "
+                                 f"step and value; METRIC is an eval_* key this run logs "
+                                 f"({', '.join(HIGHER_IS_BETTER)} "
+                                 "higher is better, every other one (eval_loss, eval_ce, eval_kl, ...) lower)")
+    models.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights (peft)")
+    models.add_argument("--lora-r", type=POSITIVE_INT, default=16, help="LoRA rank")
+    models.add_argument("--lora-alpha", type=POSITIVE_INT, default=32,
                         help="LoRA scaling alpha (the update is scaled by alpha / r)")
-    parser.add_argument("--lora-dropout", type=bounded(float, 0, 1, high_open=True), default=0.05,
+    models.add_argument("--lora-dropout", type=bounded(float, 0, 1, high_open=True), default=0.05,
                         help="LoRA dropout probability")
-    parser.add_argument("--lora-target-modules", default="all-linear",
+    models.add_argument("--lora-target-modules", default="all-linear",
                         help="comma-separated module names for LoRA, or 'all-linear'")
+    return method
 
 
 class _Shown(dict):
@@ -281,8 +290,8 @@ def fill_default_data(args) -> None:
 def fill_train_defaults(parser: argparse.ArgumentParser, args) -> None:
     """--output-dir and --data when left out: the script's own folder under runs/ (see add_train_args) and the
     default teacher data (see `fill_default_data`)."""
-    if args.output_dir is None:
-        args.output_dir = parser.output_dir_template.format(**vars(args))
+    if args.output_dir == parser.get_default("output_dir"):  # the template add_train_args was given
+        args.output_dir = args.output_dir.format(**vars(args))
     fill_default_data(args)
 
 
@@ -295,7 +304,7 @@ KL_BETA = {"forward": 0.0, "reverse": 1.0}
 DEFAULT_JSD_BETA = 0.5
 
 
-def add_divergence_args(parser: argparse.ArgumentParser, *, default: str, bare_beta_alias: bool = False) -> None:
+def add_divergence_args(parser, *, default: str, bare_beta_alias: bool = False) -> None:
     """--kl forward|reverse|jsd and --beta, the same flags wherever a script trains on a token-level divergence.
 
     Both default to None so that `resolve_divergence` can tell a bare --beta (on_policy.py's old spelling, kept for

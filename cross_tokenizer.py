@@ -64,26 +64,26 @@ import training
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
+    method = common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
                           teacher_default=common.ULD_TEACHER, output_dir="runs/cross_tokenizer")
-    parser.add_argument("--top-k", type=common.POSITIVE_INT, default=50,
+    method.add_argument("--top-k", type=common.POSITIVE_INT, default=50,
                         help="probabilities compared per position (plus a tail)")
-    parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
+    method.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
                         help="softmax temperature of the ULD term (> 0)")
-    parser.add_argument("--alpha", type=common.FRACTION, default=0.5,
+    method.add_argument("--alpha", type=common.FRACTION, default=0.5,
                         help="weight of the student's cross-entropy (0..1); the ULD term gets 1 - alpha. 0.5 = "
                              "CE + ULD weighted equally, as in the ULD paper's code. The sorted comparison carries no "
                              "token identity, so with a small alpha it sharpens whatever the student already prefers "
                              "(the demo's student learned no answer line at alpha 0.1)")
-    parser.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
+    method.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
                         help="the ULD distance, between *sorted* top-K + tail probability vectors (not token_level's "
                              "--kl, which compares token by token): kl = KL(teacher||student) of the sorted "
                              "vectors; wasserstein = sorted L1 (ULD paper)")
-    parser.add_argument("--teacher-cache", default=None,
+    method.add_argument("--teacher-cache", default=None,
                         help="read the teacher from a cache_teacher.py folder instead of loading --teacher: "
                              "--store hidden gives the live teacher's loss exactly; --store topk its top-K log-probs "
                              "(the cache's K must cover --top-k; exact at T=1 only)")
-    parser.add_argument("--min-exact-alignment", type=common.FRACTION, default=0.5,
+    method.add_argument("--min-exact-alignment", type=common.FRACTION, default=0.5,
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
     args = parser.parse_args(argv)
@@ -319,12 +319,12 @@ def main(argv=None):
     eval_set = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_pairs(
         eval_rows, tokenizer, teacher_tokenizer, args.max_length, None, truncated=args.truncated)[:2])
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                            collate=lambda exs: collate_pairs(exs, tokenizer.pad_token_id,
+                              collate=lambda exs: collate_pairs(exs, tokenizer.pad_token_id,
                                                               teacher_tokenizer.pad_token_id), held_out=eval_set,
-                              inputs=checkpoints.RunInputs(
-                                  contents=checkpoints.live_teacher_inputs(args.teacher).contents,
-                                  adjustable=("teacher", "teacher_dtype"), ignored=("min_exact_alignment",)),
-                              models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
+                                inputs=checkpoints.RunInputs(
+                                    contents=checkpoints.live_teacher_inputs(args.teacher).contents,
+                                    adjustable=("teacher", "teacher_dtype"), ignored=("min_exact_alignment",)),
+                                models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
     if loop.accelerator.is_main_process:
         (loop.output_dir / "alignment.json").write_text(json.dumps(alignment, indent=2) + "\n")
     teacher, _ = models.load_teacher(args, loop.device)
@@ -336,7 +336,7 @@ def main(argv=None):
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
         with torch.inference_mode():
             teacher_hidden = models.teacher_hidden_states(teacher, batch["teacher_input_ids"],
-                                                           batch["teacher_attention_mask"])
+                                                          batch["teacher_attention_mask"])
             teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
@@ -388,8 +388,8 @@ def train_from_cache(args, rows, student, tokenizer):
     eval_set = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(
         eval_rows, tokenizer, cached, args.max_length, held_out=True, truncated=args.truncated)[:2])
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
-                            eval_set,
-                              inputs=cache_teacher.run_inputs(manifest))
+                              eval_set,
+                                inputs=cache_teacher.run_inputs(manifest))
     head = models.output_head(loop.model)
     vocabs = dict(student_vocab=min(len(tokenizer), head.weight.shape[0]))  # padded head rows are not tokens
     if hidden_store:

@@ -243,7 +243,7 @@ def score(model_dir: Path, problems: list[dict], teacher=None, predictions_path:
     the teacher where vocabularies match. Every reply is written to `predictions_path` for auditing."""
     model, tokenizer = models.load_model(str(model_dir))
     predictions = generation.answer_problems(model, tokenizer, problems, system_prompt=SYSTEM_PROMPT,
-                                         max_new_tokens=32, batch_size=100, desc=f"eval {model_dir.name}")
+                                             max_new_tokens=32, batch_size=100, desc=f"eval {model_dir.name}")
     references = [p["answer"] for p in problems]
     scores = generation.score_answers(predictions, references)
     if predictions_path is not None:
@@ -341,7 +341,7 @@ def plot(results: list[dict], out: Path) -> Path | None:
         print(f"{error}: no plot")
         return None
     fig, (curves, heldout, bars) = plt.subplots(1, 3, figsize=(18, 5), width_ratios=[1, 1, 1.4],
-                                             layout="constrained")
+                                                layout="constrained")
     runs = {row["name"]: common.read_jsonl(Path(row["run"]) / "metrics.jsonl") for row in results if row.get("run")}
     plot_metrics.draw(curves, runs, "loss", log_y=True)
     curves.set(ylabel="training loss (each method's own)", title="training loss")
@@ -412,7 +412,7 @@ def main(argv=None):
     print("\n== 4. evaluation of the teacher and the base students on the test problems")
     teacher_model, teacher_tokenizer = models.load_model(str(teacher))
     teacher_texts = generation.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=SYSTEM_PROMPT,
-                                           max_new_tokens=32, batch_size=100, desc="teacher answers")
+                                               max_new_tokens=32, batch_size=100, desc="teacher answers")
     reference = (teacher_model, teacher_tokenizer, teacher_texts)
     predictions = out / "predictions"
     predictions.mkdir(exist_ok=True)

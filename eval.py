@@ -210,7 +210,7 @@ def main(argv=None):
         model, tokenizer = models.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
                                              trust_remote_code=args.trust_remote_code)
         teacher = (model, tokenizer, generation.answer_problems(model, tokenizer, problems, desc="teacher answers",
-                                                            what="--teacher", **settings))
+                                                                what="--teacher", **settings))
     output = Path(args.output)
     for name in args.model or default_models(args.student, args.runs):
         row = evaluate_model(args, name, problems, device, settings, teacher)
@@ -227,7 +227,7 @@ def evaluate_model(args, name: str, problems: list[dict], device, settings: dict
     model, tokenizer = load_for_eval(name, args.base, dtype=args.dtype, device=device,
                                      trust_remote_code=args.trust_remote_code)
     predictions = generation.answer_problems(model, tokenizer, problems, desc=f"answer {Path(name).name}",
-                                         what="--model", **settings)
+                                             what="--model", **settings)
     label = args.name or name
     row = {"name": label, "model": name, "dataset": args.dataset, "split": args.split,
            **score_row(predictions, [p["answer"] for p in problems]), "kl_to_teacher": None, "top1_agreement": None}

@@ -54,21 +54,21 @@ import training
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
+    method = common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
                           teacher_default=common.BLOG_TEACHER, output_dir="runs/on_policy")
-    parser.add_argument("--lmbda", type=common.FRACTION, default=0.5,
+    method.add_argument("--lmbda", type=common.FRACTION, default=0.5,
                         help="probability that a step is on-policy (0..1)")
-    common.add_divergence_args(parser, default="reverse", bare_beta_alias=True)
-    parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=1.0,
+    common.add_divergence_args(method, default="reverse", bare_beta_alias=True)
+    method.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=1.0,
                         help="softmax temperature of the loss (> 0)")
-    parser.add_argument("--gen-temperature", type=common.bounded(float, 0, note=" (0 = greedy)"), default=1.0,
+    method.add_argument("--gen-temperature", type=common.bounded(float, 0, note=" (0 = greedy)"), default=1.0,
                         help="sampling temperature of the student (0 = greedy)")
-    parser.add_argument("--top-p", type=common.POSITIVE_FRACTION, default=0.95,
+    method.add_argument("--top-p", type=common.POSITIVE_FRACTION, default=0.95,
                         help="nucleus sampling threshold of the student, in (0, 1]")
-    parser.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=256,
+    method.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=256,
                         help="max tokens the student samples per prompt; a sample cut there is trained without an "
                              "end-of-turn token (like a --truncated no-eos row)")
-    generation.add_vllm_args(parser)
+    generation.add_vllm_args(method)
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="reverse", bare_beta_alias=True)
     training.check_eval_args(parser, args, stats=("ce", "div", "kl"))
@@ -146,7 +146,7 @@ def main(argv=None):
     examples, skipped = encode_with_prompts(rows, tokenizer, args)
     checks.check_training_data(tokenizer, rows, examples)
     held_out = training.load_held_out(args, rows, tokenizer, encode=lambda r: encode_with_prompts(r, tokenizer, args,
-                                                                                                 None))
+                                                                                                  None))
     inputs = checkpoints.live_teacher_inputs(args.teacher)
     inputs.ignored += ("vllm", "vllm_gpu_memory")  # where the samples are drawn, not what is trained
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
@@ -179,7 +179,7 @@ def main(argv=None):
 
     training.preflight(loop, preflight)
     sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
-                                 trust_remote_code=args.trust_remote_code) if args.vllm else None
+                                     trust_remote_code=args.trust_remote_code) if args.vllm else None
 
     def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
         timer = timer or Timer()

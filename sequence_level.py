@@ -46,7 +46,7 @@ def main(argv=None):
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
     checks.check_training_data(tokenizer, rows, examples)
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                            held_out=training.load_held_out(args, rows, tokenizer))
+                              held_out=training.load_held_out(args, rows, tokenizer))
     head = models.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike

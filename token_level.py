@@ -56,13 +56,13 @@ import training
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
+    method = common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
                           teacher_default=common.BLOG_TEACHER, output_dir="runs/token_level-{kl}")
-    common.add_divergence_args(parser, default="forward")
-    parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
+    common.add_divergence_args(method, default="forward")
+    method.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
                         help="softmax temperature of the KL term (loss is T^2-scaled)")
-    parser.add_argument("--alpha", type=common.FRACTION, default=0.1, help="weight of the cross-entropy term (0..1)")
-    parser.add_argument("--teacher-cache", default=None,
+    method.add_argument("--alpha", type=common.FRACTION, default=0.1, help="weight of the cross-entropy term (0..1)")
+    method.add_argument("--teacher-cache", default=None,
                         help="train from a cache_teacher.py folder instead of loading --teacher: --store hidden "
                              "gives the live teacher's loss exactly; --store topk the KL over the K cached tokens plus "
                              "one tail bucket (approximate at T != 1 and for reverse KL/JSD)")

@@ -341,7 +341,7 @@ class TrainLoop:
             self._gradient_sync(True)
         for key, value in {"loss": loss.detach(), **stats}.items():
             value = value.detach().double() if torch.is_tensor(value) else torch.tensor(float(value),
-                                                                                         dtype=torch.float64)
+                                                                                        dtype=torch.float64)
             self._stats[key] = self._stats.get(key, 0.0) + value.to(self.device)
 
     def step(self, num_tokens: float, *, evaluate=None, **extra) -> dict:

@@ -135,7 +135,7 @@ def main():
     problems = common.load_prompt_dataset(str(demo_dir / "task_test.jsonl"))
     teacher_model, teacher_tokenizer = models.load_model(str(teacher))
     texts = generation.answer_problems(teacher_model, teacher_tokenizer, problems, system_prompt=demo.SYSTEM_PROMPT,
-                                   max_new_tokens=32, batch_size=50, desc="teacher answers")
+                                       max_new_tokens=32, batch_size=50, desc="teacher answers")
     teachers = {"live": ["--teacher", str(teacher)], "cached_k64": ["--teacher-cache", str(out / "cache_k64")],
                 "hidden": ["--teacher-cache", str(out / "cache_hidden")]}
     runs, quality = {}, {}

@@ -81,7 +81,7 @@ def test_student_moves_toward_the_teacher(kit, trained_teacher, tmp_path, kind):
     teacher, tok = models.load_model(str(trained_teacher))
     examples, _ = common.encode_rows(heldout, tok, 1024)
     before = evaluate.heldout_agreement(models.load_model(str(kit["student"]))[0], teacher, examples,
-                                      tok.pad_token_id)
+                                        tok.pad_token_id)
     after = evaluate.heldout_agreement(models.load_model(str(out))[0], teacher, examples, tok.pad_token_id)
     assert after["kl"] < 0.7 * before["kl"], (before, after)
     assert after["top1"] > before["top1"]
