@@ -231,9 +231,7 @@ class TrainLoop:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.collate = collate or (lambda exs: pad_batch(exs, pad_id))
-        per_epoch = math.ceil(len(examples) / (args.batch_size * acc.num_processes))
-        self.steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
-        self.total_steps = args.max_steps or max(1, math.ceil(self.steps_per_epoch * args.epochs))
+        self.steps_per_epoch, self.total_steps = count_steps(len(examples), args, acc.num_processes)
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -424,6 +422,15 @@ class TrainLoop:
         acc.wait_for_everyone()
         return path
 
+
+
+def count_steps(rows: int, args, processes: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps this run takes): an epoch is every row once, in micro-batches of
+    --batch-size per process (the last one may be short) grouped --grad-accum to a step (the last step may have
+    fewer); --epochs may be fractional (rounded up to a whole step, at least one); --max-steps overrides it."""
+    micro_batches = math.ceil(rows / (args.batch_size * processes))
+    per_epoch = math.ceil(micro_batches / args.grad_accum)
+    return per_epoch, args.max_steps or max(1, math.ceil(per_epoch * args.epochs))
 
 
 def preflight(loop: TrainLoop, check) -> None:

@@ -13,6 +13,7 @@ import generate_data
 import on_policy
 import sequence_level
 import token_level
+import training
 
 TRAIN = ["--data", "d.jsonl", "--output-dir", "out"]
 SCRIPTS = {
@@ -83,6 +84,25 @@ def test_edge_values_are_accepted(script, flags):
     module.parse_args([*required, *flags])
 
 
-def test_max_steps_unset_means_epochs():
-    args = sequence_level.parse_args([*TRAIN, "--epochs", "2"])
-    assert args.max_steps is None and args.epochs == 2.0
+@pytest.mark.parametrize("rows,flags,processes,want", [
+    (16, ["--batch-size", "4"], 1, (4, 4)),                       # 4 micro-batches of 4
+    (17, ["--batch-size", "4"], 1, (5, 5)),                       # the 17th row: a short 5th micro-batch
+    (16, ["--batch-size", "4", "--grad-accum", "3"], 1, (2, 2)),  # 4 micro-batches -> steps of 3 and 1
+    (16, ["--batch-size", "2"], 2, (4, 4)),                       # 2 processes x 2 rows
+    (16, ["--batch-size", "4", "--epochs", "2.5"], 1, (4, 10)),
+    (16, ["--batch-size", "4", "--epochs", "0.1"], 1, (4, 1)),    # a fraction of a step is one step
+    (16, ["--batch-size", "4", "--epochs", "3", "--max-steps", "7"], 1, (4, 7)),  # --max-steps wins
+])
+def test_epochs_become_optimizer_steps(rows, flags, processes, want):
+    args = sequence_level.parse_args([*TRAIN, *flags])
+    assert training.count_steps(rows, args, processes) == want
+
+
+def test_a_run_takes_the_steps_counted(kit, tmp_path):
+    from conftest import read_metrics, write_rows
+
+    data = write_rows(tmp_path / "d.jsonl", 10)
+    out = tmp_path / "run"
+    sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(out),
+                         "--batch-size", "3", "--grad-accum", "2", "--epochs", "1.5", "--lr", "0"])
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3]  # 4 micro-batches, 2 steps an epoch, x 1.5
