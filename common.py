@@ -1112,6 +1112,7 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> N
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+GRAD_BLOCK_CHUNKS = 4  # chunks whose bf16 gradients share one head-gradient matmul (see _fused_head_forward)
 _NATIVE_MIXED_MM: dict = {}  # (device, dtype) -> bool, probed once per process
 
 
@@ -1195,7 +1196,9 @@ def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_
     is rounded to the compute dtype by the operation that forms it, the division by num_tokens is left to
     backward's multiplication by the upstream gradient (grad_divisor = num_tokens), 1/T is folded into the
     teacher's matmul, and the log-probabilities are clamped only when an operand is not finite. No host sync
-    inside the loop (one before it, for that finiteness check).
+    inside the loop (one before it, for that finiteness check). Natively, GRAD_BLOCK_CHUNKS chunks' bf16
+    gradients are kept and multiplied into the head's float32 gradient at once (contracting a block's rows),
+    because that [V, H] accumulator is read and written whole by every such matmul.
     """
     n, device = student_hidden.shape[0], student_hidden.device
     acc = torch.promote_types(student_hidden.dtype, torch.float32)  # fp32 math for bf16 models, fp64 in tests
@@ -1217,7 +1220,10 @@ def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_
         # place of two passes over [C, V] per chunk. aminmax propagates NaN and allocates nothing head-sized.
         extremes = torch.cat([torch.stack(torch.aminmax(x)) for x in (w, hs, wt, ht) if x is not None and x.numel()])
         clamp = not bool(torch.isfinite(extremes).all())
-        row_bytes = vocab * (n_buffers * acc.itemsize + compute_dtype.itemsize)
+        # Natively, the chunks' rounded gradients are kept for GRAD_BLOCK_CHUNKS chunks and multiplied into the
+        # head's gradient together: its float32 [V, H] is read and written once per block, not once per chunk.
+        block_chunks = GRAD_BLOCK_CHUNKS if native and need_weight else 1
+        row_bytes = vocab * (n_buffers * acc.itemsize + block_chunks * compute_dtype.itemsize)
     else:
         w = student_weight[:vocab]
         row_bytes = vocab * n_buffers * acc.itemsize
@@ -1225,7 +1231,9 @@ def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_
     rows = min(chunk_size, n)
     # Allocated once and reused by every chunk: [rows, vocab] each.
     buffers = [torch.empty(rows, vocab, dtype=acc, device=device) for _ in range(n_buffers)]
-    grad_buffer = torch.empty(rows, vocab, dtype=compute_dtype, device=device) if low else None
+    grad_buffer = (torch.empty(min(block_chunks * chunk_size, n), vocab, dtype=compute_dtype, device=device)
+                   if low else None)  # [block rows, vocab]
+    block_lo = 0  # the first position whose gradient rows grad_buffer holds
     ce_sum = torch.zeros((), dtype=acc, device=device)
     soft_sum = torch.zeros_like(ce_sum)
     # Autocast (--bf16) would rewrite the matmuls below and reject their out= buffers; precision is explicit.
@@ -1256,13 +1264,16 @@ def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_
                     spare.append(teacher_logits)
                 ce, soft, grad_logits = _chunk_loss_and_grad(
                     logits, teacher_logits, targets[lo:hi], alpha, beta, temperature, spare,
-                    grad_out=grad_buffer[:hi - lo], teacher_scaled=True, clamp=clamp)
+                    grad_out=grad_buffer[lo - block_lo:hi - block_lo], teacher_scaled=True, clamp=clamp)
                 if not native and (need_hidden or need_weight):
                     grad_logits = logits.copy_(grad_logits)  # the rounded gradient, widened (logits is free now)
                 if need_hidden:
                     _mixed_mm(grad_hidden[lo:hi], grad_logits, w)
-                if need_weight:
-                    _mixed_mm(grad_weight[:vocab], grad_logits.T, hs[lo:hi], beta=1.0)
+                if hi - block_lo == grad_buffer.shape[0] or hi == n:  # a full block, or the last
+                    if need_weight:
+                        block = grad_buffer[:hi - block_lo] if native else grad_logits
+                        _mixed_mm(grad_weight[:vocab], block.T, hs[block_lo:hi], beta=1.0)
+                    block_lo = hi
             ce_sum += ce
             soft_sum += soft
     del buffers, grad_buffer
@@ -1326,18 +1337,20 @@ CHUNK_ROWS_MULTIPLE, CHUNK_ROWS_MIN, CHUNK_ROWS_MAX = 64, 256, 8192
 
 
 def chunk_rows_for_memory(row_bytes: int, free_bytes: int) -> int:
-    """Positions per chunk on a GPU: the most rows whose buffers (`row_bytes` per row, all of a chunk's [rows, V]
-    buffers together) fit in a quarter of `free_bytes` and in `CUDA_CHUNK_BUDGET_BYTES`, rounded down to a
-    multiple of 64 (whole tensor-core tiles in the logits and gradient matmuls) and kept within 256..8192.
+    """Positions per chunk on a GPU: the most rows whose buffers (`row_bytes` per row: all of a chunk's [rows, V]
+    buffers together, a gradient block included) fit in a quarter of `free_bytes` and in
+    `CUDA_CHUNK_BUDGET_BYTES`, rounded down to a multiple of 64 (whole tensor-core tiles in the logits and
+    gradient matmuls) and kept within 256..8192.
 
-    Why larger chunks than on CPU: every chunk's matmuls read the whole [V, H] head, and its head gradient is read
-    and written whole (at 151,936 x 3,584, 4.4 GB of float32 traffic, ~0.9 ms at an H200's ~4.8 TB/s), so fewer
-    chunks pay that fixed cost fewer times; below ~170 rows a bf16 logits matmul takes longer to read the head
-    than to multiply (2 * rows * V * H flops at ~800 TFLOP/s against 2 * V * H bytes), hence at least 256.
+    Why larger chunks than on CPU: every chunk's matmuls read the whole [V, H] head, and every head-gradient
+    matmul reads and writes the float32 [V, H] accumulator whole (at 151,936 x 3,584, 4.4 GB, ~0.9 ms at an
+    H200's ~4.8 TB/s), so fewer chunks pay those fixed costs fewer times; below ~170 rows a bf16 logits matmul
+    takes longer to read the head than to multiply (2 * rows * V * H flops at ~800 TFLOP/s against 2 * V * H
+    bytes), hence at least 256.
     Why bounded: the buffers live only during the loss, but they compete with what backward still needs; a
     quarter of what is free leaves room for the rest of the step, and the cap holds the loss's working set to
-    the size of TRL 1.16's chunked loss's, so that the two are timed at equal memory. 8192 rows bounds small
-    vocabularies (under ~10,000 tokens) to a few micro-batches' positions.
+    the size of TRL 1.16's chunked loss's, so that the two are timed at equal memory. 8192 rows bounds the
+    chunk at small vocabularies.
     """
     budget = min(max(free_bytes, 0) // 4, CUDA_CHUNK_BUDGET_BYTES)
     rows = budget // max(row_bytes, 1) // CHUNK_ROWS_MULTIPLE * CHUNK_ROWS_MULTIPLE

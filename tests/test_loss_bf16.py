@@ -56,9 +56,10 @@ def reference(case, alpha, beta, temperature, num_tokens, rounded_to=None):
     return loss.item(), hidden.grad, weight.grad, student_logits.grad
 
 
-def fused(case, alpha, beta, temperature, num_tokens, *, chunk_size=7, hidden_dtype=torch.float32, **kwargs):
+def fused(case, alpha, beta, temperature, num_tokens, *, chunk_size=7, hidden_dtype=torch.float32, frozen=False,
+          **kwargs):
     hidden = case["student_hidden"].to(hidden_dtype, copy=True).requires_grad_()
-    weight = case["student_weight"].clone().requires_grad_()  # the float32 master head
+    weight = case["student_weight"].clone().requires_grad_(not frozen)  # the float32 master head (or a frozen one)
     loss, ce_sum, soft_sum = common.fused_head_loss(
         hidden, weight, case["targets"], num_tokens, teacher_hidden=case["teacher_hidden"],
         teacher_weight=case["teacher_weight"], alpha=alpha, beta=beta, temperature=temperature,
@@ -129,10 +130,11 @@ def test_autocast_and_bf16_hidden_states_select_the_bf16_path():
 
 def test_bf16_matmuls_get_bf16_operands_and_float32_outputs(monkeypatch):
     """The CUDA form (torch.addmm with out_dtype=float32), run on CPU through a stand-in that records what reaches
-    each matmul and multiplies the same values in float32: all four matmuls of every chunk get bf16 operands and
-    write float32, and the results equal the CPU path's."""
+    each matmul and multiplies the same values in float32: all four matmuls get bf16 operands and write float32,
+    the head's gradient takes GRAD_BLOCK_CHUNKS chunks at a time, and the results equal the CPU path's."""
     case, _, rounded = discriminating_case()
-    cpu_path = fused(case, 0.5, 0.0, 1.0, 16, chunk_size=5, compute_dtype=BF16)
+    n, chunk = len(case["targets"]), 3
+    cpu_path = fused(case, 0.5, 0.0, 1.0, n, chunk_size=chunk, compute_dtype=BF16)
 
     calls = []
     addmm = torch.addmm
@@ -146,19 +148,34 @@ def test_bf16_matmuls_get_bf16_operands_and_float32_outputs(monkeypatch):
 
     monkeypatch.setattr(common, "_native_mixed_matmul", lambda device, dtype: True)
     monkeypatch.setattr(torch, "addmm", recording_addmm)
-    native = fused(case, 0.5, 0.0, 1.0, 16, chunk_size=5, compute_dtype=BF16)
+    native = fused(case, 0.5, 0.0, 1.0, n, chunk_size=chunk, compute_dtype=BF16)
     monkeypatch.undo()
 
-    chunks, vocab = 4, case["vocab"]  # 16 positions in chunks of 5
-    assert len(calls) == 4 * chunks
+    chunks = range(0, n, chunk)
+    block = common.GRAD_BLOCK_CHUNKS * chunk
+    block_rows = [min(block, n - lo) for lo in range(0, n, block)]
+    assert len(block_rows) < len(chunks)
+    assert len(calls) == 3 * len(chunks) + len(block_rows)
     assert all(c[2:] == (BF16, BF16, torch.float32, torch.float32) for c in calls)
-    hidden, teacher_hidden = case["student_hidden"].shape[1], case["teacher_hidden"].shape[1]
-    # (contracted size, output columns): logits, teacher logits, d/dhidden, d/dweight (contracting a chunk's rows)
-    assert {(c[0][1], c[1][1]) for c in calls} == {(hidden, vocab), (teacher_hidden, vocab), (vocab, hidden),
-                                                   (5, hidden), (1, hidden)}
+    vocab, hidden, teacher_hidden = case["vocab"], case["student_hidden"].shape[1], case["teacher_hidden"].shape[1]
+    # (contracted size, output columns): logits, teacher logits, d/dhidden, d/dweight (contracting a block's rows)
+    assert {(c[0][1], c[1][1]) for c in calls} == {(hidden, vocab), (teacher_hidden, vocab), (vocab, hidden)} | {
+        (rows, hidden) for rows in block_rows}
     assert native[0] == pytest.approx(cpu_path[0], rel=1e-6) and native[0] == pytest.approx(rounded, rel=1e-6)
     torch.testing.assert_close(native[1], cpu_path[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(native[2], cpu_path[2], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_path_with_a_frozen_head():
+    """A frozen head (LoRA): only the hidden states' gradient, still right chunk after chunk."""
+    case = make_case(seed=6)
+    loss, grad_hidden, grad_weight = fused(case, 0.3, 0.5, 2.0, 23, chunk_size=5, frozen=True, compute_dtype=BF16)
+    assert grad_weight is None
+    want_loss, want_hidden, _, G = reference(case, 0.3, 0.5, 2.0, 23, rounded_to=BF16)
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    w = case["student_weight"][:case["vocab"]].to(BF16).double()
+    bound = UNIT_ROUNDOFF[BF16] * (G.abs() @ w.abs()) + 1e-6 * want_hidden.abs().max()
+    assert ((grad_hidden.double() - want_hidden).abs() <= bound).all()
 
 
 def test_bf16_path_without_gradients_gives_the_same_values():
