@@ -68,11 +68,12 @@ def fused(case, alpha, beta, temperature, num_tokens, *, chunk_size=7, hidden_dt
     return loss.item(), hidden.grad, weight.grad
 
 
-def assert_matches_rounded(got, case, alpha, beta, temperature, num_tokens, dtype):
+def assert_matches_rounded(got, case, alpha, beta, temperature, num_tokens, dtype, loss_rel=1e-6):
     loss, grad_hidden, grad_weight = got
+    grad_hidden, grad_weight = grad_hidden.cpu(), grad_weight.cpu()
     want_loss, want_hidden, want_weight, G = reference(case, alpha, beta, temperature, num_tokens, rounded_to=dtype)
     vocab, u = case["vocab"], UNIT_ROUNDOFF[dtype]
-    assert loss == pytest.approx(want_loss, rel=1e-6)
+    assert loss == pytest.approx(want_loss, rel=loss_rel)
     w = case["student_weight"][:vocab].to(dtype).double()
     h = case["student_hidden"].to(dtype).double()
     bound_hidden = u * (G.abs() @ w.abs()) + 1e-6 * want_hidden.abs().max()
@@ -103,6 +104,19 @@ def test_fp16_path_matches_the_formula(alpha, beta):
     case = make_case(seed=2)
     got = fused(case, alpha, beta, 2.0, 23, compute_dtype=FP16)
     assert_matches_rounded(got, case, alpha, beta, 2.0, 23, FP16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the native bf16 matmuls need CUDA")
+@pytest.mark.parametrize("alpha,beta,temperature", [(0.0, 0.0, 1.0), (0.5, 0.5, 2.0), (1.0, 0.0, 1.0), (0.1, 1.0, 2.0)])
+def test_cuda_takes_the_native_matmuls_and_matches_the_formula(alpha, beta, temperature):
+    """On a GPU (torch >= 2.8): the probe accepts torch.addmm(..., out_dtype=float32), and the path built on it
+    meets the same float64 references as the CPU path (the loss within 1e-5: cuBLAS may split its sums)."""
+    device = torch.device("cuda")
+    assert common._native_mixed_matmul(device, BF16)
+    case = make_case(seed=7, n=50)
+    on_gpu = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    got = fused(on_gpu, alpha, beta, temperature, 60, chunk_size=16, compute_dtype=BF16)
+    assert_matches_rounded(got, case, alpha, beta, temperature, 60, BF16, loss_rel=1e-5)
 
 
 def discriminating_case():
