@@ -427,7 +427,8 @@ def time_steps(args, student, teacher, batch: dict, vocab: int, steps: int = 3) 
                                             targets.shape[0], teacher_hidden=teacher_hidden.clone(),
                                             teacher_weight=teacher_head, alpha=args.alpha,
                                             beta=common.divergence_beta(args), temperature=args.temperature,
-                                            chunk_size=args.chunk_size, vocab=vocab)
+                                            chunk_size=args.chunk_size, vocab=vocab,
+                                            compute_dtype=torch.bfloat16 if args.bf16 else None)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -192,7 +192,7 @@ def main(argv=None):
             loss, ce_sum, div_sum = common.fused_head_loss(
                 student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
                 teacher_weight=teacher_head.weight, alpha=0.0, beta=beta, temperature=args.temperature,
-                chunk_size=args.chunk_size, vocab=vocab)
+                chunk_size=args.chunk_size, vocab=vocab, compute_dtype=torch.bfloat16 if args.bf16 else None)
         if not held_out:
             return loss, {"div": div_sum / num_tokens}
         stats = checks.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 import checks
 import common
 import models
@@ -52,8 +54,9 @@ def main(argv=None):
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        loss, ce_sum, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens,
-                                                 alpha=1.0, chunk_size=args.chunk_size)
+        loss, ce_sum, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens, alpha=1.0,
+                                                 chunk_size=args.chunk_size,
+                                                 compute_dtype=torch.bfloat16 if args.bf16 else None)
         return loss, {"ce": ce_sum / num_tokens} if held_out else {}
 
     for micro_batches, num_tokens in loop:

@@ -136,7 +136,7 @@ def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torc
         loss, ce_sum, div_sum = common.fused_head_loss(
             student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
             teacher_weight=teacher_weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
-            chunk_size=args.chunk_size, vocab=vocab)
+            chunk_size=args.chunk_size, vocab=vocab, compute_dtype=torch.bfloat16 if args.bf16 else None)
         stats = {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
         if held_out:  # eval_kl: plain KL(teacher || student) at T=1, whatever this run's divergence
             stats["kl"] = checks.agreement(student_hidden, head.weight, teacher_hidden, teacher_weight,

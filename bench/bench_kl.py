@@ -2,7 +2,7 @@
 
     python bench/bench_kl.py                       # B=4, T=512, V=151,936, H=896, fp32 on CPU (bf16 on a GPU)
     python bench/bench_kl.py --reps 1 --tokens 256 # a quicker look
-    python bench/bench_kl.py --batch 8 --tokens 1024 --variants acde   # on a GPU (what bench/gpu_check.sh runs)
+    python bench/bench_kl.py --batch 8 --tokens 1024 --variants acde --dtype bfloat16  # on a GPU (gpu_check.sh)
 
 Five ways of computing the same number (forward KL at T=1, every position a completion token), each in a fresh
 process so that peak memory is its own:
@@ -14,6 +14,16 @@ process so that peak memory is its own:
       Triton kernels, so CUDA only
 trl and liger-kernel are bench/test-only dependencies: without them (a), (d) and (e) are skipped with a note.
 --device and --dtype default to what a run would use: bf16 on a GPU, float32 on CPU.
+
+In bf16 (--dtype bfloat16) every variant gets bf16 hidden states and teacher head, and the student's head as a
+float32 master weight that requires grad, as in a --bf16 run (AdamW keeps float32 weights, --bf16 is autocast);
+each step runs under bf16 autocast, from which TRL's chunked loss and the materialized variants compute in bf16
+and common.fused_head_loss takes its bf16 path (the training scripts pass compute_dtype=bfloat16 instead: a
+Qwen2 forward under autocast hands the loss float32 hidden states, its final norm's weight being float32, and
+the loss rounds them to bf16 all the same). --student-head same: the student's head in bf16 too and no autocast
+(the first GPU measurement, 0372f06).
+The summary prints (c)'s memory and time over each other variant's, measured in this one run, against issue 25's
+targets for (c)/(d): time <= 1.0 and extra memory <= 0.5.
 
 Peak memory is reported *above the inputs* (hidden states, both heads): on CPU the growth of the process's peak
 RSS (ru_maxrss) over its RSS once the inputs exist; on a GPU torch.cuda.max_memory_allocated over the allocated
@@ -46,6 +56,7 @@ VARIANTS = {
 # The package each variant needs beyond torch and common.py (checked without importing it: trl takes seconds).
 NEEDS = {"a": "trl", "d": "trl", "e": "liger_kernel"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TARGETS = {"time": 1.0, "memory": 0.5}  # issue 25: (c) over (d), TRL's chunked loss, on a GPU
 
 
 def rss_bytes() -> int:
@@ -55,6 +66,11 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def master_head(args, dtype) -> bool:
+    """Whether the student's head is a float32 master weight under autocast (a --bf16 run), not in `dtype`."""
+    return args.student_head == "float32" and dtype != torch.float32
 
 
 def make_inputs(args, device, dtype):
@@ -69,7 +85,10 @@ def make_inputs(args, device, dtype):
     student_hidden = randn(n, args.hidden).requires_grad_()
     teacher_hidden = randn(n, args.hidden)
     # Scaled like a trained head so the softmaxes are not flat.
-    student_weight = randn(args.vocab, args.hidden, scale=0.05).requires_grad_()
+    student_weight = randn(args.vocab, args.hidden, scale=0.05)
+    if master_head(args, dtype):  # the values a bf16 head would hold, kept in float32
+        student_weight = student_weight.float()
+    student_weight.requires_grad_()
     teacher_weight = randn(args.vocab, args.hidden, scale=0.05)
     return student_hidden, student_weight, teacher_hidden, teacher_weight
 
@@ -126,9 +145,20 @@ def seconds(t: float) -> str:
 
 def run_one(args) -> dict:
     """Measure one variant in this process (called in a subprocess by main)."""
+    import common
+
     device, dtype = resolve(args)
     on_gpu = device == "cuda"
     inputs = make_inputs(args, device, dtype)
+    autocast = torch.autocast(device, dtype=dtype, enabled=master_head(args, dtype))
+    chunks = []  # the rows (c) chose with --chunk-size 0 (it uses at most the positions there are)
+    auto_chunk_size = common.auto_chunk_size
+
+    def recorded_chunk_size(*a, **kw):
+        chunks.append(auto_chunk_size(*a, **kw))
+        return chunks[-1]
+
+    common.auto_chunk_size = recorded_chunk_size
     if on_gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -140,14 +170,16 @@ def run_one(args) -> dict:
         if on_gpu:  # kernels queued before the clock starts are not this run's
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step(args.variant, args, *inputs)
+        with autocast:
+            loss = step(args.variant, args, *inputs)
         if on_gpu:
             torch.cuda.synchronize()
         if i > 0:  # the first run is a warm-up
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes()
     return {"variant": args.variant, "extra_gb": (peak - base) / 1e9, "median_s": statistics.median(times),
-            "loss": loss, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "dtype": str(dtype)}
+            "loss": loss, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "dtype": str(dtype),
+            "chunk": min(args.chunk_size or (chunks[-1] if chunks else 0), args.batch * args.tokens)}
 
 
 def main():
@@ -163,6 +195,9 @@ def main():
                         help="where to run; auto = cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="dtype of hidden states and heads; auto = bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--student-head", default="float32", choices=["float32", "same"],
+                        help="the student's head weight: float32 = a float32 master under autocast in --dtype, as "
+                             "a --bf16 run has (default); same = in --dtype, no autocast")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     if args.variant:
@@ -189,12 +224,16 @@ def main():
             continue
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[variant]
+        chunk = f"  ({r['chunk']}-row chunks)" if variant == "c" and r.get("chunk") else ""
         print(f"({variant}) {VARIANTS[variant]:42s} +{r['extra_gb']:6.2f} GB  {seconds(r['median_s']):>9s}  "
-              f"loss {r['loss']:.6f}", flush=True)
+              f"loss {r['loss']:.6f}{chunk}", flush=True)
 
     device = next(iter(results.values()))["device"] if results else "?"
-    print(f"\nB={args.batch} T={args.tokens} V={args.vocab} H={args.hidden}, {device}, "
-          f"{next(iter(results.values()))['dtype'] if results else ''}, median of {args.reps}")
+    dtype = next(iter(results.values()))["dtype"] if results else ""
+    head = ("student head float32 master, bf16 autocast" if master_head(args, resolve(args)[1])
+            else "student head in the same dtype")
+    print(f"\nB={args.batch} T={args.tokens} V={args.vocab} H={args.hidden}, {device}, {dtype}, {head}, "
+          f"median of {args.reps}")
     print("| variant | extra memory | time | memory vs (c) | time vs (c) |\n|---|---|---|---|---|")
     for v, r in results.items():
         c = results.get("c")
@@ -208,6 +247,13 @@ def main():
                 a = results[anchor]
                 print(f"(c)/({anchor}): memory {c['extra_gb'] / a['extra_gb']:.3f}, "
                       f"time {c['median_s'] / a['median_s']:.3f}")
+        if "d" in results:
+            ratios = {"time": c["median_s"] / results["d"]["median_s"],
+                      "memory": c["extra_gb"] / results["d"]["extra_gb"]}
+            verdicts = [f"{k} {ratios[k]:.2f} {'<=' if ratios[k] <= TARGETS[k] else '>'} {TARGETS[k]:.1f} "
+                        f"({'met' if ratios[k] <= TARGETS[k] else 'not met'})" for k in TARGETS]
+            note = "" if device != "cpu" else "; CPU figures, the targets are for a GPU"
+            print(f"issue 25 targets, (c)/(d): {', '.join(verdicts)}{note}")
 
 
 if __name__ == "__main__":
