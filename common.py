@@ -7,7 +7,7 @@ Everything the four training scripts would otherwise repeat lives here, in the o
                              `teacher_hidden_states`, `load_teacher`
 3. data                    - `read_jsonl`, `load_prompt_dataset`, `load_distill_rows`
 4. chat templates, masks   - `render_chat`, `encode_chat`, `end_of_turn_ids`, `pad_batch`, `shift_for_next_token`
-5. losses (pure functions) - `masked_ce`, `generalized_jsd_per_position`, `masked_kl`, `masked_jsd`,
+5. losses (pure functions) - `generalized_jsd_per_position`,
                              `fused_head_loss` (the teacher cache's losses live in cache_teacher.py)
 6. teacher/student checks  - `check_finite_logits`, `agreement`, `preflight`, `shared_vocab_size`,
                              `warn_template_mismatch`; each as a `Check` record (OK/WARN/FAIL) that doctor.py prints
@@ -744,25 +744,10 @@ def shift_for_next_token(hidden: torch.Tensor, batch: dict) -> tuple[torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 # 5. losses
 #
-# Reference implementations take logits and are what the tests and the readers check the formulas against; their
-# names say what they return: `generalized_jsd_per_position` one value per position, `masked_ce`, `masked_kl` and
-# `masked_jsd` a masked sum / num_tokens. Training uses `fused_head_loss`, which computes the same numbers from
-# hidden states chunk by chunk so that [tokens, vocab] logits never exist for a whole batch.
-
-
-def _normalize(total: torch.Tensor, mask: torch.Tensor, num_tokens) -> torch.Tensor:
-    return total / (mask.sum() if num_tokens is None else num_tokens)
-
-
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
-    """Cross-entropy on masked positions: sum_i mask_i * -log softmax(logits_i)[targets_i] / num_tokens.
-
-    logits [..., V], targets [...], mask [...] (0/1). `num_tokens` defaults to mask.sum(); pass the global count
-    of masked tokens in the optimizer step to make gradient accumulation exact.
-    """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    nll = F.cross_entropy(logits.flatten(0, -2).to(dtype), targets.flatten(), reduction="none")
-    return _normalize(torch.where(mask.flatten().bool(), nll, 0.0).sum(), mask, num_tokens)
+# `generalized_jsd_per_position` is the divergence on logits, one value per position (what the checks and the
+# figures read). Training uses `fused_head_loss`, which computes the same numbers from hidden states chunk by chunk
+# so that [tokens, vocab] logits never exist for a whole batch; tests/reference.py holds the materialized
+# references it is checked against.
 
 
 def generalized_jsd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
@@ -796,26 +781,6 @@ def generalized_jsd_per_position(student_logits: torch.Tensor, teacher_logits: t
         m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
         d = beta * kl_div(t, m) + (1 - beta) * kl_div(s, m)
     return d * temperature**2
-
-
-def masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
-              direction: str = "forward", temperature: float = 1.0, num_tokens=None) -> torch.Tensor:
-    """Masked mean KL at temperature T, T^2-scaled (Hinton et al., 2015).
-
-    forward: T^2 * sum_i mask_i * KL(p_i || q_i) / num_tokens   (KL(teacher || student), mode covering)
-    reverse: T^2 * sum_i mask_i * KL(q_i || p_i) / num_tokens   (KL(student || teacher), mode seeking; MiniLLM)
-    p = softmax(teacher_logits / T), q = softmax(student_logits / T). Shapes: logits [..., V], mask [...].
-    """
-    beta = {"forward": 0.0, "reverse": 1.0}[direction]
-    return masked_jsd(student_logits, teacher_logits, mask, beta=beta, temperature=temperature, num_tokens=num_tokens)
-
-
-def masked_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float,
-               temperature: float = 1.0, num_tokens=None) -> torch.Tensor:
-    """Masked mean of `generalized_jsd_per_position` over positions: sum_i mask_i * D_beta(i) / num_tokens."""
-    d = generalized_jsd_per_position(student_logits, teacher_logits, beta, temperature)
-    # where, not multiply: a masked position holding inf/nan (e.g. padding) must not turn the sum into nan.
-    return _normalize(torch.where(mask.bool(), d, 0.0).sum(), mask, num_tokens)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1197,10 +1162,10 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
                     compute_dtype: torch.dtype | None = None):
     """alpha * CE + (1 - alpha) * T^2 * D_beta(teacher, student), summed over positions / num_tokens.
 
-    Same value and gradients as `alpha * masked_ce(...) + (1 - alpha) * masked_jsd(...)` on materialized logits,
-    but computed from hidden states in chunks of `chunk_size` positions (0 = `auto_chunk_size`, sized from the
-    free memory on a GPU), so peak extra memory is a few [chunk_size, vocab] buffers plus one head-sized gradient
-    instead of several [N, vocab] copies.
+    Same value and gradients as alpha * CE + (1 - alpha) * T^2 * D_beta on materialized [N, V] logits
+    (tests/reference.py), but computed from hidden states in chunks of `chunk_size` positions (0 =
+    `auto_chunk_size`, sized from the free memory on a GPU), so peak extra memory is a few [chunk_size, vocab]
+    buffers plus one head-sized gradient instead of several [N, vocab] copies.
 
     Precision (`head_compute_dtype`): in bf16/fp16 - `compute_dtype` given (the scripts pass bfloat16 under
     --bf16), autocast on, or bf16/fp16 hidden states or head - the four head matmuls of a chunk take operands

@@ -7,7 +7,7 @@
 Five ways of computing the same number (forward KL at T=1, every position a completion token), each in a fresh
 process so that peak memory is its own:
   (a) materialized logits + TRL's GKDTrainer.generalized_jsd_loss
-  (b) materialized logits + our reference `common.masked_kl`
+  (b) materialized logits + our per-position divergence `common.generalized_jsd_per_position`
   (c) our fused chunked path `common.fused_head_loss` (gradients computed in the forward pass)
   (d) TRL 1.16's chunked divergence `trl.trainer.distillation_trainer._chunked_divergence_loss`
   (e) Liger-Kernel's fused linear JSD `liger_kernel.transformers.LigerFusedLinearJSD` (jsd_beta=0: forward KL);
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = {
     "a": "materialized + TRL generalized_jsd_loss",
-    "b": "materialized + common.masked_kl",
+    "b": "materialized + common.generalized_jsd_per_position",
     "c": "fused chunked (common.fused_head_loss)",
     "d": "TRL 1.16 _chunked_divergence_loss",
     "e": "Liger LigerFusedLinearJSD",
@@ -110,7 +110,8 @@ def step(variant, args, student_hidden, student_weight, teacher_hidden, teacher_
             loss = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=mask.long(), beta=0.0,
                                                    temperature=1.0)
         else:
-            loss = common.masked_kl(student_logits, teacher_logits, mask, direction="forward", temperature=1.0)
+            per_position = common.generalized_jsd_per_position(student_logits, teacher_logits, 0.0)  # forward KL, T=1
+            loss = torch.where(mask.bool(), per_position, 0.0).sum() / mask.sum()
     elif variant == "c":
         targets = torch.zeros(n, dtype=torch.long, device=student_hidden.device)
         loss, _, _ = common.fused_head_loss(student_hidden, student_weight, targets, n, teacher_hidden=teacher_hidden,

@@ -10,6 +10,7 @@ import re
 import shutil
 
 import pytest
+import reference
 import torch
 
 import cache_teacher
@@ -101,7 +102,7 @@ def test_reference_loss_is_the_formula():
     logits, teacher_logits = hidden @ weight[:10].T, teacher_hidden @ weight[:10].T
     ones = torch.ones(7)
     for beta in (0.0, 1.0, 0.3):
-        want = 0.2 * common.masked_ce(logits, targets, ones) + 0.8 * common.masked_jsd(
+        want = 0.2 * reference.masked_ce(logits, targets, ones) + 0.8 * reference.masked_jsd(
             logits, teacher_logits, ones, beta=beta, temperature=1.5)
         got = doctor.reference_loss(hidden, weight, teacher_hidden @ weight.T, targets, vocab=10, alpha=0.2,
                                     beta=beta, temperature=1.5)

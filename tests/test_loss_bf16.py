@@ -1,7 +1,8 @@
 """The low-precision path of common.fused_head_loss (--bf16): head matmuls on bf16/fp16 operands with float32
 products and sums, softmax and divergence in float32. Checked against the float64 formula on materialized logits.
 
-Two references, both float64 autograd through `masked_ce` / `masked_jsd` on the whole [N, V] logits:
+Two references, both float64 autograd through tests/reference.py's `masked_ce` / `masked_jsd` on the whole
+[N, V] logits:
   rounded:   the same formula on the operands rounded to the compute dtype (what the path computes, up to
              float32 arithmetic): the loss within 1e-6 relative; each gradient entry within
              u * (|G| @ |W|) (resp. |G|^T @ |H|) + 1e-6 of the largest, G = dloss/dlogits, u the compute dtype's unit
@@ -14,6 +15,7 @@ Two references, both float64 autograd through `masked_ce` / `masked_jsd` on the 
 from __future__ import annotations
 
 import pytest
+import reference as ref_losses
 import torch
 
 import common
@@ -48,9 +50,9 @@ def reference(case, alpha, beta, temperature, num_tokens, rounded_to=None):
     student_logits.retain_grad()
     teacher_logits = prepared(case["teacher_hidden"]) @ prepared(case["teacher_weight"])[:vocab].T
     ones = torch.ones(len(case["targets"]), dtype=torch.float64)
-    loss = alpha * common.masked_ce(student_logits, case["targets"], ones, num_tokens)
+    loss = alpha * ref_losses.masked_ce(student_logits, case["targets"], ones, num_tokens)
     if alpha < 1:
-        loss = loss + (1 - alpha) * common.masked_jsd(student_logits, teacher_logits, ones, beta=beta,
+        loss = loss + (1 - alpha) * ref_losses.masked_jsd(student_logits, teacher_logits, ones, beta=beta,
                                                       temperature=temperature, num_tokens=num_tokens)
     loss.backward()
     return loss.item(), hidden.grad, weight.grad, student_logits.grad

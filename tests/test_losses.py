@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference
 import torch
 
 import common
@@ -60,47 +61,49 @@ def make_case(batch=3, length=5, vocab=11, seed=0):
     return student, teacher, mask
 
 
+def masked_mean(per_position, mask, num_tokens=None):
+    return torch.where(mask.bool(), per_position, 0.0).sum() / (num_tokens or mask.sum())
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
-@pytest.mark.parametrize("direction,beta", [("forward", 0.0), ("reverse", 1.0)])
-def test_kl_matches_reference(direction, beta, temperature):
-    student, teacher, mask = make_case()
-    got = common.masked_kl(student, teacher, mask, direction=direction, temperature=temperature)
-    want = ref_masked_mean(student, teacher, mask, beta, temperature)
-    assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
-
-
-def test_forward_and_reverse_differ_and_temperature_matters():
-    student, teacher, mask = make_case(seed=1)
-    fwd = common.masked_kl(student, teacher, mask, direction="forward", temperature=1.0)
-    rev = common.masked_kl(student, teacher, mask, direction="reverse", temperature=1.0)
-    assert abs(fwd - rev) > 1e-3
-    t2 = common.masked_kl(student, teacher, mask, direction="forward", temperature=2.0)
-    assert t2.item() == pytest.approx(ref_masked_mean(student, teacher, mask, 0.0, 2.0), rel=1e-10)
-    assert abs(t2 - fwd) > 1e-3
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_generalized_jsd_matches_reference(beta, temperature):
+def test_generalized_jsd_per_position_matches_reference(beta, temperature):
+    """The production divergence on logits (checks, figures, doctor) against the python formula, position by
+    position, with garbage at masked positions."""
     student, teacher, mask = make_case(seed=2)
-    got = common.masked_jsd(student, teacher, mask, beta=beta, temperature=temperature, num_tokens=17)
+    got = common.generalized_jsd_per_position(student, teacher, beta, temperature)
     want = ref_masked_mean(student, teacher, mask, beta, temperature, num_tokens=17)
-    assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert masked_mean(got, mask, 17).item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
-def test_jsd_endpoints_are_the_two_kls():
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_torch_reference_matches_python_reference(beta, temperature):
+    """tests/reference.py, which the fused losses are checked against, is itself the formula."""
     student, teacher, mask = make_case(seed=3)
-    fwd = common.masked_kl(student, teacher, mask, direction="forward", temperature=2.0)
-    rev = common.masked_kl(student, teacher, mask, direction="reverse", temperature=2.0)
-    assert common.masked_jsd(student, teacher, mask, beta=0.0, temperature=2.0).item() == pytest.approx(fwd.item())
-    assert common.masked_jsd(student, teacher, mask, beta=1.0, temperature=2.0).item() == pytest.approx(rev.item())
+    got = reference.masked_jsd(student, teacher, mask, beta=beta, temperature=temperature)
+    assert got.item() == pytest.approx(ref_masked_mean(student, teacher, mask, beta, temperature), rel=1e-10)
+
+
+def test_the_two_kls_match_torch_kl_div():
+    """An independent implementation of both directions: torch's kl_div (forward KL(p || q) = kl_div(log q, p))."""
+    student, teacher, mask = make_case(seed=4)
+    for temperature in (1.0, 2.0):
+        log_q = torch.log_softmax(student / temperature, -1)
+        log_p = torch.log_softmax(teacher / temperature, -1)
+        forward = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        reverse = torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+        for beta, want in ((0.0, forward), (1.0, reverse)):
+            got = common.generalized_jsd_per_position(student, teacher, beta, temperature)
+            torch.testing.assert_close(got[mask.bool()], temperature**2 * want[mask.bool()], rtol=1e-10, atol=1e-12)
+    assert (forward - reverse)[mask.bool()].abs().max() > 1e-3  # the directions differ on this case
 
 
 def test_divergence_is_zero_for_identical_distributions():
     student, _, mask = make_case(seed=4)
     for beta in (0.0, 0.5, 1.0):
-        same = common.masked_jsd(student, student.clone(), mask, beta=beta, temperature=2.0)
-        assert same.item() == pytest.approx(0, abs=1e-12)
+        same = common.generalized_jsd_per_position(student, student.clone(), beta, 2.0)
+        assert masked_mean(same, mask).item() == pytest.approx(0, abs=1e-12)
 
 
 def test_masked_ce_matches_reference():
@@ -112,8 +115,8 @@ def test_masked_ce_matches_reference():
         if m:
             want += -math.log(softmax64(row, 1.0)[y])
             count += 1
-    assert common.masked_ce(student, targets, mask).item() == pytest.approx(want / count, rel=1e-10)
-    assert common.masked_ce(student, targets, mask, num_tokens=40).item() == pytest.approx(want / 40, rel=1e-10)
+    assert reference.masked_ce(student, targets, mask).item() == pytest.approx(want / count, rel=1e-10)
+    assert reference.masked_ce(student, targets, mask, num_tokens=40).item() == pytest.approx(want / 40, rel=1e-10)
 
 
 def test_matches_trl_generalized_jsd_times_t_squared():
@@ -123,7 +126,7 @@ def test_matches_trl_generalized_jsd_times_t_squared():
     labels = torch.where(mask.bool(), 1, -100)
     for beta in (0.0, 0.5, 1.0):
         theirs = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=2.0)
-        ours = common.masked_jsd(student, teacher, mask, beta=beta, temperature=2.0)
+        ours = masked_mean(common.generalized_jsd_per_position(student, teacher, beta, 2.0), mask)
         assert ours.item() == pytest.approx(4.0 * theirs.item(), rel=1e-9)
 
 
@@ -135,8 +138,8 @@ def materialized(student_hidden, student_weight, targets, teacher_hidden, teache
     student_logits = student_hidden @ student_weight[:vocab].T
     teacher_logits = teacher_hidden @ teacher_weight[:vocab].T
     ones = torch.ones(len(targets), dtype=torch.float64)
-    ce = common.masked_ce(student_logits, targets, ones, num_tokens)
-    soft = common.masked_jsd(student_logits, teacher_logits, ones, beta=beta, temperature=temperature,
+    ce = reference.masked_ce(student_logits, targets, ones, num_tokens)
+    soft = reference.masked_jsd(student_logits, teacher_logits, ones, beta=beta, temperature=temperature,
                       num_tokens=num_tokens)
     return alpha * ce + (1 - alpha) * soft
 
@@ -170,7 +173,7 @@ def test_fused_head_loss_matches_materialized(alpha, beta, temperature):
     torch.testing.assert_close(got[2], student_weight.grad, rtol=1e-9, atol=1e-12)
     assert student_weight.grad[vocab:].abs().max() == 0
     student_logits = (student_hidden @ student_weight[:vocab].T).detach()
-    ce_ref = common.masked_ce(student_logits, targets, torch.ones(n)).item() * n
+    ce_ref = reference.masked_ce(student_logits, targets, torch.ones(n)).item() * n
     assert ce_sum.item() == pytest.approx(ce_ref, rel=1e-10)
     if alpha < 1:
         assert soft_sum.item() == pytest.approx(
@@ -186,7 +189,7 @@ def test_fused_head_loss_frozen_head_and_bf16():
     loss, _, _ = common.fused_head_loss(hidden, weight, targets, 9, chunk_size=4)
     loss.backward()
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad is None
-    ref = common.masked_ce((hidden.float() @ weight.float().T), targets, torch.ones(9))
+    ref = reference.masked_ce((hidden.float() @ weight.float().T), targets, torch.ones(9))
     assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
 
 
@@ -203,7 +206,7 @@ def test_fused_head_loss_with_impossible_teacher_tokens(beta):
     targets = torch.zeros(5, dtype=torch.long)
     loss, _, _ = common.fused_head_loss(hidden, weight, targets, 5, teacher_hidden=teacher_hidden,
                                         teacher_weight=teacher_weight, alpha=0.0, beta=beta, chunk_size=2)
-    want = common.masked_jsd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, torch.ones(5), beta=beta)
+    want = reference.masked_jsd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, torch.ones(5), beta=beta)
     if beta == 1.0:  # reverse KL puts student mass where the teacher has none: infinite, as it should be
         assert loss.item() > 1e30 and want.item() == float("inf")
         return
