@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import common
+import losses
 import models
 
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -354,7 +355,7 @@ def teacher_topk(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, k: 
     """
     ids, logprobs, tails = [], [], []
     k = min(k, vocab)
-    chunk_size = chunk_size or common.auto_chunk_size(vocab)
+    chunk_size = chunk_size or losses.auto_chunk_size(vocab)
     for lo in range(0, teacher_hidden.shape[0], chunk_size):
         logits = (teacher_hidden[lo:lo + chunk_size] @ teacher_weight[:vocab].T).float()  # [C, V]
         lse = logits.logsumexp(-1)
@@ -411,9 +412,9 @@ def cached_teacher_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
     topk_ids [N, K], topk_logprobs [N, K], tail_logprob [N]. Each chunk's [C, V] logits are recomputed in backward
     (checkpointing) rather than kept. Returns (loss, ce_sum, kl_sum), the sums detached for logging.
     """
-    student_weight = common.full_weight(student_weight)
+    student_weight = losses.full_weight(student_weight)
     vocab = vocab or student_weight.shape[0]
-    chunk_size = chunk_size or common.auto_chunk_size(vocab)
+    chunk_size = chunk_size or losses.auto_chunk_size(vocab)
     num_tokens = max(float(num_tokens), 1.0)
 
     def piece(hidden, target, ids, logprobs, tail):

@@ -13,7 +13,6 @@ import torch
 
 from common import (
     DistillError,
-    auto_chunk_size,
     check_finite_logits,
     divergence_name,
     encode_chat,
@@ -22,6 +21,7 @@ from common import (
     is_main_process,
     render_chat,
 )
+from losses import auto_chunk_size
 
 
 @torch.no_grad()

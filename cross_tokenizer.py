@@ -58,6 +58,7 @@ from torch.utils.checkpoint import checkpoint
 import cache_teacher
 import checkpoints
 import common
+import losses
 import models
 import training
 
@@ -166,11 +167,11 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, num_tokens, *, t
     """
     if (teacher_probs is None) == (teacher_hidden is None or teacher_weight is None):
         raise ValueError("pass either teacher_hidden and teacher_weight, or teacher_probs")
-    student_weight = common.full_weight(student_weight)[:student_vocab]
+    student_weight = losses.full_weight(student_weight)[:student_vocab]
     if teacher_weight is not None:
         teacher_weight = teacher_weight[:teacher_vocab]
     teacher_rows_count = teacher_weight.shape[0] if teacher_weight is not None else 0
-    chunk = chunk_size or common.auto_chunk_size(max(student_weight.shape[0], teacher_rows_count))
+    chunk = chunk_size or losses.auto_chunk_size(max(student_weight.shape[0], teacher_rows_count))
     teacher_rows = teacher_hidden if teacher_probs is None else teacher_probs
 
     def piece(h, y, th):

@@ -48,6 +48,7 @@ import eval as evaluate  # noqa: E402
 import explain  # noqa: E402
 import generate_data  # noqa: E402
 import generation  # noqa: E402
+import losses  # noqa: E402
 import models  # noqa: E402
 import on_policy  # noqa: E402
 import plot_metrics  # noqa: E402
@@ -231,7 +232,7 @@ def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: in
         for batch in micro_batches:
             hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
             hidden, targets = common.shift_for_next_token(hidden, batch)
-            loss, _, _ = common.fused_head_loss(hidden, head.weight, targets, num_tokens, alpha=1.0)
+            loss, _, _ = losses.fused_head_loss(hidden, head.weight, targets, num_tokens, alpha=1.0)
             loop.backward(loss)
         loop.step(num_tokens)
     loop.finish(tokenizer, skipped=0, total=len(examples))

@@ -46,6 +46,7 @@ import cache_teacher
 import checks
 import common
 import cross_tokenizer
+import losses
 import models
 
 # The fused loss against its float64 reference: relative error allowed, by the student's dtype. float32 differs
@@ -292,13 +293,13 @@ def reference_loss(hidden, weight, teacher_logits, targets, *, vocab: int, alpha
 
 def fused_loss_check(student_hidden, head, teacher_hidden, teacher_head, targets, *, vocab: int, alpha: float,
                      beta: float, temperature: float, chunk_size: int) -> checks.Check:
-    """common.fused_head_loss and its gradients (hidden states, head) against `reference_loss` in float64, on the
+    """losses.fused_head_loss and its gradients (hidden states, head) against `reference_loss` in float64, on the
     batch's first REFERENCE_TOKENS completion tokens. The tolerance follows the student head's dtype."""
     n = min(targets.shape[0], REFERENCE_TOKENS)
     inputs = [student_hidden[:n].detach().clone(), head.detach().clone()]
     teacher_hidden, targets = teacher_hidden[:n].clone(), targets[:n]
     fused = [x.clone().requires_grad_() for x in inputs]
-    loss, _, _ = common.fused_head_loss(*fused, targets, n, teacher_hidden=teacher_hidden,
+    loss, _, _ = losses.fused_head_loss(*fused, targets, n, teacher_hidden=teacher_hidden,
                                         teacher_weight=teacher_head, alpha=alpha, beta=beta,
                                         temperature=temperature, chunk_size=chunk_size, vocab=vocab)
     loss.backward()
@@ -338,7 +339,7 @@ def check_cross_tokenizer(report: Report, args, rows, student, tokenizer, teache
             hidden = models.teacher_hidden_states(model, batch["input_ids"], batch["attention_mask"])
             hidden, _ = common.shift_for_next_token(hidden, batch)
             weight = models.output_head(model).weight[:len(tok)]
-            chunk = args.chunk_size or common.auto_chunk_size(len(tok))
+            chunk = args.chunk_size or losses.auto_chunk_size(len(tok))
             try:
                 for lo in range(0, hidden.shape[0], chunk):
                     common.check_finite_logits(hidden[lo:lo + chunk] @ weight.T, who, "on the first batch")
@@ -365,7 +366,7 @@ def memory_estimate(args, student, teacher, vocab: int) -> checks.Check:
     the SwiGLU MLP's three intermediate tensors; SDPA/flash attention keeps no [T, T] matrix), or one hidden vector
     per layer plus one layer's set with --gradient-checkpointing; the teacher's forward (its output hidden states
     plus one layer's temporaries); the fused loss's [chunk, vocab] float32 buffers and its head-sized float32
-    gradient (common.fused_head_loss).
+    gradient (losses.fused_head_loss).
     """
     tokens = args.batch_size * args.max_length
     s_params = sum(p.numel() for p in student.parameters())
@@ -379,10 +380,10 @@ def memory_estimate(args, student, teacher, vocab: int) -> checks.Check:
     else:
         activations = tokens * s_cfg.num_hidden_layers * per_layer * act_bytes
     teacher_forward = tokens * (2 * t_cfg.hidden_size + 3 * t_cfg.intermediate_size) * t_bytes
-    chunk = min(args.chunk_size or common.auto_chunk_size(vocab), tokens)
+    chunk = min(args.chunk_size or losses.auto_chunk_size(vocab), tokens)
     beta = common.divergence_beta(args)
     # the buffer count fused_head_loss allocates (its private helper: one definition of it)
-    buffers = 1 + (args.alpha < 1) + common._spare_buffers(args.alpha, beta)
+    buffers = 1 + (args.alpha < 1) + losses._spare_buffers(args.alpha, beta)
     head_rows, hidden = models.output_head(student).weight.shape
     parts = {
         "student weights": s_params * s_bytes,
@@ -423,7 +424,7 @@ def time_steps(args, student, teacher, batch: dict, vocab: int, steps: int = 3) 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             hidden = models.student_hidden_states(student, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)
-        loss, _, _ = common.fused_head_loss(student_hidden, models.output_head(student).weight, targets,
+        loss, _, _ = losses.fused_head_loss(student_hidden, models.output_head(student).weight, targets,
                                             targets.shape[0], teacher_hidden=teacher_hidden.clone(),
                                             teacher_weight=teacher_head, alpha=args.alpha,
                                             beta=common.divergence_beta(args), temperature=args.temperature,

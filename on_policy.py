@@ -48,6 +48,7 @@ import checkpoints
 import checks
 import common
 import generation
+import losses
 import models
 import training
 
@@ -189,7 +190,7 @@ def main(argv=None):
         with timer("student"):
             hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
             student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            loss, ce_sum, div_sum = common.fused_head_loss(
+            loss, ce_sum, div_sum = losses.fused_head_loss(
                 student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
                 teacher_weight=teacher_head.weight, alpha=0.0, beta=beta, temperature=args.temperature,
                 chunk_size=args.chunk_size, vocab=vocab, compute_dtype=torch.bfloat16 if args.bf16 else None)

@@ -26,6 +26,7 @@ import torch
 
 import checks
 import common
+import losses
 import models
 import training
 
@@ -54,7 +55,7 @@ def main(argv=None):
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        loss, ce_sum, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens, alpha=1.0,
+        loss, ce_sum, _ = losses.fused_head_loss(student_hidden, head.weight, targets, num_tokens, alpha=1.0,
                                                  chunk_size=args.chunk_size,
                                                  compute_dtype=torch.bfloat16 if args.bf16 else None)
         return loss, {"ce": ce_sum / num_tokens} if held_out else {}

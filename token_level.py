@@ -50,6 +50,7 @@ import cache_teacher
 import checkpoints
 import checks
 import common
+import losses
 import models
 import training
 
@@ -133,7 +134,7 @@ def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torc
         if preflight:
             checks.preflight(student_hidden, head.weight, teacher_hidden, teacher_weight, vocab=vocab,
                              temperature=args.temperature, beta=beta)
-        loss, ce_sum, div_sum = common.fused_head_loss(
+        loss, ce_sum, div_sum = losses.fused_head_loss(
             student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
             teacher_weight=teacher_weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
             chunk_size=args.chunk_size, vocab=vocab, compute_dtype=torch.bfloat16 if args.bf16 else None)

@@ -8,7 +8,7 @@ Five ways of computing the same number (forward KL at T=1, every position a comp
 process so that peak memory is its own:
   (a) materialized logits + TRL's GKDTrainer.generalized_jsd_loss
   (b) materialized logits + our per-position divergence `common.generalized_jsd_per_position`
-  (c) our fused chunked path `common.fused_head_loss` (gradients computed in the forward pass)
+  (c) our fused chunked path `losses.fused_head_loss` (gradients computed in the forward pass)
   (d) TRL 1.16's chunked divergence `trl.trainer.distillation_trainer._chunked_divergence_loss`
   (e) Liger-Kernel's fused linear JSD `liger_kernel.transformers.LigerFusedLinearJSD` (jsd_beta=0: forward KL);
       Triton kernels, so CUDA only
@@ -18,7 +18,7 @@ trl and liger-kernel are bench/test-only dependencies: without them (a), (d) and
 In bf16 (--dtype bfloat16) every variant gets bf16 hidden states and teacher head, and the student's head as a
 float32 master weight that requires grad, as in a --bf16 run (AdamW keeps float32 weights, --bf16 is autocast);
 each step runs under bf16 autocast, from which TRL's chunked loss and the materialized variants compute in bf16
-and common.fused_head_loss takes its bf16 path (the training scripts pass compute_dtype=bfloat16 instead: a
+and losses.fused_head_loss takes its bf16 path (the training scripts pass compute_dtype=bfloat16 instead: a
 Qwen2 forward under autocast hands the loss float32 hidden states, its final norm's weight being float32, and
 the loss rounds them to bf16 all the same). --student-head same: the student's head in bf16 too and no autocast
 (the first GPU measurement, 0372f06).
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 VARIANTS = {
     "a": "materialized + TRL generalized_jsd_loss",
     "b": "materialized + common.generalized_jsd_per_position",
-    "c": "fused chunked (common.fused_head_loss)",
+    "c": "fused chunked (losses.fused_head_loss)",
     "d": "TRL 1.16 _chunked_divergence_loss",
     "e": "Liger LigerFusedLinearJSD",
 }
@@ -96,6 +96,7 @@ def make_inputs(args, device, dtype):
 def step(variant, args, student_hidden, student_weight, teacher_hidden, teacher_weight):
     """One forward + backward; returns the loss (leaves gradients in .grad)."""
     import common
+    import losses
 
     n = student_hidden.shape[0]
     student_hidden.grad = student_weight.grad = None
@@ -114,7 +115,7 @@ def step(variant, args, student_hidden, student_weight, teacher_hidden, teacher_
             loss = torch.where(mask.bool(), per_position, 0.0).sum() / mask.sum()
     elif variant == "c":
         targets = torch.zeros(n, dtype=torch.long, device=student_hidden.device)
-        loss, _, _ = common.fused_head_loss(student_hidden, student_weight, targets, n, teacher_hidden=teacher_hidden,
+        loss, _, _ = losses.fused_head_loss(student_hidden, student_weight, targets, n, teacher_hidden=teacher_hidden,
                                             teacher_weight=teacher_weight, alpha=0.0, beta=0.0, temperature=1.0,
                                             chunk_size=args.chunk_size)
     elif variant == "e":
@@ -146,20 +147,20 @@ def seconds(t: float) -> str:
 
 def run_one(args) -> dict:
     """Measure one variant in this process (called in a subprocess by main)."""
-    import common
+    import losses
 
     device, dtype = resolve(args)
     on_gpu = device == "cuda"
     inputs = make_inputs(args, device, dtype)
     autocast = torch.autocast(device, dtype=dtype, enabled=master_head(args, dtype))
     chunks = []  # the rows (c) chose with --chunk-size 0 (it uses at most the positions there are)
-    auto_chunk_size = common.auto_chunk_size
+    auto_chunk_size = losses.auto_chunk_size
 
     def recorded_chunk_size(*a, **kw):
         chunks.append(auto_chunk_size(*a, **kw))
         return chunks[-1]
 
-    common.auto_chunk_size = recorded_chunk_size
+    losses.auto_chunk_size = recorded_chunk_size
     if on_gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

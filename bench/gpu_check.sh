@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One pass over what has never run on CUDA (issue 18), within 8 minutes on one GPU, every figure into one file:
 #   1. bench/bench_kl.py in bf16 at the Qwen2.5-0.5B head (B=8, T=1024, V=151,936, H=896) and a 7B-like head
-#      (H=3584): (a) materialized + TRL, (c) common.fused_head_loss, (d) TRL chunked, (e) Liger fused linear JSD;
+#      (H=3584): (a) materialized + TRL, (c) losses.fused_head_loss, (d) TRL chunked, (e) Liger fused linear JSD;
 #      peak torch.cuda.max_memory_allocated above the inputs and median time, (c)'s ratios to each;
 #   2. bench/bench_gpu_steps.py: 10 steps of token_level.py and of on_policy.py (main() itself, --bf16) on a
 #      random-init Qwen2.5-0.5B-shaped student and 1.5B-shaped teacher: tokens/s, time split, peak memory;
-#   3. common.generate against model.generate (batch 64, 256 new tokens), and vLLM when it is installed.
+#   3. generation.generate against model.generate (batch 64, 256 new tokens), and vLLM when it is installed.
 #
 #   bash bench/gpu_check.sh                          # on a CUDA machine: writes bench/results_gpu.txt
 #   bash bench/gpu_check.sh --cpu --out /tmp/r.txt   # the same stages at tiny shapes on CPU, in seconds
@@ -181,7 +181,7 @@ stage "build random-init models and data" 45 "$PY" bench/bench_gpu_steps.py buil
 stage "token_level steps" 50 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script token_level "${TRAIN[@]}"
 # 10 x 256 sampled tokens at ~25 ms a token (transformers' eager decode of 24 layers) is most of this one.
 stage "on_policy steps" 130 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script on_policy "${TRAIN[@]}"
-stage "decode: common.generate vs model.generate" 75 "$PY" bench/bench_gpu_steps.py decode --work "$WORK" \
+stage "decode: generation.generate vs model.generate" 75 "$PY" bench/bench_gpu_steps.py decode --work "$WORK" \
     "${DECODE[@]}"
 # vLLM's engine start alone can outlast what is left; it gets the remainder and nothing else waits on it.
 stage "decode: vLLM" "$BUDGET" "$PY" bench/bench_gpu_steps.py vllm --work "$WORK" "${DECODE[@]}"

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+import losses  # noqa: E402
 import models  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def tied_student(path: str):
 
 def fused_loss(student, input_ids, teacher_hidden, teacher_weight, num_tokens):
     hidden = models.student_hidden_states(student, input_ids, torch.ones_like(input_ids))
-    loss, _, _ = common.fused_head_loss(
+    loss, _, _ = losses.fused_head_loss(
         hidden[:, :-1].reshape(-1, hidden.shape[-1]), models.output_head(student).weight,
         input_ids[:, 1:].reshape(-1), num_tokens, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         alpha=0.3, beta=0.5, temperature=2.0, chunk_size=7)

@@ -143,6 +143,7 @@ def test_fsdp2_fused_loss_gradients_match_one_process(kit, tmp_path):
 
 def test_a_sharded_head_weight_is_refused_clearly():
     import common
+    import losses
 
     with pytest.raises(common.DistillError, match="ZeRO-3"):
-        common.full_weight(torch.nn.Parameter(torch.empty(0)))  # DeepSpeed ZeRO-3's placeholder outside forward
+        losses.full_weight(torch.nn.Parameter(torch.empty(0)))  # DeepSpeed ZeRO-3's placeholder outside forward

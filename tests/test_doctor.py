@@ -10,7 +10,6 @@ import re
 import shutil
 
 import pytest
-import reference
 import torch
 
 import cache_teacher
@@ -18,6 +17,7 @@ import checks
 import common
 import doctor
 import models
+import reference
 from conftest import write_rows
 
 

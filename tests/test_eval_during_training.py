@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import common
 import cross_tokenizer
 import generation
+import losses
 import models
 import on_policy
 import sequence_level
@@ -270,9 +271,9 @@ def test_fused_loss_without_gradients_gives_the_same_values():
     targets = torch.randint(0, 50, (37,))
     kwargs = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, alpha=0.2, beta=0.3,
                   temperature=1.7, chunk_size=8)
-    with_grad = common.fused_head_loss(hidden.requires_grad_(), weight.requires_grad_(), targets, 40, **kwargs)
+    with_grad = losses.fused_head_loss(hidden.requires_grad_(), weight.requires_grad_(), targets, 40, **kwargs)
     with torch.no_grad():
-        without = common.fused_head_loss(hidden, weight, targets, 40, **kwargs)
+        without = losses.fused_head_loss(hidden, weight, targets, 40, **kwargs)
     assert not without[0].requires_grad
     for a, b in zip(with_grad, without):
         assert torch.equal(a.detach(), b)

@@ -22,14 +22,14 @@ EXPECTED = {
     "environment": [r"GPU: none \(CPU\)", r"torch \d", r"transformers \d"],
     "KL loss, Qwen2.5-0.5B head: B=2 T=32 V=512 H=64": [
         rf"\(a\) materialized \+ TRL generalized_jsd_loss +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
-        rf"\(c\) fused chunked \(common.fused_head_loss\) +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
+        rf"\(c\) fused chunked \(losses.fused_head_loss\) +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
         rf"\(d\) TRL 1.16 _chunked_divergence_loss +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
         r"\(e\) skipped: ",
         rf"\(c\)/\(a\): memory {NUM}, time {NUM}",
         rf"\(c\)/\(d\): memory {NUM}, time {NUM}",
     ],
     "KL loss, 7B-like head: B=2 T=32 V=512 H=128": [
-        rf"\(c\) fused chunked \(common.fused_head_loss\) +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
+        rf"\(c\) fused chunked \(losses.fused_head_loss\) +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
     ],
     "build random-init models and data": [rf"student: tiny-student-shaped Qwen2, {NUM} M parameters",
                                           rf"tokenizer: 600 tokens .* completions {NUM} tokens"],

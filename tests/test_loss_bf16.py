@@ -1,4 +1,4 @@
-"""The low-precision path of common.fused_head_loss (--bf16): head matmuls on bf16/fp16 operands with float32
+"""The low-precision path of losses.fused_head_loss (--bf16): head matmuls on bf16/fp16 operands with float32
 products and sums, softmax and divergence in float32. Checked against the float64 formula on materialized logits.
 
 Two references, both float64 autograd through tests/reference.py's `masked_ce` / `masked_jsd` on the whole
@@ -15,10 +15,11 @@ Two references, both float64 autograd through tests/reference.py's `masked_ce` /
 from __future__ import annotations
 
 import pytest
-import reference as ref_losses
 import torch
 
 import common
+import losses
+import reference as ref_losses
 
 BF16, FP16 = torch.bfloat16, torch.float16
 UNIT_ROUNDOFF = {BF16: 2.0**-8, FP16: 2.0**-11}
@@ -62,7 +63,7 @@ def fused(case, alpha, beta, temperature, num_tokens, *, chunk_size=7, hidden_dt
           **kwargs):
     hidden = case["student_hidden"].to(hidden_dtype, copy=True).requires_grad_()
     weight = case["student_weight"].clone().requires_grad_(not frozen)  # the float32 master head (or a frozen one)
-    loss, ce_sum, soft_sum = common.fused_head_loss(
+    loss, ce_sum, soft_sum = losses.fused_head_loss(
         hidden, weight, case["targets"], num_tokens, teacher_hidden=case["teacher_hidden"],
         teacher_weight=case["teacher_weight"], alpha=alpha, beta=beta, temperature=temperature,
         chunk_size=chunk_size, vocab=case["vocab"], **kwargs)
@@ -114,7 +115,7 @@ def test_cuda_takes_the_native_matmuls_and_matches_the_formula(alpha, beta, temp
     """On a GPU (torch >= 2.8): the probe accepts torch.addmm(..., out_dtype=float32), and the path built on it
     meets the same float64 references as the CPU path (the loss within 1e-5: cuBLAS may split its sums)."""
     device = torch.device("cuda")
-    assert common._native_mixed_matmul(device, BF16)
+    assert losses._native_mixed_matmul(device, BF16)
     case = make_case(seed=7, n=50)
     on_gpu = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
     got = fused(on_gpu, alpha, beta, temperature, 60, chunk_size=16, compute_dtype=BF16)
@@ -162,13 +163,13 @@ def test_bf16_matmuls_get_bf16_operands_and_float32_outputs(monkeypatch):
         assert input is out
         return addmm(input, mat1.float(), mat2.float(), beta=beta, alpha=alpha, out=out)
 
-    monkeypatch.setattr(common, "_native_mixed_matmul", lambda device, dtype: True)
+    monkeypatch.setattr(losses, "_native_mixed_matmul", lambda device, dtype: True)
     monkeypatch.setattr(torch, "addmm", recording_addmm)
     native = fused(case, 0.5, 0.0, 1.0, n, chunk_size=chunk, compute_dtype=BF16)
     monkeypatch.undo()
 
     chunks = range(0, n, chunk)
-    block = common.GRAD_BLOCK_CHUNKS * chunk
+    block = losses.GRAD_BLOCK_CHUNKS * chunk
     block_rows = [min(block, n - lo) for lo in range(0, n, block)]
     assert len(block_rows) < len(chunks)
     assert len(calls) == 3 * len(chunks) + len(block_rows)
@@ -199,10 +200,10 @@ def test_bf16_path_without_gradients_gives_the_same_values():
     kwargs = dict(teacher_hidden=case["teacher_hidden"], teacher_weight=case["teacher_weight"], alpha=0.3, beta=0.5,
                   temperature=2.0, chunk_size=6, vocab=case["vocab"], compute_dtype=BF16)
     hidden, weight = case["student_hidden"], case["student_weight"]
-    with_grad = common.fused_head_loss(hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
+    with_grad = losses.fused_head_loss(hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
                                        case["targets"], 30, **kwargs)
     with torch.no_grad():
-        without = common.fused_head_loss(hidden, weight, case["targets"], 30, **kwargs)
+        without = losses.fused_head_loss(hidden, weight, case["targets"], 30, **kwargs)
     for a, b in zip(with_grad, without):
         assert torch.equal(a.detach(), b)
 
@@ -223,11 +224,11 @@ def test_chunk_rows_follow_free_memory():
     """The GPU rule, a pure function of the bytes per row and the free memory."""
     vocab = 151936
     row_bytes = vocab * (3 * 4 + 2)  # three float32 buffers and the bf16 gradient, forward KL
-    cap = common.CUDA_CHUNK_BUDGET_BYTES
+    cap = losses.CUDA_CHUNK_BUDGET_BYTES
     previous = 0
     for free_gib in (0.5, 1, 2, 3, 4, 6, 8, 16, 80, 140):
         free = int(free_gib * 2**30)
-        rows = common.chunk_rows_for_memory(row_bytes, free)
+        rows = losses.chunk_rows_for_memory(row_bytes, free)
         assert rows % common.CHUNK_ROWS_MULTIPLE == 0
         assert common.CHUNK_ROWS_MIN <= rows <= common.CHUNK_ROWS_MAX
         assert rows >= previous  # more free memory never means smaller chunks
@@ -235,19 +236,19 @@ def test_chunk_rows_follow_free_memory():
         budget = min(free // 4, cap)
         if rows > common.CHUNK_ROWS_MIN:  # within budget, and the next multiple of 64 would not be
             assert rows * row_bytes <= budget < (rows + common.CHUNK_ROWS_MULTIPLE) * row_bytes
-    assert common.chunk_rows_for_memory(row_bytes, 2**40) == previous  # capped: the same on any large GPU
-    assert common.chunk_rows_for_memory(row_bytes, 0) == common.CHUNK_ROWS_MIN
-    assert common.chunk_rows_for_memory(64, 2**40) == common.CHUNK_ROWS_MAX  # a tiny vocabulary
+    assert losses.chunk_rows_for_memory(row_bytes, 2**40) == previous  # capped: the same on any large GPU
+    assert losses.chunk_rows_for_memory(row_bytes, 0) == common.CHUNK_ROWS_MIN
+    assert losses.chunk_rows_for_memory(64, 2**40) == common.CHUNK_ROWS_MAX  # a tiny vocabulary
     # CPU keeps the fixed rule: one ~128 MB float32 buffer, whatever the memory
-    assert common.auto_chunk_size(vocab) == common.auto_chunk_size(vocab, device="cpu", row_bytes=row_bytes)
-    assert common.auto_chunk_size(vocab) * 4 * vocab <= common.CPU_CHUNK_BUFFER_BYTES
+    assert losses.auto_chunk_size(vocab) == losses.auto_chunk_size(vocab, device="cpu", row_bytes=row_bytes)
+    assert losses.auto_chunk_size(vocab) * 4 * vocab <= losses.CPU_CHUNK_BUFFER_BYTES
 
 
 def test_native_matmul_probe(monkeypatch):
     """The CUDA probe's check, run on CPU: it accepts a float32 result and refuses a missing kernel or a product
     rounded to bf16 on the way."""
     cpu = torch.device("cpu")
-    assert not common._native_mixed_matmul(cpu, BF16)  # never tried off CUDA
+    assert not losses._native_mixed_matmul(cpu, BF16)  # never tried off CUDA
     addmm = torch.addmm
 
     def missing(*args, **kwargs):
@@ -261,19 +262,19 @@ def test_native_matmul_probe(monkeypatch):
 
     for dtype in (BF16, FP16):
         monkeypatch.setattr(torch, "addmm", exact)
-        assert common._mixed_addmm_works(cpu, dtype)
+        assert losses._mixed_addmm_works(cpu, dtype)
         monkeypatch.setattr(torch, "addmm", rounded)
-        assert not common._mixed_addmm_works(cpu, dtype)
+        assert not losses._mixed_addmm_works(cpu, dtype)
         monkeypatch.setattr(torch, "addmm", missing)
-        assert not common._mixed_addmm_works(cpu, dtype)
+        assert not losses._mixed_addmm_works(cpu, dtype)
 
 
 def test_compute_dtype_rule():
     f32, bf = torch.zeros(2, 2), torch.zeros(2, 2, dtype=BF16)
-    assert common.head_compute_dtype(f32, f32) == torch.float32
-    assert common.head_compute_dtype(f32.double(), f32.double()) == torch.float64
-    assert common.head_compute_dtype(bf, f32) == BF16  # bf16 hidden states, float32 master head
-    assert common.head_compute_dtype(f32, bf) == BF16  # a bf16 model
-    assert common.head_compute_dtype(f32, f32, FP16) == FP16
+    assert losses.head_compute_dtype(f32, f32) == torch.float32
+    assert losses.head_compute_dtype(f32.double(), f32.double()) == torch.float64
+    assert losses.head_compute_dtype(bf, f32) == BF16  # bf16 hidden states, float32 master head
+    assert losses.head_compute_dtype(f32, bf) == BF16  # a bf16 model
+    assert losses.head_compute_dtype(f32, f32, FP16) == FP16
     with torch.autocast("cpu", dtype=BF16):
-        assert common.head_compute_dtype(f32, f32) == BF16
+        assert losses.head_compute_dtype(f32, f32) == BF16

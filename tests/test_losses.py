@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import reference
 import torch
 
 import common
+import losses
+import reference
 
 torch.manual_seed(0)
 
@@ -158,7 +159,7 @@ def test_fused_head_loss_matches_materialized(alpha, beta, temperature):
     targets = torch.randint(0, vocab, (n,), generator=g)
     num_tokens = 29  # the global count: larger than this micro-batch
 
-    loss, ce_sum, soft_sum = common.fused_head_loss(
+    loss, ce_sum, soft_sum = losses.fused_head_loss(
         student_hidden, student_weight, targets, num_tokens, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, alpha=alpha, beta=beta, temperature=temperature, chunk_size=4, vocab=vocab)
     (loss * 3.0).backward()  # a non-unit upstream gradient
@@ -186,7 +187,7 @@ def test_fused_head_loss_frozen_head_and_bf16():
     hidden = torch.randn(9, 8, generator=g).bfloat16().requires_grad_()
     weight = torch.randn(20, 8, generator=g).bfloat16()
     targets = torch.randint(0, 20, (9,), generator=g)
-    loss, _, _ = common.fused_head_loss(hidden, weight, targets, 9, chunk_size=4)
+    loss, _, _ = losses.fused_head_loss(hidden, weight, targets, 9, chunk_size=4)
     loss.backward()
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad is None
     ref = reference.masked_ce((hidden.float() @ weight.float().T), targets, torch.ones(9))
@@ -204,7 +205,7 @@ def test_fused_head_loss_with_impossible_teacher_tokens(beta):
     teacher_weight[3] = float("-inf")  # id 3 is impossible for the teacher wherever h has a positive entry
     teacher_hidden = teacher_hidden.abs() + 0.1
     targets = torch.zeros(5, dtype=torch.long)
-    loss, _, _ = common.fused_head_loss(hidden, weight, targets, 5, teacher_hidden=teacher_hidden,
+    loss, _, _ = losses.fused_head_loss(hidden, weight, targets, 5, teacher_hidden=teacher_hidden,
                                         teacher_weight=teacher_weight, alpha=0.0, beta=beta, chunk_size=2)
     want = reference.masked_jsd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, torch.ones(5), beta=beta)
     if beta == 1.0:  # reverse KL puts student mass where the teacher has none: infinite, as it should be

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import generation
+import losses
 import models
 import sequence_level
 from conftest import ROOT, read_metrics, write_rows
@@ -27,7 +28,7 @@ def micro_batch_grads(model, examples, pad_id, split, normalize_globally=True):
         hidden = models.student_hidden_states(model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)
         num_tokens = total if normalize_globally else len(targets) * len(batches)
-        loss, _, _ = common.fused_head_loss(student_hidden, head.weight, targets, num_tokens, chunk_size=16)
+        loss, _, _ = losses.fused_head_loss(student_hidden, head.weight, targets, num_tokens, chunk_size=16)
         loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
