@@ -100,34 +100,38 @@ def replace_locked_file(path: Path, data: bytes) -> None:
     _HELD_LOCKS.setdefault(str(path.resolve()), []).insert(0, fd)
 
 
-def claim_folder(out: Path, flag: str) -> bool:
-    """Make folder `out` if absent and lock it (`lock_output`); returns whether this call made it.
+def claim_folder(out: Path, flag: str) -> Path | None:
+    """Make folder `out` (and its missing parents) if absent and lock it (`lock_output`); returns the topmost folder
+    this call made, or None.
 
     The lock alone decides which run owns the folder: of two runs started at once into one new folder, both may
     find it absent and both try to make it, but only one gets the lock, and the other gets `lock_output`'s
     refusal whatever the timing (making the folder is not the decision: it may already exist, or be made by
     the other run between the check and the mkdir).
     """
+    top = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     try:
         out.mkdir(parents=True)
-        created = True
     except FileExistsError:
-        created = False
+        top = None
     lock_output(out / LOCK_NAME, flag, out)
-    return created
+    return top
 
 
-def unclaim_folder(out: Path, created: bool) -> None:
-    """Release a folder `claim_folder` locked for a run refused at start; one it made is removed again, so that
-    a refused run leaves nothing behind (the lock file is unlinked while still held: no other run can be
-    holding it)."""
-    if created:
+def unclaim_folder(out: Path, created: Path | None) -> None:
+    """Release a folder `claim_folder` locked for a run refused at start; the folders it made (`created`: the
+    topmost) are removed again, so that a refused run leaves nothing behind. The lock file is unlinked while still
+    held: no other run can be holding it."""
+    if created is not None:
         with contextlib.suppress(OSError):
             (out / LOCK_NAME).unlink()
     unlock_output(out / LOCK_NAME)
-    if created:
-        with contextlib.suppress(OSError):  # not empty: another run has claimed it meanwhile
-            out.rmdir()
+    if created is not None:
+        for folder in [out, *out.parents][:len(out.parts) - len(created.parts) + 1]:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: another run has claimed it, or made something beside it, meanwhile
+                break
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -387,9 +391,13 @@ class StopSignals:
         self.listen, self.announce = listen, announce  # the main process says so, once
         self._previous: dict = {}
 
-    def install(self) -> None:
+    def __enter__(self) -> StopSignals:
         if self.listen and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.NAMES}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def flag(self, device) -> torch.Tensor:
         """1.0 once a signal came, else 0.0: summed over processes, so that all stop after the same step."""
@@ -406,9 +414,16 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         self.received = signum
-        if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
-            os.write(sys.stderr.fileno(), f"\n{self.NAMES[signum]}: finishing the step in progress, then saving a "
-                     f"checkpoint and stopping ({self.NAMES[signum].split()[0]} again stops at once)\n".encode())
+        if not self.announce:
+            return
+        text = (f"\n{self.NAMES[signum]}: finishing the step in progress, then saving a checkpoint and stopping "
+                f"({self.NAMES[signum].split()[0]} again stops at once)\n").encode()
+        # os.write: a print here could re-enter a print the signal interrupted. sys.stderr may have no descriptor
+        # (a notebook, a captured stream): then the process's own.
+        for stream in (sys.stderr, sys.__stderr__):
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                os.write(stream.fileno(), text)
+                return
 
 
 # --resume compares the new run's settings (`RunFolder.settings`) with the checkpoint's. Where and how often to

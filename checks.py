@@ -273,14 +273,15 @@ def unknown_targets_check(tokenizer, rows: list[dict], examples: list[dict]) -> 
     BPE with an <unk>) turns characters it never saw into <unk>: the student then learns to write <unk>, and the
     text is lost. WARN for any, FAIL above `UNKNOWN_TARGETS_MAX` of the targets."""
     unk, name = tokenizer.unk_token_id, f"tokenizer '{tokenizer.name_or_path}'"
-    if unk is None:
-        return Check("OK", "unknown", f"{name} has no unknown token: it can write any text")
+    # GPT-2-style byte-level tokenizers name their end-of-text token as unk too: they never produce it for text
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id):
+        return Check("OK", "unknown", f"{name} has no unknown token of its own: it can write any text")
     total = sum(sum(ex["loss_mask"]) for ex in examples)
     count = sum(sum(1 for i, m in zip(ex["input_ids"], ex["loss_mask"]) if m and i == unk)
                 for ex in examples if unk in ex["input_ids"])
     if not count:
         return Check("OK", "unknown", f"{name}: none of the {total} completion tokens is its unknown token")
-    chars = sorted({ch for row in rows for ch in row["completion"]})
+    chars = sorted(set().union(*(set(row["completion"]) for row in rows)))
     encoded = tokenizer(chars, add_special_tokens=False)["input_ids"]
     unknown = "".join(ch for ch, ids in zip(chars, encoded) if unk in ids)
     share = count / max(total, 1)

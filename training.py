@@ -335,16 +335,13 @@ class TrainLoop:
         elif self.accelerator.is_main_process:
             self.metrics_path.write_text("")
         self.bar = tqdm(total=self.total_steps, desc="train", disable=not self.accelerator.is_main_process)
-        self.signals.install()
-        try:
+        with self.signals:  # listening while the loop runs
             while self.step_num < self.total_steps:
                 batches = [self.to_device(next(stream)) for _ in range(self.args.grad_accum)]
                 self._micro, self._micro_total = 0, len(batches)
                 self._gradient_sync(len(batches) == 1)
                 yield batches, self.count_tokens(batches)
-        finally:
-            self.signals.restore()
-            self.bar.close()
+        self.bar.close()
 
     def count_tokens(self, batches: list[dict]) -> float:
         """Global number of masked target tokens in this optimizer step (all micro-batches, all processes)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
-import re
 import resource
 import shutil
 import signal
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 import checkpoints
 import common
 import sequence_level
+import training
 from conftest import ROOT, read_metrics, write_rows
 
 
@@ -139,46 +139,73 @@ def test_a_run_refused_at_start_leaves_no_new_folder_behind(kit, tmp_path):
     data = write_rows(tmp_path / "d.jsonl", 4)
     with pytest.raises(common.DistillError, match="no complete checkpoint"):
         train(kit, data, tmp_path / "new" / "run", "--max-steps", "1", "--resume", str(tmp_path))
-    assert not (tmp_path / "new" / "run").exists()
+    assert not (tmp_path / "new").exists()
 
 
 # -- a signal to stop ---------------------------------------------------------------------------------------------
+
+def error_lines(stderr: str) -> list[str]:
+    """What run_main printed (tqdm may redraw its bar after it, when the interpreter exits)."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
 
 def launch(args, **kwargs):
     return subprocess.Popen([sys.executable, str(ROOT / "sequence_level.py"), *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
 
 
-def test_sigterm_or_ctrl_c_saves_the_step_in_progress_and_resume_redoes_nothing(kit, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_in_progress_and_resume_redoes_nothing(kit, tmp_path, monkeypatch, capsys, signum):
     data = write_rows(tmp_path / "d.jsonl", 24)
     # --save-every beyond the run: the only checkpoint is the one the signal asks for.
-    argv = ["--student", str(kit["student"]), "--data", str(data), "--max-steps", "16", "--batch-size", "4",
-            "--lr", "3e-3", "--save-every", "100", "--seed", "3"]
-    full = tmp_path / "full"
-    assert launch([*argv, "--output-dir", str(full)]).wait() == 0
-    for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, r"SIGINT \(Ctrl-C\)")):
-        out = tmp_path / signum.name
-        proc = launch([*argv, "--output-dir", str(out)])
-        deadline = time.time() + 120
-        while time.time() < deadline and (not (out / "metrics.jsonl").exists()
-                                          or (out / "metrics.jsonl").read_text().count("\n") < 2):
-            time.sleep(0.005)
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 128 + signum, err[-2000:]
-        assert "Traceback" not in err
-        steps = len(read_metrics(out))
-        assert 2 <= steps < 16, "the signal must land mid-run"
-        assert re.fullmatch(rf"error: stopped by {name} after step {steps} of 16: saved {out / f'checkpoint-{steps}'}; "
-                            rf"--resume {out} continues from it", err.strip().splitlines()[-1])
-        assert not (out / "model.safetensors").exists()
-        resumed = launch([*argv, "--output-dir", str(out), "--resume", str(out)])
-        _, err = resumed.communicate(timeout=300)
-        assert resumed.returncode == 0, err[-2000:]
-        assert_same_weights(out, full)
-        metrics = read_metrics(out)
-        assert [m["step"] for m in metrics] == list(range(1, 17))
-        assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in read_metrics(full)], rel=1e-6)
+    argv = ["--max-steps", "10", "--save-every", "100"]
+    train(kit, data, tmp_path / "full", *argv)
+    out = tmp_path / "run"
+    count_tokens, before = training.TrainLoop.count_tokens, signal.getsignal(signum)
+
+    def signal_in_step_4(loop, batches):  # the signal lands while step 4 is in progress
+        if loop.step_num == 3 and loop.signals.received is None:
+            os.kill(os.getpid(), signum)
+        return count_tokens(loop, batches)
+
+    monkeypatch.setattr(training.TrainLoop, "count_tokens", signal_in_step_4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        common.run_main(lambda: train(kit, data, out, *argv))
+    assert stopped.value.code == 128 + signum  # 143 for SIGTERM, 130 for Ctrl-C, as a shell reports them
+    name = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}[signum]
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: stopped by {name} after step 4 of 10: saved {out / 'checkpoint-4'}; --resume {out} continues from it"]
+    assert signal.getsignal(signum) == before, "the run's handler is gone with the run"
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert checkpoints.checkpoint_damage(out / "checkpoint-4") is None and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    train(kit, data, out, *argv, "--resume", str(out))
+    assert f"resuming from {out / 'checkpoint-4'} at step 4" in capsys.readouterr().out
+    assert_same_weights(out, tmp_path / "full")
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in read_metrics(tmp_path / "full")],
+                                                         rel=1e-6)
+
+
+def test_sigterm_from_outside_stops_a_run_in_one_line_with_a_checkpoint(kit, tmp_path):
+    """What a scheduler does: SIGTERM to the process at any moment; it exits 143 with the step it was in saved."""
+    out = tmp_path / "run"
+    proc = launch(["--student", str(kit["student"]), "--data", str(write_rows(tmp_path / "d.jsonl", 24)),
+                   "--max-steps", "200", "--batch-size", "4", "--save-every", "1000", "--output-dir", str(out)])
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "metrics.jsonl").exists()
+                                      or (out / "metrics.jsonl").read_text().count("\n") < 2):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    steps = len(read_metrics(out))
+    assert 2 <= steps < 200
+    assert error_lines(err) == [f"error: stopped by SIGTERM after step {steps} of 200: saved "
+                                f"{out / f'checkpoint-{steps}'}; --resume {out} continues from it"]
+    assert checkpoints.checkpoint_damage(out / f"checkpoint-{steps}") is None
 
 
 # -- a full disk --------------------------------------------------------------------------------------------------
@@ -217,7 +244,7 @@ def test_a_file_too_large_for_the_disk_ends_in_one_line(kit, tmp_path):
                    "--max-steps", "3", "--save-every", "1"], preexec_fn=small_files)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
-    assert err.strip().splitlines()[-1] == (
+    assert error_lines(err) == [
         f"error: cannot write checkpoint {out / 'checkpoint-1'}: File too large (os error 27); no checkpoint was "
-        "written before it, so nothing can be resumed")
+        "written before it, so nothing can be resumed"]
     assert not list(out.glob(".checkpoint-*"))
