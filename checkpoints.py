@@ -307,7 +307,7 @@ def _safetensors_damage(path: Path) -> str | None:
         try:
             header = json.loads(f.read(length))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError) as err:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
             return f"corrupt header ({err})"
     if 8 + length + end != size:
         return f"cut short ({size} of {8 + length + end} bytes)" if size < 8 + length + end else \
