@@ -9,6 +9,9 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from models import model_fingerprint
 # -- output folders: checks, locks, checkpoint files --------------------------------------------------------------
 
 LOCK_NAME = ".lock"  # in a run's --output-dir (and a cache folder), held while the run lives
-_HELD_LOCKS: dict[str, int] = {}  # resolved lock path -> open descriptor, for the locks this process holds
+_HELD_LOCKS: dict[str, list[int]] = {}  # resolved lock path -> open descriptors, for the locks this process holds
 
 
 def check_output_path(path: Path, flag: str, *, folder: bool) -> None:
@@ -53,7 +56,11 @@ def lock_output(lock_path: Path, flag: str, output: Path, *, record_pid: bool = 
         return
     # A run of this process that ended in an exception (a test, a notebook) may still hold it: take it back.
     unlock_output(lock_path)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # a run refused at start removed the folder it had just made
+        raise DistillError(f"{flag} '{output}' was removed by another run while this one claimed it: start this "
+                           "run again") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -64,13 +71,67 @@ def lock_output(lock_path: Path, flag: str, output: Path, *, record_pid: bool = 
     if record_pid:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD_LOCKS[str(Path(lock_path).resolve())] = fd
+    _HELD_LOCKS[str(Path(lock_path).resolve())] = [fd]
 
 
 def unlock_output(lock_path: Path) -> None:
-    fd = _HELD_LOCKS.pop(str(Path(lock_path).resolve()), None)
-    if fd is not None:
+    for fd in _HELD_LOCKS.pop(str(Path(lock_path).resolve()), []):
         os.close(fd)
+
+
+def replace_locked_file(path: Path, data: bytes) -> None:
+    """Give `path`, a file this process holds with `lock_output` as its own lock (generate_data.py's --output), the
+    contents `data` at once: written to a temporary file that is locked first, flushed, then renamed over `path`.
+    A crash leaves the old file or the new one, never a mix; the old file stays locked until `unlock_output`, so a
+    run that opened it just before the rename cannot take it either."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    with contextlib.suppress(ImportError):
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    _HELD_LOCKS.setdefault(str(path.resolve()), []).insert(0, fd)
+
+
+def claim_folder(out: Path, flag: str) -> Path | None:
+    """Make folder `out` (and its missing parents) if absent and lock it (`lock_output`); returns the topmost folder
+    this call made, or None.
+
+    The lock alone decides which run owns the folder: of two runs started at once into one new folder, both may
+    find it absent and both try to make it, but only one gets the lock, and the other gets `lock_output`'s
+    refusal whatever the timing (making the folder is not the decision: it may already exist, or be made by
+    the other run between the check and the mkdir).
+    """
+    top = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    try:
+        out.mkdir(parents=True)
+    except FileExistsError:
+        top = None
+    lock_output(out / LOCK_NAME, flag, out)
+    return top
+
+
+def unclaim_folder(out: Path, created: Path | None) -> None:
+    """Release a folder `claim_folder` locked for a run refused at start; the folders it made (`created`: the
+    topmost) are removed again, so that a refused run leaves nothing behind. The lock file is unlinked while still
+    held: no other run can be holding it."""
+    if created is not None:
+        with contextlib.suppress(OSError):
+            (out / LOCK_NAME).unlink()
+    unlock_output(out / LOCK_NAME)
+    if created is not None:
+        for folder in [out, *out.parents][:len(out.parts) - len(created.parts) + 1]:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: another run has claimed it, or made something beside it, meanwhile
+                break
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -116,9 +177,8 @@ def save_state(obj, folder: Path, name: str) -> None:
 
 def load_state(folder: Path, name: str):
     """Read what `save_state` wrote."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    tensors = load_file(folder / f"{name}.tensors")
 
     def decode(x):
         if isinstance(x, list):
@@ -138,8 +198,9 @@ def load_state(folder: Path, name: str):
         return {k: decode(v) for k, v in x.items()}
 
     try:
+        tensors = load_file(folder / f"{name}.tensors")
         return decode(json.loads((folder / f"{name}.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise DistillError(f"--resume '{folder}': {name} is damaged ({type(err).__name__}: {err})") from None
 
 
@@ -151,20 +212,218 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """--resume PATH: PATH itself when it is a checkpoint, else the latest complete checkpoint in it."""
+    """--resume PATH: PATH itself when it is a checkpoint, else the latest complete checkpoint in it. A checkpoint
+    that cannot be read whole (`checkpoint_damage`) is passed over, in one line, for the newest one that can;
+    PATH naming a damaged checkpoint, or holding only damaged ones, is refused in one line."""
     folder = Path(path)
     older = ("was written by an older version as a pickle (trainer_state.pt), which is not loaded: unpickling a "
              "file can run any code in it. Continue it with the version that wrote it, or start a new run")
     if (folder / "trainer_state.json").exists():
-        return folder
+        damage = checkpoint_damage(folder)
+        if damage is None:
+            return folder
+        intact = next((c for c in reversed(complete_checkpoints(folder.parent))
+                       if c != folder and checkpoint_damage(c) is None), None)
+        raise DistillError(f"--resume '{folder}': this checkpoint is damaged ({damage}); "
+                           + (f"the newest complete one is {intact}" if intact else "there is no complete one beside "
+                              "it: start a new run"))
     if (folder / "trainer_state.pt").exists():
         raise DistillError(f"--resume '{folder}' {older}")
     found = complete_checkpoints(folder)
-    if found:
-        return found[-1]
+    damaged = []
+    for candidate in reversed(found):
+        damage = checkpoint_damage(candidate)
+        if damage is None:
+            if damaged:
+                print(f"--resume: {'; '.join(damaged)}: resuming from {candidate.name}, the newest complete "
+                      "checkpoint")
+            return candidate
+        damaged.append(f"{candidate.name} is damaged ({damage})")
+    if damaged:
+        raise DistillError(f"--resume '{path}': no complete checkpoint there: {'; '.join(damaged)}")
     if any((p / "trainer_state.pt").exists() for p in folder.glob("checkpoint-*")):
-        raise DistillError(f"--resume '{folder}': its checkpoints {older}")
+        raise DistillError(f"--resume '{path}': its checkpoints {older}")
     raise DistillError(f"--resume '{path}': no complete checkpoint there (checkpoint-N with trainer_state.json)")
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """What keeps checkpoint `folder` from being read whole, or None: a file cut short or empty (an interrupted
+    copy, a crash before the data reached the disk) or missing. Every JSON file must parse, every safetensors file
+    hold exactly the bytes its header describes (headers are read, not the weights), the trainer and RNG states
+    both their halves, metrics.jsonl every step up to the checkpoint's."""
+    names = sorted(p.name for p in folder.iterdir())
+    for name in names:
+        path = folder / name
+        if name.endswith(".json") and path.is_file():
+            try:
+                json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                return f"{name}: {'empty file' if _size(path) == 0 else f'cut short or corrupt ({err})'}"
+        elif name.endswith((".safetensors", ".tensors")):
+            problem = _safetensors_damage(path)
+            if problem:
+                return f"{name}: {problem}"
+    for stem in [n.removesuffix(".json") for n in names if n.endswith(".json") and n.startswith(("rng_", "trainer_"))]:
+        if f"{stem}.tensors" not in names:
+            return f"{stem}.tensors is missing"
+    if "rng_0.json" not in names:
+        return "rng_0.json is missing"
+    shards = {"model.safetensors", "adapter_model.safetensors"} & set(names)
+    if "model.safetensors.index.json" in names:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        missing = sorted(set(index.get("weight_map", {}).values()) - set(names))
+        if missing:
+            return f"weight shard {missing[0]} is missing"
+    elif not shards:
+        return "no weights (model.safetensors or adapter_model.safetensors)"
+    step = json.loads((folder / "trainer_state.json").read_text()).get("step")
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(lines[-1]).get("step") if lines else None
+    except (OSError, ValueError) as err:
+        return f"metrics.jsonl: missing or cut short ({err})"
+    if not lines:
+        return "metrics.jsonl: empty file"
+    if last != step:
+        return f"metrics.jsonl: ends at step {last}, not at the checkpoint's step {step}"
+    return None
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """How a safetensors file falls short of what its header describes, or None (the format: an 8-byte
+    little-endian header length, the JSON header, then the tensors' bytes at the header's data_offsets)."""
+    size = _size(path)
+    if size == 0:
+        return "empty file"
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"cut short ({size} bytes, less than its header)"
+        try:
+            header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            return f"corrupt header ({err})"
+    if 8 + length + end != size:
+        return f"cut short ({size} of {8 + length + end} bytes)" if size < 8 + length + end else \
+            f"{size - 8 - length - end} bytes more than its header describes"
+    return None
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folder itself, to the disk (see `RunFolder.save_checkpoint`)."""
+    for path in [*sorted(folder.rglob("*"), key=lambda p: -len(p.parts)), folder]:
+        fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (what was created, removed or renamed in it), to the disk. A file system
+    may otherwise persist a rename before the data it publishes: after a power cut, a complete-looking checkpoint
+    of empty or partial files."""
+    if os.name != "posix":  # a folder cannot be opened for fsync elsewhere
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_failure(err: BaseException) -> str | None:
+    """A save's failure to write (disk full, file too large, quota, an I/O error) as a short reason, or None for
+    any other error. safetensors reports the OS error inside its own exception's message."""
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}" + (f" ({Path(err.filename).name})" if err.filename else "")
+    if type(err).__name__ == "SafetensorError" and "I/O error: " in str(err):
+        return str(err).split("I/O error: ", 1)[1]
+    return None
+
+
+def write_or_stop(accelerator, write, what: str, out: Path, *, partial: Path | None = None) -> None:
+    """Run this process's part of a save (`write()`). A write failure on any process (`write_failure`) stops every
+    process with one line naming `what` was being written and the newest intact checkpoint in `out` (what --resume
+    continues), after removing `partial` (the unfinished copy), instead of a traceback on one process while the
+    others wait."""
+    error = None
+    try:
+        write()
+    except Exception as err:  # noqa: BLE001 -- anything but a write failure is raised as it is
+        error = write_failure(err)
+        if error is None:
+            raise
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        error = next((e for e in gather_object([error]) if e), None)
+    if error is None:
+        return
+    if partial is not None and accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    intact = complete_checkpoints(out)
+    raise DistillError(f"cannot write {what}: {error}; " + (
+        f"the newest intact checkpoint is {intact[-1]} (free space, then --resume {out} continues from it)"
+        if intact else "no checkpoint was written before it, so nothing can be resumed"))
+
+
+class Preempted(DistillError):
+    """A run stopped by SIGTERM or Ctrl-C after saving a checkpoint; `run_main` exits with 128 + the signal's
+    number, as a shell reports a process the signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+class StopSignals:
+    """SIGTERM (what schedulers and spot instances send some time before they kill) and a first Ctrl-C (SIGINT)
+    ask a run to stop after the optimizer step in progress, so that it can save a checkpoint; a second one stops
+    at once. `received` is the first signal's number (None before). Only the main thread can take signals."""
+
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}
+
+    def __init__(self, *, listen: bool, announce: bool):
+        self.received: int | None = None
+        self.listen, self.announce = listen, announce  # the main process says so, once
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if self.listen and threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.NAMES}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def flag(self, device) -> torch.Tensor:
+        """1.0 once a signal came, else 0.0: summed over processes, so that all stop after the same step."""
+        return torch.tensor(float(self.received is not None), dtype=torch.float64, device=device)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # the second: what the signal did before (Ctrl-C: KeyboardInterrupt)
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        if not self.announce:
+            return
+        text = (f"\n{self.NAMES[signum]}: finishing the step in progress, then saving a checkpoint and stopping "
+                f"({self.NAMES[signum].split()[0]} again stops at once)\n").encode()
+        # os.write: a print here could re-enter a print the signal interrupted. sys.stderr may have no descriptor
+        # (a notebook, a captured stream): then the process's own.
+        for stream in (sys.stderr, sys.__stderr__):
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                os.write(stream.fileno(), text)
+                return
 
 
 # --resume compares the new run's settings (`RunFolder.settings`) with the checkpoint's. Where and how often to
@@ -244,16 +503,16 @@ class RunFolder:
         if args.save_total_limit < 0:
             raise DistillError("--save-total-limit must be >= 0 (0 = keep every checkpoint)")
         check_output_path(out, "--output-dir", folder=True)
-        existed = out.is_dir()
-        if existed:  # before looking inside: a run writing there now would change what we see
-            lock_output(out / LOCK_NAME, "--output-dir", out)
+        # Locked before looking inside (a run writing there now would change what we see); a new folder is made
+        # first, and removed again if this run is refused.
+        created = claim_folder(out, "--output-dir")
         try:
             self.settings = self._run_settings()
             folder = find_checkpoint(args.resume) if args.resume else None
             inside = folder is not None and folder.resolve().parent == out.resolve()
             if folder is not None:
                 self._check_resume_settings(folder)
-            present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if existed else []
+            present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
             if inside and args.overwrite:
                 raise DistillError(f"--overwrite with --resume {args.resume}: clearing --output-dir would delete the "
                                    "checkpoint being resumed; drop --overwrite")
@@ -264,13 +523,9 @@ class RunFolder:
                                        "the run there, --overwrite to clear it first, or choose another --output-dir")
                 self._check_overwrite(present)
         except DistillError:
-            if existed:
-                unlock_output(out / LOCK_NAME)
+            unclaim_folder(out, created)
             raise
-        if not existed:
-            out.mkdir(parents=True)
-            lock_output(out / LOCK_NAME, "--output-dir", out)
-        elif present and args.overwrite:
+        if present and args.overwrite:
             for name in present:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -346,25 +601,37 @@ class RunFolder:
     def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict, metrics: Path) -> Path:
         """OUTPUT_DIR/checkpoint-N: weights (or adapter), optimizer, schedule, RNG of every process, `state` (data
         position, elapsed time, --save-best's best), the run's settings and metrics so far. Written under a
-        temporary name and renamed when complete, so a run killed while saving never leaves a checkpoint that
-        --resume would pick up. JSON plus safetensors (`save_state`): resuming never unpickles, so a checkpoint
-        from elsewhere cannot run code. With --save-total-limit N only the newest N checkpoints are kept."""
+        temporary name, flushed to the disk (`fsync_tree`) and only then renamed, so neither a run killed while
+        saving nor a power cut leaves a checkpoint that --resume would pick up half written; a full disk stops the
+        run in one line (`write_or_stop`). JSON plus safetensors (`save_state`): resuming never unpickles, so a
+        checkpoint from elsewhere cannot run code. With --save-total-limit N only the newest N are kept."""
         acc = self.accelerator
         final, tmp = self.path / f"checkpoint-{step}", self.path / f".checkpoint-{step}.tmp"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        save_state({"rng": _get_rng_state()}, tmp, f"rng_{acc.process_index}")
-        if acc.is_main_process:
-            acc.unwrap_model(model).save_pretrained(tmp, save_function=acc.save)
-            save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                        **state, "settings": self.settings, "history": self.history}, tmp, "trainer_state")
-            shutil.copy(metrics, tmp / "metrics.jsonl")
+
+        def write():  # each process flushes what it wrote
+            rng = f"rng_{acc.process_index}"
+            save_state({"rng": _get_rng_state()}, tmp, rng)
+            if acc.is_main_process:
+                acc.unwrap_model(model).save_pretrained(tmp, save_function=acc.save)
+                save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                            **state, "settings": self.settings, "history": self.history}, tmp, "trainer_state")
+                shutil.copy(metrics, tmp / "metrics.jsonl")
+                fsync_tree(tmp)
+            else:
+                for suffix in (".json", ".tensors"):
+                    fsync_path(tmp / f"{rng}{suffix}")
+
+        write_or_stop(acc, write, f"checkpoint {final}", self.path, partial=tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            fsync_path(tmp)  # every process's files are in it now
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            fsync_path(self.path)  # the rename itself
             limit = self.args.save_total_limit
             for old in complete_checkpoints(self.path)[:-limit] if limit else []:
                 shutil.rmtree(old)
@@ -374,18 +641,25 @@ class RunFolder:
     def load_checkpoint(self, folder: Path, model, optimizer, scheduler, metrics: Path) -> dict:
         """Weights, optimizer and schedule from `folder` (found and checked by `claim`), loaded in place; returns
         the trainer state (step, elapsed_s, best, ...) with this process's RNG states under "rng"."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
+
+        def read(path: Path) -> dict:  # checked by checkpoint_damage; still a file may change after the check
+            try:
+                return load_file(path)
+            except (OSError, SafetensorError) as err:
+                raise DistillError(f"--resume '{folder}': {path.name} is damaged ({err})") from None
 
         acc = self.accelerator
         model = acc.unwrap_model(model)
         if (folder / "adapter_model.safetensors").exists():
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+            set_peft_model_state_dict(model, read(folder / "adapter_model.safetensors"))
         else:
             weights = {}
             for shard in folder.glob("*.safetensors"):
-                weights.update(load_file(shard))
+                weights.update(read(shard))
             missing, unexpected = model.load_state_dict(weights, strict=False)
             tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
             if set(missing) - tied or unexpected:

@@ -255,9 +255,48 @@ def loss_mask_checks(tokenizer, row: dict, who: str, *, color: bool = False) -> 
 
 def check_training_data(tokenizer, rows: list[dict], examples: list[dict]) -> None:
     """doctor.py's loss-mask and generation-prompt checks on the first training row that was kept (`examples` from
-    `encode_rows`): stop on a FAIL, print a WARN, before anything is trained on a mask that is wrong."""
+    `encode_rows`), and its unknown-token check on every one: stop on a FAIL, print a WARN, before anything is
+    trained on a mask that is wrong or on targets the student's tokenizer cannot spell."""
     first = rows[examples[0]["row"]]
-    raise_or_warn(loss_mask_checks(tokenizer, first, f"tokenizer '{tokenizer.name_or_path}'")[0])
+    raise_or_warn([*loss_mask_checks(tokenizer, first, f"tokenizer '{tokenizer.name_or_path}'")[0],
+                   unknown_targets_check(tokenizer, rows, examples)])
+
+
+# Above this share of completion tokens, targets mapped to the unknown token stop a run: a few are a rare symbol,
+# more mean a tokenizer that cannot write the teacher's text (the issue seen: 84 of 537, 16%).
+UNKNOWN_TARGETS_MAX = 0.01
+
+
+def unknown_targets_check(tokenizer, rows: list[dict], examples: list[dict]) -> Check:
+    """How many training targets (loss_mask 1 in `examples`) are the tokenizer's unknown token, and which
+    characters of the completions in `rows` it maps there. A tokenizer without byte fallback (SentencePiece or
+    BPE with an <unk>) turns characters it never saw into <unk>: the student then learns to write <unk>, and the
+    text is lost. WARN for any, FAIL above `UNKNOWN_TARGETS_MAX` of the targets."""
+    unk, name = tokenizer.unk_token_id, f"tokenizer '{tokenizer.name_or_path}'"
+    # GPT-2-style byte-level tokenizers name their end-of-text token as unk too: they never produce it for text
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id):
+        return Check("OK", "unknown", f"{name} has no unknown token of its own: it can write any text")
+    total = sum(sum(ex["loss_mask"]) for ex in examples)
+    count = sum(sum(1 for i, m in zip(ex["input_ids"], ex["loss_mask"]) if m and i == unk)
+                for ex in examples if unk in ex["input_ids"])
+    if not count:
+        return Check("OK", "unknown", f"{name}: none of the {total} completion tokens is its unknown token")
+    chars = sorted(set().union(*(set(row["completion"]) for row in rows)))
+    encoded = tokenizer(chars, add_special_tokens=False)["input_ids"]
+    unknown = "".join(ch for ch, ids in zip(chars, encoded) if unk in ids)
+    share = count / max(total, 1)
+    message = (f"{name} maps {count} of {total} completion tokens ({share:.1%}) to its unknown token "
+               f"{tokenizer.unk_token!r}: it cannot write {unknown[:20]!r}{'...' if len(unknown) > 20 else ''} "
+               f"(no byte fallback), so the student learns to write {tokenizer.unk_token!r} there")
+    if share > UNKNOWN_TARGETS_MAX:
+        return Check("FAIL", "unknown", f"{message}; above {UNKNOWN_TARGETS_MAX:.0%}, not training: use a student "
+                     "whose tokenizer covers this text (byte-level, or with byte fallback), or clean --data")
+    return Check("WARN", "unknown", message)
+
+
+def check_unknown_targets(tokenizer, rows: list[dict], examples: list[dict]) -> None:
+    """`unknown_targets_check` as a training script acts on it: stop above the limit, else report any."""
+    raise_or_warn([unknown_targets_check(tokenizer, rows, examples)])
 
 
 def show_loss_mask(tokenizer, text: str, example: dict, *, color: bool = False, keep: int = 300) -> str:

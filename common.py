@@ -72,12 +72,13 @@ def first_line(err: BaseException) -> str:
 
 
 def run_main(main) -> None:
-    """Run a script's `main()`, turning `DistillError` into one clear message and exit status 2."""
+    """Run a script's `main()`, turning `DistillError` into one clear message and exit status 2 (or the error's
+    `exit_status`: 128 + the signal for a run a signal stopped, see checkpoints.Preempted)."""
     try:
         main()
     except DistillError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_status", 2))
 
 
 def bounded(kind: type = float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -182,6 +183,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, teacher: bool, student_de
                               help="clip the global gradient norm (0 = off)")
     data.add_argument("--max-length", type=bounded(int, 2), default=1024,
                       help="max tokens of prompt + completion; longer rows are skipped and counted")
+    data.add_argument("--allow-duplicates", action="store_true",
+                      help="train every --data row even when rows repeat (the same id, or the same prompt and "
+                           "completion); by default a repeat is trained once and the repeats are reported")
     data.add_argument("--truncated", default="no-eos", choices=["no-eos", "skip"],
                       help="rows generate_data.py cut at --max-new-tokens (finish_reason 'length'): 'no-eos' "
                            "trains on their text without the end-of-turn token, so the student never learns to "
@@ -492,10 +496,11 @@ def _read_text(path: Path) -> str:
                            "save the file as UTF-8") from None
 
 
-def load_distill_rows(path: str | Path, *, what: str = "--data") -> list[dict]:
+def load_distill_rows(path: str | Path, *, what: str = "--data", allow_duplicates: bool = False) -> list[dict]:
     """Rows of a generate_data.py JSONL, validated: each needs `messages` (a list of {"role", "content"} with text
     in both) and `completion` (str). Rows with an empty completion are skipped and counted: they would train
-    nothing but the end-of-turn token."""
+    nothing but the end-of-turn token. A row repeating an earlier one (`drop_duplicates`) is left out and
+    reported, unless `allow_duplicates` (--allow-duplicates)."""
     rows = read_jsonl(path, what=what)
     if not rows:
         raise DistillError(f"{what} '{path}' holds no rows")
@@ -522,7 +527,27 @@ def load_distill_rows(path: str | Path, *, what: str = "--data") -> list[dict]:
             print(f"{what} {path}: skipping {len(empty)} of {len(rows)} rows with an empty completion (ids {ids}); "
                   "they would train only the end-of-turn token")
         rows = [row for row in rows if row["completion"].strip()]
-    return rows
+    return rows if allow_duplicates else drop_duplicates(rows, f"{what} {path}")
+
+
+def drop_duplicates(rows: list[dict], where: str) -> list[dict]:
+    """`rows` without the repeats of an earlier row: the same id, or the same prompt and completion (two
+    generate_data.py outputs concatenated; a row trained twice weighs double, and a repeated id makes a
+    --teacher-cache entry ambiguous). The count and the first ids are printed."""
+    seen_ids, seen_content, kept, repeats = set(), set(), [], []
+    for row in rows:
+        content = row_fingerprint(row)
+        if (row.get("id") is not None and row["id"] in seen_ids) or content in seen_content:
+            repeats.append(str(row.get("id")))
+            continue
+        seen_ids.add(row.get("id"))
+        seen_content.add(content)
+        kept.append(row)
+    if repeats and is_main_process():
+        shown = ", ".join(repeats[:5]) + (", ..." if len(repeats) > 5 else "")
+        print(f"{where}: {len(repeats)} of {len(rows)} rows repeat an earlier row (the same id, or the same prompt "
+              f"and completion; ids {shown}): each is kept once (--allow-duplicates keeps every row)")
+    return kept
 
 
 def row_fingerprint(row: dict) -> str:

@@ -57,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 import cache_teacher
 import checkpoints
+import checks
 import common
 import losses
 import models
@@ -303,7 +304,7 @@ def collate_pairs(examples: list[dict], pad_id: int, teacher_pad_id: int) -> dic
 def main(argv=None):
     args = parse_args(argv)
     manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
-    rows = common.load_distill_rows(args.data)
+    rows = common.load_distill_rows(args.data, allow_duplicates=args.allow_duplicates)
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     if manifest is not None:
@@ -312,6 +313,7 @@ def main(argv=None):
                                               what="--teacher")
     examples, skipped, alignment = encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length,
                                                 truncated=args.truncated)
+    checks.check_unknown_targets(tokenizer, rows, examples)
     print(f"alignment: {alignment['exact_end_fraction']:.1%} of {alignment['student_tokens']} student tokens end "
           f"where their teacher token ends; mean end-offset gap {alignment['mean_end_gap_chars']:.2f} characters")
     if alignment["exact_end_fraction"] < args.min_exact_alignment:
@@ -372,6 +374,7 @@ def train_from_cache(args, rows, student, tokenizer):
             print(f"--teacher-cache holds the top {manifest['top_k']}: comparing the top {k} (+ tail)")
     examples, skipped, alignment = encode_from_cache(rows, tokenizer, cached, args.max_length,
                                                      truncated=args.truncated)
+    checks.check_unknown_targets(tokenizer, rows, examples)
     print(f"alignment: {alignment['exact_end_fraction']:.1%} of {alignment['student_tokens']} student tokens end "
           "where their cached teacher token ends")
 

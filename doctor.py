@@ -148,6 +148,8 @@ def run_checks(args) -> Report:
     vocab = check_tokenizers(report, first, student, tokenizer, teacher, teacher_tokenizer)
     report.section(f"templates: --data {args.data}, row 1 (id={first[0].get('id')})")
     template_ok = check_templates(report, first, tokenizer, teacher_tokenizer, vocab, color)
+    if template_ok:
+        check_unknown_targets(report, args, first, tokenizer)
     report.section(f"first batch: the first {args.batch_size} of the first {len(first)} rows")
     batch = examples = None
     try:
@@ -216,6 +218,16 @@ def check_templates(report: Report, rows: list[dict], tokenizer, teacher_tokeniz
                                 f"{generation['temperature']:g} (generate_data.py); the loss's --temperature is "
                                 "separate and applies to both models' logits alike"))
     return ok
+
+
+def check_unknown_targets(report: Report, args, rows: list[dict], tokenizer) -> None:
+    """The training scripts' unknown-token check (`checks.unknown_targets_check`) on the first rows: how many of
+    their completion tokens the student's tokenizer maps to its unknown token, and which characters."""
+    try:
+        examples, _ = common.encode_rows(rows, tokenizer, args.max_length, truncated="no-eos")
+    except common.DistillError:
+        return  # every row too long: the first batch's check says so
+    report.add(checks.unknown_targets_check(tokenizer, rows, examples))
 
 
 # -- the first batch -----------------------------------------------------------------------------------------

@@ -77,6 +77,15 @@ def load_done(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in common.read_jsonl(path, what="--output")}
 
 
+def drop_empty_rows(path: Path) -> None:
+    """Remove the rows with an empty completion from `path` before their ids are generated again, so that the file
+    never holds two rows of one id (a row trained twice, an ambiguous --teacher-cache id). The file is replaced at
+    once (`checkpoints.replace_locked_file`): a crash leaves the old one or the new one."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    keep = [line for line in lines if not line.strip() or str(json.loads(line).get("completion") or "").strip()]
+    checkpoints.replace_locked_file(path, b"".join(keep))
+
+
 def check_same_generation(path: Path, done: dict[str, dict], teacher: str, teacher_fingerprint: str,
                           settings: dict) -> None:
     """Refuse to append to rows written by another teacher or with other sampling settings: the file would hold
@@ -130,13 +139,13 @@ def generate_into(args, out_path: Path) -> None:
                                           "system prompt; write to a new --output")
             if str(done[row_id].get("completion") or "").strip():
                 continue
-            # An empty completion (from a broken run) is not an answer: generate it again. The new row is appended
-            # and wins over the empty one (load_done keeps the last row of an id; training skips empty rows).
+            # An empty completion (from a broken run) is not an answer: generate it again, in its place (below).
             redo += 1
         todo.append({"id": row_id, "messages": messages, "answer": row["answer"]})
     if redo:
         print(f"{out_path}: {redo} row{'s' if redo > 1 else ''} with an empty completion (left by a broken run?) "
               "will be generated again")
+        drop_empty_rows(out_path)
     print(f"{len(prompts)} prompts, {len(done) - redo} already in {out_path}, {len(todo)} to generate")
     if not todo:
         return

@@ -141,7 +141,7 @@ class Timer:
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = common.load_distill_rows(args.data)
+    rows = common.load_distill_rows(args.data, allow_duplicates=args.allow_duplicates)
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = encode_with_prompts(rows, tokenizer, args)

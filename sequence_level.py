@@ -43,7 +43,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = common.load_distill_rows(args.data)
+    rows = common.load_distill_rows(args.data, allow_duplicates=args.allow_duplicates)
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)

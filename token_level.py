@@ -82,7 +82,7 @@ def main(argv=None):
     args = parse_args(argv)
     beta = common.divergence_beta(args)
     manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
-    rows = common.load_distill_rows(args.data)
+    rows = common.load_distill_rows(args.data, allow_duplicates=args.allow_duplicates)
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)

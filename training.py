@@ -11,13 +11,14 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from checkpoints import RunFolder, RunInputs, _get_rng_state, _set_rng_state
+from checkpoints import Preempted, RunFolder, RunInputs, StopSignals, _get_rng_state, _set_rng_state, write_or_stop
 from common import (
     DEFAULT_SYSTEM_PROMPT,
     HIGHER_IS_BETTER,
@@ -48,13 +49,17 @@ def load_held_out(args, rows: list[dict], tokenizer, encode=None) -> HeldOut | N
 
     `encode(rows) -> (examples, skipped)` turns --eval-data rows into examples exactly as the script encodes its
     training rows (default: `encode_rows` with the student's tokenizer). `rows` (the training rows) give the
-    default system prompt of --eval-problems: the one the training data was generated with.
+    default system prompt of --eval-problems, the one the training data was generated with, and the prompts that
+    held-out rows must not repeat (`check_leakage`).
     """
     if not args.eval_every:
         return None
     examples = []
+    trained = {_user_turns(row["messages"]) for row in rows}
     if args.eval_data:
         eval_rows = load_distill_rows(args.eval_data, what="--eval-data")
+        check_leakage("--eval-data", args.eval_data, [(row.get("id"), _user_turns(row["messages"]))
+                                                      for row in eval_rows], trained)
         try:
             examples, skipped = (encode or (lambda r: encode_rows(r, tokenizer, args.max_length, None,
                                                                   truncated=args.truncated)))(eval_rows)
@@ -70,11 +75,35 @@ def load_held_out(args, rows: list[dict], tokenizer, encode=None) -> HeldOut | N
         if unscorable:
             raise DistillError(f"--eval-problems {args.eval_problems}: every row needs 'question' and an 'answer' "
                                f"holding a number, like GSM8K's (rows {unscorable[:5]} do not)")
+        check_leakage("--eval-problems", args.eval_problems, [(f"row {p['index'] + 1}", _user_turns(
+            [{"role": "user", "content": p["prompt"]}])) for p in problems], trained)
     system_prompt = args.eval_system_prompt
     if system_prompt is None:
         first = rows[0]["messages"][0] if rows and rows[0]["messages"] else {}
         system_prompt = first["content"] if first.get("role") == "system" else DEFAULT_SYSTEM_PROMPT
     return HeldOut(tokenizer=tokenizer, examples=examples, problems=problems, system_prompt=system_prompt)
+
+
+def _user_turns(messages: list[dict]) -> tuple[str, ...]:
+    """What a row asks: its user messages, whitespace-normalized (the system prompt may differ: the question is
+    still the same)."""
+    return tuple(" ".join(m["content"].split()) for m in messages if m["role"] == "user")
+
+
+def check_leakage(flag: str, path: str, held_out: list[tuple[object, tuple[str, ...]]], trained: set) -> None:
+    """Held-out rows `(id, user turns)` whose prompt is also a training prompt (`trained`) measure memory, not
+    generalization: reported with their count; all of them stop the run, whose held-out numbers would be
+    training numbers."""
+    leaked = [str(name) for name, prompt in held_out if prompt in trained]
+    if not leaked:
+        return
+    if len(leaked) == len(held_out):
+        raise DistillError(f"{flag} {path}: all {len(held_out)} held-out prompts are also --data prompts, so its "
+                           "numbers would be training numbers; hold out prompts that are not in --data")
+    if is_main_process():
+        shown = ", ".join(leaked[:5]) + (", ..." if len(leaked) > 5 else "")
+        print(f"warning: {flag} {path}: {len(leaked)} of {len(held_out)} held-out prompts are also --data prompts "
+              f"({shown}); their numbers are training numbers, not held-out ones")
 
 
 class Evaluator:
@@ -247,6 +276,7 @@ class TrainLoop:
         if args.eval_every and held_out is None:
             raise ValueError("--eval-every: pass held_out=training.load_held_out(...) to TrainLoop")
         self.evaluator = Evaluator(self, held_out) if held_out is not None else None
+        self.signals = StopSignals(listen=bool(args.save_every), announce=acc.is_main_process)  # `stop_on_signal`
         self._resume_state = None
         if resume_from:
             state = self._resume_state = self.folder.load_checkpoint(resume_from, self.model, self.optimizer,
@@ -303,11 +333,12 @@ class TrainLoop:
         elif self.accelerator.is_main_process:
             self.metrics_path.write_text("")
         self.bar = tqdm(total=self.total_steps, desc="train", disable=not self.accelerator.is_main_process)
-        while self.step_num < self.total_steps:
-            batches = [self.to_device(next(stream)) for _ in range(self.args.grad_accum)]
-            self._micro, self._micro_total = 0, len(batches)
-            self._gradient_sync(len(batches) == 1)
-            yield batches, self.count_tokens(batches)
+        with self.signals:  # listening while the loop runs
+            while self.step_num < self.total_steps:
+                batches = [self.to_device(next(stream)) for _ in range(self.args.grad_accum)]
+                self._micro, self._micro_total = 0, len(batches)
+                self._gradient_sync(len(batches) == 1)
+                yield batches, self.count_tokens(batches)
         self.bar.close()
 
     def count_tokens(self, batches: list[dict]) -> float:
@@ -349,12 +380,12 @@ class TrainLoop:
         # clipping at infinity (--max-grad-norm 0) changes nothing but measures the norm
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm or math.inf)
         lr = self.scheduler.get_last_lr()[0]
-        # One reduction and one read for every logged value, before the update, so that every process sees the
-        # same values and stops together.
+        # One reduction and one read for every logged value and for a stop signal (`stop_on_signal`), before the
+        # update, so that every process sees the same values and stops together.
         keys = sorted(self._stats)
-        summed = acc.reduce(torch.stack([self._stats[k] for k in keys]), reduction="sum") if keys else None
-        values = (summed.tolist() if summed is not None else []) + [float(grad_norm)]
-        summed, grad_norm = dict(zip(keys, values[:-1])), values[-1]
+        *values, signalled = acc.reduce(torch.stack([*(self._stats[k] for k in keys), self.signals.flag(self.device)]),
+                                        reduction="sum").tolist()
+        summed, grad_norm = dict(zip(keys, values)), float(grad_norm)
         self._stats = {}
         check_finite_step(summed.get("loss"), grad_norm, lr, self.step_num + 1, self.models)
         self.optimizer.step()
@@ -377,8 +408,11 @@ class TrainLoop:
             if self.step_num % self.args.log_every == 0 or self.step_num == self.total_steps or evaluated:
                 self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in row.items() if v is not None))
-        if self.args.save_every and self.step_num % self.args.save_every == 0 and self.step_num < self.total_steps:
+        saved = self.args.save_every and self.step_num % self.args.save_every == 0 and self.step_num < self.total_steps
+        if saved:
             self.save_checkpoint()
+        if signalled or (acc.num_processes == 1 and self.signals.received is not None):
+            stop_on_signal(self, saved)
         return row
 
     # -- saving -------------------------------------------------------------------------------------------------
@@ -416,12 +450,31 @@ class TrainLoop:
         check_weights_finite(self, str(path))
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model)  # a collective under FSDP/DeepSpeed: gathered to rank 0
-        if acc.is_main_process:
-            acc.unwrap_model(self.model).save_pretrained(path, state_dict=state_dict, save_function=acc.save)
-            tokenizer.save_pretrained(path)
+
+        def write():
+            if acc.is_main_process:
+                acc.unwrap_model(self.model).save_pretrained(path, state_dict=state_dict, save_function=acc.save)
+                tokenizer.save_pretrained(path)
+
+        write_or_stop(acc, write, f"the model to {path}", self.output_dir)
         acc.wait_for_everyone()
         return path
 
+
+def stop_on_signal(loop: TrainLoop, saved: bool) -> None:
+    """After the optimizer step in progress when SIGTERM or a first Ctrl-C came (only runs with --save-every listen,
+    see `StopSignals`): save a checkpoint of this step (unless the step just saved one) and stop in one line, so
+    --resume redoes nothing. The last step is not stopped: the run ends and saves its model as usual."""
+    if loop.step_num >= loop.total_steps:
+        return
+    path = loop.output_dir / f"checkpoint-{loop.step_num}" if saved else loop.save_checkpoint()
+    signum = loop.signals.received or signal.SIGTERM  # another process may have taken it
+    loop.signals.restore()
+    loop.bar.close()
+    loop.accelerator.end_training()
+    loop.folder.release()
+    raise Preempted(f"stopped by {StopSignals.NAMES[signum]} after step {loop.step_num} of {loop.total_steps}: "
+                    f"saved {path}; --resume {loop.output_dir} continues from it", signum)
 
 
 def count_steps(rows: int, args, processes: int) -> tuple[int, int]:

@@ -77,8 +77,13 @@ def test_token_level_from_a_hidden_cache_equals_the_live_teacher(kit, teacher, h
                                                                  temperature):
     """float32 cache: the per-step losses, the held-out loss and eval_kl of the live teacher, to float32 noise."""
     data, folder, _ = hidden_cache
-    args = ["--student", str(kit["student"]), "--data", str(data), *TRAIN, "--kl", kl, "--temperature",
-            str(temperature), "--eval-data", str(data), "--eval-every", "3"]
+    # Trained on 8 of the cached rows, evaluated on the other 4 (held-out rows must not be training rows).
+    lines = data.read_text().splitlines(keepends=True)
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
+    train.write_text("".join(lines[:8]))
+    held_out.write_text("".join(lines[8:]))
+    args = ["--student", str(kit["student"]), "--data", str(train), *TRAIN, "--kl", kl, "--temperature",
+            str(temperature), "--eval-data", str(held_out), "--eval-every", "3"]
     token_level.main([*args, "--teacher", str(teacher), "--output-dir", str(tmp_path / "live")])
     token_level.main([*args, "--teacher-cache", str(folder), "--output-dir", str(tmp_path / "cached")])
     assert_same_steps(tmp_path / "live", tmp_path / "cached", ("loss", "div", "ce", "tokens", "eval_loss",

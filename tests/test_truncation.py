@@ -137,10 +137,12 @@ def test_an_empty_completion_left_in_the_output_is_generated_again(kit, tmp_path
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     generate_data.main(gen_args(kit, prompts, out))
     assert "1 row with an empty completion" in capsys.readouterr().out
-    # Appended (the file is never rewritten in place); the empty row is what training skips.
+    # The empty row is dropped (the file replaced at once, never rewritten in place) and its id generated again:
+    # the file never holds one id twice.
     again = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in again] == ["train-0", "train-1", "train-2", "train-1"]
+    assert [r["id"] for r in again] == ["train-0", "train-2", "train-1"]
     assert again[-1]["completion"] == "#### 7"
+    assert not list(tmp_path.glob(".o.jsonl*")), "no temporary file left behind"
     assert generate_data.load_done(out)["train-1"]["completion"] == "#### 7"
     rows = common.load_distill_rows(out)
     assert sorted(r["id"] for r in rows) == ["train-0", "train-1", "train-2"]
