@@ -603,16 +603,27 @@ def same_span_mask(examples: list[dict]) -> torch.Tensor:
     return torch.tensor([flag for ex in examples for flag in ex["same_span"]], dtype=torch.bool)
 
 
-def build_match(tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> VocabMatch:
-    """--uld-match hybrid's matched tokens for this pair (`vocabulary_match`, end-of-turn tokens paired), printed."""
+def match_pair(tokenizer, teacher_tokenizer, student_vocab: int | None = None,
+               teacher_vocab: int | None = None) -> VocabMatch:
+    """--uld-match hybrid's matched tokens for a student/teacher pair: `vocabulary_match` with the two chat templates'
+    end-of-turn tokens paired. What this script, doctor.py and explain.py's alignment report use."""
+    student_vocab, teacher_vocab = student_vocab or len(tokenizer), teacher_vocab or len(teacher_tokenizer)
     ends = common.end_of_turn_ids(tokenizer)[0], common.end_of_turn_ids(teacher_tokenizer)[0]
-    match = vocabulary_match(tokenizer, teacher_tokenizer, student_vocab, teacher_vocab,
-                             end_of_turn=ends if ends[0] < student_vocab and ends[1] < teacher_vocab else None)
+    return vocabulary_match(tokenizer, teacher_tokenizer, student_vocab, teacher_vocab,
+                            end_of_turn=ends if ends[0] < student_vocab and ends[1] < teacher_vocab else None)
+
+
+def describe_match(match: VocabMatch) -> str:
     shares = match.shares()
-    print(f"vocabulary match: {shares['matched_tokens']} tokens write the same text in both vocabularies, "
-          f"{shares['matched_vocab_student']:.1%} of the student's {student_vocab} and "
-          f"{shares['matched_vocab_teacher']:.1%} of the teacher's {teacher_vocab}: --uld-match hybrid compares them "
-          "by identity")
+    return (f"{shares['matched_tokens']} tokens write the same text in both vocabularies: "
+            f"{shares['matched_vocab_student']:.1%} of the student's {match.student_vocab} and "
+            f"{shares['matched_vocab_teacher']:.1%} of the teacher's {match.teacher_vocab}")
+
+
+def build_match(tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> VocabMatch:
+    """`match_pair`, printed."""
+    match = match_pair(tokenizer, teacher_tokenizer, student_vocab, teacher_vocab)
+    print(f"vocabulary match: {describe_match(match)} (--uld-match hybrid compares them by identity)")
     return match
 
 
