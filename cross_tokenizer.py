@@ -1,9 +1,10 @@
 r"""Cross-tokenizer distillation (ULD): learn from a teacher whose vocabulary is different from the student's.
 
-    # the blog's setup, every flag at its default: the SmolLM2-1.7B-Instruct teacher (another tokenizer than
+    # the blog's pair, every flag at its default: the SmolLM2-1.7B-Instruct teacher (another tokenizer than
     # Qwen's) for the Qwen2.5-0.5B student, on that teacher's own answers (first run
     # `python generate_data.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct`, which writes
-    # data/teacher_smollm2-1.7b-instruct.jsonl); top-50 + tail at T=2, 10% cross-entropy; into runs/cross_tokenizer
+    # data/teacher_smollm2-1.7b-instruct.jsonl); hybrid matching, top-50 + tail at T=2, 50% cross-entropy; into
+    # runs/cross_tokenizer. The blog's own loss (sorted ULD, no token identity) is `--uld-match sorted`
     python cross_tokenizer.py
 
     # another pair: the data must come from the same teacher
@@ -19,8 +20,11 @@ r"""Cross-tokenizer distillation (ULD): learn from a teacher whose vocabulary is
     python cross_tokenizer.py --eval-data data/teacher_smol_heldout.jsonl --eval-every 50 --save-best eval_loss \
         --output-dir runs/uld_eval
 
-    # the ULD paper's loss (sorted L1 = closed-form Wasserstein-1), several GPUs
-    accelerate launch cross_tokenizer.py --uld-loss wasserstein --bf16 --output-dir runs/uld_w1
+    # the ULD paper's loss (sorted L1 = closed-form Wasserstein-1, no token identity), several GPUs
+    accelerate launch cross_tokenizer.py --uld-match sorted --uld-loss wasserstein --bf16 --output-dir runs/uld_w1
+
+    # hybrid matching (the default) with reverse KL on the tokens both vocabularies hold
+    python cross_tokenizer.py --kl reverse --output-dir runs/uld_hybrid_reverse
 
 Token-level KL needs one vocabulary. ULD (Boizard et al., 2024, "Towards Cross-Tokenizer Distillation: the
 Universal Logit Distillation Loss for LLMs") compares the *shape* of the two next-token distributions instead:
@@ -28,21 +32,40 @@ Universal Logit Distillation Loss for LLMs") compares the *shape* of the two nex
 1. Alignment. Each model reads the conversation rendered by its *own* chat template. On the completion text only,
    every student token is paired with the teacher token whose end character offset is closest (ties: the earlier
    teacher token); the end-of-turn tokens are paired with each other. `align_by_end_offsets` does this.
-2. Loss at each pair: the top-K probabilities of each side at temperature T, sorted in decreasing order, plus one
-   tail bucket holding the mass outside the top K, so nothing vanishes: `--uld-loss kl` is KL(teacher || student)
-   between the two (K+1)-vectors, `--uld-loss wasserstein` is sum_k |p_(k) - q_(k)| (both T^2-scaled).
+2. Loss at each pair, `--uld-match sorted` (the ULD paper): the top-K probabilities of each side at temperature T,
+   sorted in decreasing order, plus one tail bucket holding the mass outside the top K, so nothing vanishes:
+   `--uld-loss kl` is KL(teacher || student) between the two (K+1)-vectors, `--uld-loss wasserstein` is
+   sum_k |p_(k) - q_(k)| (both T^2-scaled). Sorting throws token identity away: the term is as content with a
+   student sharply on a wrong token as on the right one.
+   `--uld-match hybrid` (the default; after TRL's GOLD trainer) keeps identity where it exists. The tokens whose text
+   both vocabularies hold are paired once per tokenizer pair (`vocabulary_match`: a byte-level 'Ġ' and a
+   SentencePiece '▁' both read as a space, a byte token '<0x0A>' as its byte; the two end-of-turn tokens are paired
+   too). At a pair whose student token covers exactly the characters of its teacher token (`same_spans`), both
+   models predict from the same text and write the same text, so the matched tokens are compared by identity with
+   token_level's divergence (`--kl forward|reverse|jsd`, `--beta`), plus one bucket for all other mass, and the
+   unmatched rest of each distribution by the sorted top-K + tail above, weighted by the teacher's unmatched mass
+   (`hybrid_uld_loss` has the formula). Pairs whose spans differ (a student token spanning several teacher tokens,
+   or part of one) keep the sorted term: their teacher token is predicted after another prefix and writes other
+   text, so identity there would teach the teacher's segmentation.
 Total: alpha * CE (student's own tokens of the teacher's completion) + (1 - alpha) * ULD, each a sum over the
 student's completion tokens divided by their number in the whole optimizer step.
 
 The log reports how good the alignment is: the share of student tokens whose teacher partner ends at exactly the
-same character, and the mean end-offset gap in characters. Held-out rows (--eval-data) are encoded and aligned the
-same way and log eval_loss (this objective), eval_ce and eval_div (the ULD term; metrics.jsonl's div in training,
-the key every script uses for its divergence term); from a --teacher-cache they must be cached too.
+same character, the mean end-offset gap in characters and the share that cover exactly the same characters; with
+hybrid matching, how many tokens both vocabularies hold (alignment.json, and metrics.jsonl's matched_vocab_student
+and matched_vocab_teacher) and, per step, the mean probability at T the teacher and the student put on them
+(matched_mass_teacher, matched_mass_student). Held-out rows (--eval-data) are encoded and aligned the same way and
+log eval_loss (this objective), eval_ce and eval_div (the ULD term; metrics.jsonl's div in training, the key every
+script uses for its divergence term); from a --teacher-cache they must be cached too.
 
 A top-K cache (cache_teacher.py --store topk) gives the teacher's bucket vector exactly at T=1 only: at T != 1 its
-tail is re-tempered as one token (`cache_teacher.cached_teacher_log_buckets`). A hidden cache (--store hidden)
-holds the teacher's final hidden states h and head W; the teacher's logits h @ W^T then go through the same ULD
-code as the live teacher's, so the loss is the live one at any temperature (up to the cache's dtype rounding of h).
+tail is re-tempered as one token (`cache_teacher.cached_teacher_log_buckets`). With hybrid matching the teacher's
+matched tokens can only be those among its cached top-K ids (`hybrid_uld_from_topk`): matched tokens outside them
+join the "all other mass" bucket and count as unmatched mass, which is exact when they hold no probability; the
+teacher's tokenizer is loaded (not its model) to know which cached ids the student holds. A hidden cache (--store
+hidden) holds the teacher's final hidden states h and head W; the teacher's logits h @ W^T then go through the same
+code as the live teacher's, so the loss is the live one at any temperature and either matching (up to the cache's
+dtype rounding of h).
 """
 
 from __future__ import annotations
@@ -296,11 +319,10 @@ def vocabulary_match(student_tokenizer, teacher_tokenizer, student_vocab: int | 
     return VocabMatch(ids[:, 0].contiguous(), ids[:, 1].contiguous(), student_vocab, teacher_vocab)
 
 
-def _log_mass_outside(scaled: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[N, V] logits / T, their [N] logsumexp, [n] ids -> [N] log of the probability outside `ids` (_FLOOR if none)."""
-    if len(ids) >= scaled.shape[-1]:
-        return torch.full_like(lse, _FLOOR)
-    return scaled.index_fill(-1, ids, float("-inf")).logsumexp(-1) - lse
+def _log_mass(masked: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """[N, V] logits / T with some set to -inf, the [N] logsumexp of all -> [N] log of the probability left in
+    `masked` (_FLOOR where nothing is)."""
+    return (masked.logsumexp(-1) - lse).clamp_min(_FLOOR)
 
 
 def hybrid_uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_ids: torch.Tensor,
@@ -330,7 +352,10 @@ def hybrid_uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s_scaled, t_scaled = student_logits.to(dtype) / temperature, teacher_logits.to(dtype) / temperature
     s_lse, t_lse = s_scaled.logsumexp(-1), t_scaled.logsumexp(-1)
-    s_rest, t_rest = _log_mass_outside(s_scaled, s_lse, student_ids), _log_mass_outside(t_scaled, t_lse, teacher_ids)
+    # The unmatched tokens' logits / T ([N, V], matched ones -inf): their logsumexp is log p(U), their softmax p(.|U).
+    s_unmatched = s_scaled.index_fill(-1, student_ids, float("-inf"))
+    t_unmatched = t_scaled.index_fill(-1, teacher_ids, float("-inf"))
+    s_rest, t_rest = _log_mass(s_unmatched, s_lse), _log_mass(t_unmatched, t_lse)
     masses = -torch.expm1(t_rest).detach(), -torch.expm1(s_rest).detach()  # p(M), q(M)
     if len(student_ids) == student_logits.shape[-1] or len(teacher_ids) == teacher_logits.shape[-1]:
         s_rest, t_rest = torch.full_like(s_rest, _FLOOR), torch.full_like(t_rest, _FLOOR)  # no bucket on one side
@@ -338,10 +363,9 @@ def hybrid_uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     t_buckets = torch.cat([t_scaled[:, teacher_ids] - t_lse[:, None], t_rest[:, None]], dim=-1)
     matched = common.generalized_jsd_per_position(s_buckets, t_buckets, beta, 1.0) * temperature**2
     k = min(k, student_logits.shape[-1] - len(student_ids) - 1, teacher_logits.shape[-1] - len(teacher_ids) - 1)
-    if k >= 0:  # conditionals within U: the matched tokens masked out, softmax renormalizes
-        p_u = sorted_topk_with_tail(teacher_logits.to(dtype).index_fill(-1, teacher_ids, float("-inf")), k, temperature)
-        q_u = sorted_topk_with_tail(student_logits.to(dtype).index_fill(-1, student_ids, float("-inf")), k, temperature)
-        unmatched = uld_distance(p_u, q_u, kind=kind, temperature=temperature)
+    if k >= 0:  # already divided by T: sorted at temperature 1
+        unmatched = uld_distance(sorted_topk_with_tail(t_unmatched, k, 1.0), sorted_topk_with_tail(s_unmatched, k, 1.0),
+                                 kind=kind, temperature=temperature)
     else:
         unmatched = torch.zeros_like(matched)
     if weighting == "mass":
@@ -382,7 +406,7 @@ def hybrid_uld_from_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, t
     s_lse = s_scaled.logsumexp(-1)
     # The student's mass outside the partners of the named tokens (scatter_add: several rows may hit id 0 via -1).
     hits = torch.zeros_like(s_scaled).scatter_add_(-1, partner.clamp_min(0), named.to(dtype)) > 0
-    s_rest = (s_scaled.masked_fill(hits, float("-inf")).logsumexp(-1) - s_lse).clamp_min(_FLOOR)
+    s_rest = _log_mass(s_scaled.masked_fill(hits, float("-inf")), s_lse)
     s_named = torch.where(named, s_scaled.gather(-1, partner.clamp_min(0)) - s_lse[:, None], _FLOOR)
     t_unnamed = torch.where(named, _FLOOR, teacher[:, :top])  # [N, K]
     t_rest = torch.cat([t_unnamed, teacher[:, top:]], dim=-1).logsumexp(-1).clamp_min(_FLOOR)
@@ -406,7 +430,7 @@ def hybrid_uld_from_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, t
     else:
         w = len(student_ids) / teacher_to_student.shape[0]
         loss = w * matched + (1 - w) * unmatched
-    q_matched = -torch.expm1(_log_mass_outside(s_scaled, s_lse, student_ids)).detach()
+    q_matched = -torch.expm1(_log_mass(s_scaled.index_fill(-1, student_ids, float("-inf")), s_lse)).detach()
     return loss, -torch.expm1(t_rest).detach(), q_matched
 
 
@@ -460,9 +484,10 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, num_tokens, *, t
             uld, p_matched, q_matched = hybrid_uld_from_topk(logits, *rows, teacher_to_student, student_ids,
                                                              k=top_k, **hybrid_options)
             if not same.all():
-                p = cache_teacher.cached_teacher_log_buckets(rows[1], rows[2], top_k, temperature).exp()
-                q = sorted_topk_with_tail(logits, top_k, temperature)
-                uld = torch.where(same, uld, uld_distance(p, q, kind=kind, temperature=temperature))
+                other = ~same
+                p = cache_teacher.cached_teacher_log_buckets(rows[1][other], rows[2][other], top_k, temperature)
+                q = sorted_topk_with_tail(logits[other], top_k, temperature)
+                uld = uld.masked_scatter(other, uld_distance(p.exp(), q, kind=kind, temperature=temperature))
             return ce, uld.sum(), torch.stack([p_matched.sum(), q_matched.sum()])
         with torch.no_grad():
             teacher_logits = rows[0] @ teacher_weight.T  # [C, V_t]
@@ -471,8 +496,9 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, num_tokens, *, t
         uld, p_matched, q_matched = hybrid_uld_loss(logits, teacher_logits, student_ids, teacher_ids, k=top_k,
                                                     **hybrid_options)
         if not same.all():  # a student token that does not cover its teacher token's characters: sorted ULD
-            uld = torch.where(same, uld, uld_loss(logits, teacher_logits, k=top_k, temperature=temperature,
-                                                  kind=kind))
+            other = ~same
+            uld = uld.masked_scatter(other, uld_loss(logits[other], teacher_logits[other], k=top_k,
+                                                     temperature=temperature, kind=kind))
         return ce, uld.sum(), torch.stack([p_matched.sum(), q_matched.sum()])
 
     ce_sum = uld_sum = student_hidden.new_zeros((), dtype=torch.float32)
@@ -631,7 +657,7 @@ def print_alignment(alignment: dict, args, cached: bool = False) -> None:
     gap = "" if cached else f"; mean end-offset gap {alignment['mean_end_gap_chars']:.2f} characters"
     print(f"alignment: {alignment['exact_end_fraction']:.1%} of {alignment['student_tokens']} student tokens end "
           f"where their {'cached ' if cached else ''}teacher token ends{gap}; {alignment['same_span_fraction']:.1%} "
-          "cover exactly its characters" + (" (compared by token identity)" if args.uld_match == "hybrid" else ""))
+          "cover exactly the same characters" + (" (compared by token identity)" if args.uld_match == "hybrid" else ""))
     if alignment["exact_end_fraction"] < args.min_exact_alignment:
         print(f"warning: exact alignment {alignment['exact_end_fraction']:.1%} is below --min-exact-alignment "
               f"{args.min_exact_alignment:.0%}; the tokenizers segment this text very differently")

@@ -349,7 +349,8 @@ def test_hybrid_trains_and_logs_the_match(kit, trained_teacher, tmp_path, capsys
     cross_tokenizer.main(["--teacher", str(trained_teacher), "--student", str(kit["student_nosys"]), "--data",
                           str(data), "--output-dir", str(out), "--uld-match", "hybrid", "--kl", "jsd", *TRAIN])
     printed = capsys.readouterr().out
-    assert "vocabulary match:" in printed and "cover exactly its characters (compared by token identity)" in printed
+    assert "vocabulary match:" in printed
+    assert "cover exactly the same characters (compared by token identity)" in printed
     alignment = json.loads((out / "alignment.json").read_text())
     assert 0 < alignment["matched_vocab_student"] < 1 and 0 < alignment["matched_vocab_teacher"] < 1
     assert 0 < alignment["same_span_fraction"] < 1
@@ -360,9 +361,10 @@ def test_hybrid_trains_and_logs_the_match(kit, trained_teacher, tmp_path, capsys
 
 
 @pytest.mark.parametrize("store", ["topk", "hidden"])
-def test_hybrid_from_a_complete_cache_equals_the_live_teacher(kit, trained_teacher, tmp_path, store):
-    """Different tokenizers (byte-level teacher, SentencePiece-style student). A hidden cache gives the live hybrid
-    loss at T=2; a top-K cache holding every token gives it at T=1 (where its buckets are exact)."""
+@pytest.mark.parametrize("matching", ["hybrid", "sorted"])
+def test_a_complete_cache_equals_the_live_teacher(kit, trained_teacher, tmp_path, store, matching):
+    """Different tokenizers (byte-level teacher, SentencePiece-style student), either matching. A hidden cache gives
+    the live loss at T=2; a top-K cache holding every token gives it at T=1 (where its buckets are exact)."""
     data = write_rows(tmp_path / "d.jsonl", 12)
     extra = ["--store", "hidden", "--hidden-dtype", "float32"] if store == "hidden" else [
         "--top-k", "100000", "--logprob-dtype", "float32"]
@@ -370,12 +372,14 @@ def test_hybrid_from_a_complete_cache_equals_the_live_teacher(kit, trained_teach
                         *extra])
     temperature = "2" if store == "hidden" else "1"
     args = ["--student", str(kit["student_nosys"]), "--data", str(data), *TRAIN, "--temperature", temperature,
-            "--uld-match", "hybrid", "--kl", "reverse"]
+            "--uld-match", matching, "--kl", "reverse"]
     cross_tokenizer.main([*args, "--teacher", str(trained_teacher), "--output-dir", str(tmp_path / "live")])
     cross_tokenizer.main([*args, "--teacher-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "cached")])
     live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
     assert len(live) == len(cached) == 3
-    for key in ("loss", "div", "ce", "tokens", "matched_mass_teacher", "matched_mass_student"):
+    masses = ("matched_mass_teacher", "matched_mass_student") if matching == "hybrid" else ()
+    assert all(("matched_mass_teacher" in m) == bool(masses) for m in live + cached)
+    for key in ("loss", "div", "ce", "tokens", *masses):
         assert [m[key] for m in cached] == pytest.approx([m[key] for m in live], rel=1e-5), key
 
 
@@ -392,3 +396,17 @@ def test_topk_cache_hybrid_needs_the_teachers_tokenizer(kit, trained_teacher, tm
     # --teacher names a folder with that tokenizer: it is used
     cross_tokenizer.main([*argv, "--teacher", str(trained_teacher), "--output-dir", str(tmp_path / "r2")])
     assert "matched_mass_teacher" in read_metrics(tmp_path / "r2")[0]
+
+
+def test_identity_only_where_a_student_token_covers_its_teacher_tokens_characters(kit):
+    """The demo's answer line: the SentencePiece-style student writes ' 6' as one token, the byte-level teacher as
+    ' ' + '6'; that pair (and ' 9') keeps the sorted term, the others are compared by identity."""
+    student, teacher = (common.load_tokenizer(str(kit[name])) for name in ("student_nosys", "teacher"))
+    rows = [{"messages": [{"role": "user", "content": "Q?"}], "completion": "54 / 9 = 6\n#### 6"}]
+    (example,), _, stats = cross_tokenizer.encode_pairs(rows, student, teacher, 1024)
+    ids = [i for i, m in zip(example["input_ids"], example["loss_mask"]) if m]
+    assert student.convert_ids_to_tokens(ids) == ["5", "4", "▁/", "▁9", "▁=", "▁6", "\n", "####", "▁6", "</s>"]
+    assert example["same_span"] == [True, True, True, False, True, False, True, True, False, True]
+    assert stats["same_span_fraction"] == pytest.approx(7 / 10)
+    batch = cross_tokenizer.collate_pairs([example, example], student.pad_token_id, teacher.pad_token_id)
+    assert batch["identity"].tolist() == example["same_span"] * 2
