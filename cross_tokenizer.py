@@ -346,8 +346,10 @@ def hybrid_uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     T^2 * (w D_M + (1 - w) D_U), w = n / V_t  weighting "vocab" (TRL GOLD's overlap weights)
     With "mass" and forward KL the loss is exactly T^2 KL(p || q) if D_U were the identity-matched KL of the two
     conditionals (the chain rule over "matched token, or which unmatched one"); ULD replaces only that last part.
-    Without shared tokens (n = 0) both weightings give `uld_loss` exactly. Averaging is the caller's (a sum over
-    positions / the step's token count). The masses returned (p(M) = 1 - p(U_t), q(M), at temperature T) are for logs.
+    Without shared tokens (n = 0) both weightings give `uld_loss` exactly; with every token shared, token_level's
+    T^2 D_beta(p, q). Averaging is the caller's (a sum over positions / the step's token count). The masses returned
+    (p(M) = 1 - p(U_t), q(M), at temperature T) are for logs. ULD: Boizard et al., 2024; the split into identity
+    and sorted parts follows TRL's GOLD trainer (which weights them by vocabulary overlap and sorts full rows).
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s_scaled, t_scaled = student_logits.to(dtype) / temperature, teacher_logits.to(dtype) / temperature
