@@ -24,6 +24,8 @@ pre-flight calls too):
 - the first batch (same vocabulary): finite logits, the teacher's KL with itself = 0 (and the student's with the
   teacher when they are one model), teacher-student divergence and top-1 agreement (what the pre-flight prints),
   the chunked fused loss and its gradients against a float64 reference materialized from the formula;
+  (different vocabularies) the alignment cross_tokenizer.py trains on, the tokens both vocabularies hold (their
+  share of each vocabulary and of each model's probability mass) and finite logits;
 - cost: an estimate of peak memory for --batch-size x --max-length (weights, gradients, AdamW states,
   activations, loss buffers) and, with --time, three timed training steps (with the measured peak on a GPU);
 - with --teacher-cache: fingerprints against --teacher and the student, the rows of --data it covers, and on the
@@ -343,6 +345,14 @@ def check_cross_tokenizer(report: Report, args, rows, student, tokenizer, teache
     report.add(checks.Check("OK" if exact >= ALIGNMENT_WARN else "WARN", "alignment",
                             f"{exact:.1%} of {alignment['student_tokens']} student completion tokens end where a "
                             f"teacher token ends (mean gap {alignment['mean_end_gap_chars']:.2f} characters)"))
+    vocabs = [min(len(tok), models.output_head(model).weight.shape[0])
+              for model, tok in ((student, tokenizer), (teacher, teacher_tokenizer))]
+    match = cross_tokenizer.match_pair(tokenizer, teacher_tokenizer, *vocabs)
+    report.add(checks.Check("INFO", "vocabulary match", (
+        f"{cross_tokenizer.describe_match(match)}; {alignment['same_span_fraction']:.1%} of the student completion "
+        "tokens cover exactly their teacher token's characters: cross_tokenizer.py --uld-match hybrid compares those "
+        "by token identity on the matched tokens, the rest by sorted ULD")))
+    masses = []
     for who, model, tok in (("--student", student, tokenizer), ("--teacher", teacher, teacher_tokenizer)):
         batch, _ = first_batch(args, rows, tok)
         device = models.output_head(model).weight.device
@@ -352,15 +362,23 @@ def check_cross_tokenizer(report: Report, args, rows, student, tokenizer, teache
             hidden, _ = common.shift_for_next_token(hidden, batch)
             weight = models.output_head(model).weight[:len(tok)]
             chunk = args.chunk_size or losses.auto_chunk_size(len(tok))
+            ids = (match.student_ids if who == "--student" else match.teacher_ids).to(weight.device)
+            mass = 0.0
             try:
                 for lo in range(0, hidden.shape[0], chunk):
-                    common.check_finite_logits(hidden[lo:lo + chunk] @ weight.T, who, "on the first batch")
+                    logits = hidden[lo:lo + chunk] @ weight.T
+                    common.check_finite_logits(logits, who, "on the first batch")
+                    mass += float(logits.float().softmax(-1)[:, ids].sum())
             except common.DistillError as err:
                 report.add(checks.Check("FAIL", "finite", str(err)))
                 continue
+            masses.append(f"the {who.strip('-')} {mass / max(hidden.shape[0], 1):.1%}")
         report.add(checks.Check("OK", "finite", f"{who}'s logits are finite on its first batch"))
+    if masses:
+        report.add(checks.Check("INFO", "matched mass", "mean probability (T=1) on the matched tokens over each "
+                                f"model's own completion positions of the first batch: {', '.join(masses)}"))
     report.add(checks.Check("SKIP", "numbers", "teacher-student KL, top-1 agreement and the fused loss need one "
-                            "vocabulary (cross_tokenizer.py compares sorted probabilities)"))
+                            "vocabulary (cross_tokenizer.py compares the two by alignment)"))
 
 
 # -- cost --------------------------------------------------------------------------------------------------------
@@ -405,7 +423,7 @@ def memory_estimate(args, student, teacher, vocab: int) -> checks.Check:
         "student activations": activations,
         "teacher forward": teacher_forward,
         f"loss buffers ({buffers} x [{chunk}, {vocab}] fp32 + grads)": (buffers * chunk * vocab + tokens * hidden
-                                                                          + head_rows * hidden) * 4,
+                                                                        + head_rows * hidden) * 4,
     }
     total = sum(parts.values())
     detail = "\n".join(f"{name:<44} {gib(value):>12}" for name, value in parts.items())

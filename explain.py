@@ -6,7 +6,8 @@ r"""Figures of what each method transfers, drawn from real models and data (each
     python explain.py mechanisms --teacher runs/teacher --student runs/token_level --data data/teacher.jsonl
 
     # cross-tokenizer (ULD): both segmentations of one completion, the end-offset alignment between them (pairs
-    # whose ends differ in red), and the sorted top-K + tail vectors the loss compares at one aligned pair
+    # whose ends differ in red), and the sorted top-K + tail vectors the loss compares at one aligned pair; the title
+    # gives the tokens both vocabularies hold (--uld-match hybrid) and the probability each model puts on them
     python explain.py alignment --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct --student runs/cross_tokenizer \
         --data data/teacher_smollm2-1.7b-instruct.jsonl
 
@@ -359,6 +360,15 @@ def alignment(teacher: str, student: str, data: str, out: str | Path = "figures"
     uld = float(cross_tokenizer.uld_distance(p[None], q[None], kind="kl", temperature=temperature)[0])
     p_ids = (t_pred[pair] / temperature).topk(k).indices.tolist()
     q_ids = (s_pred[pair] / temperature).topk(k).indices.tolist()
+    # --uld-match hybrid: the tokens both vocabularies hold, and the probability each side puts on them at T
+    s_vocab, t_vocab = min(len(s_tok), s_pred.shape[-1]), min(len(t_tok), t_pred.shape[-1])
+    match = cross_tokenizer.match_pair(s_tok, t_tok, s_vocab, t_vocab)
+    t_matched = F.softmax(t_pred[:, :t_vocab] / temperature, -1)[:, match.teacher_ids.to(device)].sum(-1)
+    s_matched = F.softmax(s_pred[:, :s_vocab] / temperature, -1)[:, match.student_ids.to(device)].sum(-1)
+    same = cross_tokenizer.same_spans(s_enc["completion_offsets"], t_enc["completion_offsets"], pairs)
+    vocab_match = {**match.shares(), "same_span_fraction": stats["same_span_fraction"],
+                   "row_same_span": same, "teacher_matched_mass": t_matched.tolist(),
+                   "student_matched_mass": s_matched.tolist()}
 
     def tokens(enc, tok, positions):
         return [{"id": enc["input_ids"][i], "text": token_text(tok, enc["input_ids"][i]), "start": s, "end": e,
@@ -401,7 +411,11 @@ def alignment(teacher: str, student: str, data: str, out: str | Path = "figures"
         f"row {row}: {len(s_tokens) - len(misaligned)} of {len(s_tokens)} student tokens end where their aligned "
         f"teacher token ends (red: they do not)\nover {stats['student_tokens']} student tokens of "
         f"{len(chosen_rows)} rows: {stats['exact_end_fraction']:.1%} end exactly, mean end gap "
-        f"{stats['mean_end_gap_chars']:.2f} characters", fontsize=9)
+        f"{stats['mean_end_gap_chars']:.2f} characters; {stats['same_span_fraction']:.1%} cover the same characters "
+        f"(--uld-match hybrid compares those by token identity)\nvocabulary match: "
+        f"{cross_tokenizer.describe_match(match)}; on this row at T={temperature:g} the teacher puts "
+        f"{float(t_matched.mean()):.1%} of its probability on them, the student {float(s_matched.mean()):.1%}",
+        fontsize=9)
     x = torch.arange(k + 1).numpy()
     bars_ax.bar(x - 0.2, p.tolist(), 0.4, color="tab:blue", label="teacher, sorted")
     bars_ax.bar(x + 0.2, q.tolist(), 0.4, color="tab:green", label="student, sorted")
@@ -422,7 +436,7 @@ def alignment(teacher: str, student: str, data: str, out: str | Path = "figures"
                "student_tokens": s_tokens, "teacher_tokens": t_tokens, "pairs": pairs,
                "misaligned": info["misaligned"], "stats": stats, "pair": pair, "top_k": k,
                "temperature": temperature, "teacher_sorted": p.tolist(), "student_sorted": q.tolist(),
-               "teacher_sorted_ids": p_ids, "student_sorted_ids": q_ids, "uld_kl": uld}
+               "teacher_sorted_ids": p_ids, "student_sorted_ids": q_ids, "uld_kl": uld, "vocab_match": vocab_match}
     return {**save_figure(fig, Path(out), "alignment", numbers), "numbers": numbers}
 
 

@@ -12,7 +12,7 @@ The recipe, each step a command of this toolkit (printed as it starts, run in th
      bare commands reuse them.
   2. the four methods from the Qwen2.5-0.5B base student, each a LoRA adapter (r=16, alpha 32, on q/k/v/o) trained
      for 15 epochs of those 500 rows (945 steps of 8): sequence_level; token_level, forward KL at T=2 with
-     alpha 0.1; on_policy, lmbda 0.5, reverse KL at T=1; cross_tokenizer (ULD, top-50 at T=2, alpha 0.5) from the
+     alpha 0.1; on_policy, lmbda 0.5, reverse KL at T=1; cross_tokenizer (sorted ULD, top-50 at T=2, alpha 0.5) from the
      SmolLM2 data -> OUT/runs/<script>.
   3. eval.py: the base student and the four runs answer the first 100 GSM8K test problems greedily; strict exact
      match with its Wilson 95% interval -> OUT/results.jsonl, every answer in OUT/predictions/<name>.jsonl.
@@ -61,7 +61,7 @@ METHODS = {
     "on_policy": ("on-policy (GKD, λ=0.5, reverse KL, T=1)", on_policy,
                   ["--lmbda", "0.5", "--kl", "reverse", "--temperature", "1"], "main"),
     "cross_tokenizer": ("cross-tokenizer (ULD, top-50, T=2, α=0.5)", cross_tokenizer,
-                        ["--top-k", "50", "--temperature", "2", "--alpha", "0.5"], "uld"),
+                        ["--uld-match", "sorted", "--top-k", "50", "--temperature", "2", "--alpha", "0.5"], "uld"),
 }
 BASE = "base"
 BLOG_RESULTS = {BASE: "9%", "sequence_level": "43%", "token_level": "37%", "on_policy": "44%",

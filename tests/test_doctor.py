@@ -124,6 +124,25 @@ def test_different_vocabularies_point_to_cross_tokenizer(kit, data):
     assert warn and "use cross_tokenizer.py" in warn[0].message
     assert find(report, "INFO", "scripts") and find(report, "OK", "alignment") and find(report, "SKIP", "numbers")
     assert not find(report, "FAIL", "mask")  # each model's own template still gives a good mask
+    # the tokens both vocabularies hold: the same numbers cross_tokenizer.py's hybrid loss uses
+    import cross_tokenizer
+
+    student, teacher = (models.load_tokenizer(str(kit[name])) for name in ("student_nosys", "teacher"))
+    match = cross_tokenizer.match_pair(student, teacher)
+    message = find(report, "INFO", "vocabulary match")[0].message
+    assert cross_tokenizer.describe_match(match) in message and "cover exactly their teacher token" in message
+    masses = re.findall(r"the (student|teacher) (\d+\.\d)%", find(report, "INFO", "matched mass")[0].message)
+    assert [who for who, _ in masses] == ["student", "teacher"]
+    args = doctor.parse_args(["--teacher", str(kit["teacher"]), "--student", str(kit["student_nosys"]), "--data",
+                              str(data)])
+    for (who, shown), tok, ids in zip(masses, (student, teacher), (match.student_ids, match.teacher_ids)):
+        model, _ = models.load_model(str(kit["student_nosys" if who == "student" else "teacher"]))
+        batch, _ = doctor.first_batch(args, common.load_distill_rows(data)[:args.rows], tok)
+        with torch.no_grad():
+            probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+        mask = batch["loss_mask"][:, 1:].bool()
+        want = probs[:, :-1][mask][:, ids].sum(-1).mean().item()
+        assert float(shown) == pytest.approx(100 * want, abs=0.051)
 
 
 def test_a_vocabulary_differing_in_two_ids_is_caught(kit, data, tmp_path):

@@ -148,6 +148,15 @@ def test_alignment_pairs_are_the_closest_end_offsets(kit, data, out):
     assert torch.allclose(torch.tensor(numbers["student_sorted"]), torch.cat([q[:k], q[k:].sum()[None]]), atol=TOL)
     want = cross_tokenizer.uld_loss(s_logits[None], t_logits[None], k=k, temperature=t)
     assert math.isclose(numbers["uld_kl"], float(want), rel_tol=1e-4, abs_tol=1e-6)
+    # the vocabulary match (--uld-match hybrid): the matched probability at the chosen pair, from the same passes
+    match = cross_tokenizer.match_pair(s_tok, t_tok)
+    shown = numbers["vocab_match"]
+    assert shown["matched_tokens"] == len(match.student_ids) > 0
+    assert math.isclose(shown["teacher_matched_mass"][i], float(F.softmax(t_logits / t, -1)[match.teacher_ids].sum()),
+                        rel_tol=1e-4)
+    assert math.isclose(shown["student_matched_mass"][i], float(F.softmax(s_logits / t, -1)[match.student_ids].sum()),
+                        rel_tol=1e-4)
+    assert shown["row_same_span"] == [tuple(s_offsets[a]) == tuple(t_offsets[b]) for a, b in enumerate(pairs)]
 
 
 @pytest.fixture(scope="module")

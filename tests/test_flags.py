@@ -44,6 +44,7 @@ OWN = [
     ("on_policy", "--max-new-tokens", "0"), ("on_policy", "--vllm-gpu-memory", "0"),
     ("cross_tokenizer", "--top-k", "0"), ("cross_tokenizer", "--temperature", "-2"),
     ("cross_tokenizer", "--alpha", "-1"), ("cross_tokenizer", "--min-exact-alignment", "1.5"),
+    ("cross_tokenizer", "--beta", "1.5"),
     ("generate_data", "--max-new-tokens", "0"), ("generate_data", "--temperature", "-0.7"),
     ("generate_data", "--top-p", "0"), ("generate_data", "--top-p", "1.01"), ("generate_data", "--batch-size", "0"),
     ("generate_data", "--num-examples", "0"), ("generate_data", "--vllm-gpu-memory", "1.5"),
