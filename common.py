@@ -2410,73 +2410,291 @@ def score_answers(predictions: list[str], references: list[str | None]) -> dict:
 # 9. generation (teacher data, on-policy samples, evaluation)
 
 
+# Tokens the decode loop runs between two host reads of its stop and non-finite flags. Each read waits for the
+# device, so reading every token would keep a GPU idle behind Python; a batch that has finished runs at most this
+# many tokens too many (dropped: nothing after a row's stop token is returned).
+STOP_CHECK_EVERY = 8
+# Eager decode steps before a CUDA graph is captured (the first runs lazily initialize kernels and workspaces; they
+# are real steps, their tokens are kept).
+_GRAPH_WARMUP = 2
+# On CUDA the static KV cache is sized up to a multiple of this, so that calls whose prompts differ a little in
+# length (on-policy steps, eval batches) reuse one captured decode step.
+_CACHE_LEN_MULTIPLE = 256
+# On CPU, below this many multiply-adds per decode step (prompts x parameters), one thread decodes faster than
+# several: the step is hundreds of small ops, and each one that goes parallel pays a fork and a join, which cost
+# more than the op (on a machine whose cores are busy, a wait for a core each time).
+_ONE_THREAD_BELOW = 50_000_000
+
+
 @torch.no_grad()  # not inference_mode: a model that updates a buffer here (dynamic RoPE) trains next
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids: list[int] | None = None, what: str = "the model") -> list[dict]:
-    """Batched, left-padded sampling with a KV cache; stops as soon as every row has produced a stop token.
+    """Batched, left-padded sampling with a KV cache; stops once every row has produced a stop token.
     Logits with NaN or inf raise DistillError naming the model (`what`, e.g. "--teacher") and the token: sampled
-    from, they would give garbage that looks like text.
+    from, they would give garbage that looks like text. Only real token ids are drawn: rows past len(tokenizer) pad
+    the head (Qwen2.5: 151,936 rows for 151,665 tokens); a sample there decodes to nothing and indexes past the
+    loss's vocabulary (on_policy.py).
 
     Returns one dict per prompt: `tokens` (new tokens up to and including the first stop token) and `finished`
     (False when cut at max_new_tokens). Only the settings given here apply (temperature 0 = greedy; top-p
     nucleus sampling otherwise), not a repetition penalty or top_k a checkpoint's generation_config may carry.
-    A plain decode loop rather than `model.generate`: on small models its per-token overhead is a third lower,
-    which is most of on-policy distillation's cost; greedy output is identical (tests/test_on_policy.py).
+
+    Not `model.generate`: the one-token step runs on a preallocated (static) KV cache with every per-token decision
+    (sampling, stop tokens, the non-finite check) on the device, and the host looks at the flags only every
+    STOP_CHECK_EVERY tokens. On CUDA that step is captured once as a CUDA graph and replayed: a ~1,000-kernel step
+    costs one launch instead of ~1,000 from Python (`_Decoder`). Greedy output is identical to `model.generate`
+    (tests/test_generate.py).
     """
     stop_ids = stop_ids or end_of_turn_ids(tokenizer)
     device = next(model.parameters()).device
     batch = pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens count from 0
-    full_mask = torch.cat([mask, mask.new_ones(len(prompts), max_new_tokens)], dim=1)  # grown by slicing
-    # a peft wrapper passes **kwargs on to the model it wraps, whose signature names the cache argument
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-    stops = torch.tensor(stop_ids, device=device)
-    # Only real token ids are drawn: rows past len(tokenizer) pad the head (Qwen2.5: 151,936 rows for 151,665
-    # tokens); a sample there decodes to nothing and indexes past the loss's vocabulary (on_policy.py).
-    vocab = len(tokenizer)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    was_training = model.training
+    settings = dict(max_new_tokens=max_new_tokens, vocab=len(tokenizer), temperature=temperature, top_p=top_p,
+                    stop_ids=tuple(stop_ids), pad_id=tokenizer.pad_token_id)
+    was_training, threads = model.training, torch.get_num_threads()
     model.eval()
+    if device.type == "cpu" and len(prompts) * sum(p.numel() for p in model.parameters()) < _ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
     try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        new_tokens = []
-        for step in range(max_new_tokens):
-            logits = out.logits[:, -1, :vocab].float()  # [B, V]
-            # NaN/inf in a row still writing (amax propagates NaN); read at the sync below, not a second one
-            nonfinite = ~(torch.isfinite(logits.amax(-1)) | finished).all()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                if top_p < 1:  # keep the smallest set of most likely tokens whose mass reaches top_p
-                    sorted_probs, order = probs.sort(dim=-1, descending=True)
-                    sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0
-                    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-                # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), cheaper than multinomial
-                token = probs.div_(torch.empty_like(probs).exponential_()).argmax(-1)
-            else:
-                token = logits.argmax(-1)
-            token = torch.where(finished, tokenizer.pad_token_id, token)
-            new_tokens.append(token)
-            finished |= torch.isin(token, stops)
-            done, bad = torch.stack([finished.all(), nonfinite]).tolist()
-            if bad:
-                raise nonfinite_logits_error(what, f"at generated token {step + 1}")
-            if done:
-                break
-            mask = full_mask[:, :mask.shape[1] + 1]
-            positions = positions[:, -1:] + 1
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                        **{cache_arg: cache})
+        rows = _decoder(model, ids.shape, device, **settings).run(model, ids, mask, what)
     finally:
         model.train(was_training)
-    rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
+        torch.set_num_threads(threads)
     results = []
     for row in rows:
         end = next((i for i, tok in enumerate(row) if tok in stop_ids), None)
         results.append({"tokens": row[:end + 1] if end is not None else row, "finished": end is not None})
     return results
+
+
+def draw_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token ids [B] from float logits [B, V]: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top-p nucleus (the smallest set of most likely tokens whose
+    mass reaches top_p; ties at its edge are broken by the sort). Draws by the exponential race: token i wins
+    argmax(log p_i - log E_i), E_i ~ Exp(1), with probability p_i, so no normalization is needed and nothing waits
+    for the host (no multinomial, no data-dependent shape): the whole draw fits in a CUDA graph."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scores = logits / temperature
+    # log E with E = -log U, U ~ Uniform[0, 1): several times cheaper than exponential_() on CPU
+    log_arrival = torch.rand_like(scores).log_().neg_().log_()
+    if top_p >= 1:
+        return (scores - log_arrival).argmax(-1)
+    sorted_scores, order = scores.sort(dim=-1, descending=True)  # [B, V]
+    sorted_probs = sorted_scores.softmax(-1)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the mass before it already reaches top_p
+    race = sorted_scores.masked_fill(outside, -math.inf) - log_arrival
+    return order.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _static_cache_fits(model) -> bool:
+    """Whether `_Decoder` can drive this model with a static cache and its own 4D attention masks: every layer
+    attends to the whole past (a sliding-window layer keeps a rolling cache our mask does not describe), and the
+    attention takes a boolean (sdpa) or additive (eager) 4D mask as it is (not flash-attention's varlen path)."""
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "is_encoder_decoder", False) or config._attn_implementation not in ("sdpa", "eager"):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return getattr(config, "sliding_window", None) is None
+    return set(layer_types) == {"full_attention"}
+
+
+def _graphs_fit(model, device: torch.device) -> bool:
+    """CUDA graphs replay fixed addresses: only for plain parameters on one CUDA device (not FSDP2's DTensor shards,
+    whose forward gathers them through collectives, nor a model spread over devices)."""
+    if device.type != "cuda":
+        return False
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device == device for t in tensors)
+
+
+def _graph_key(model) -> tuple:
+    """What a captured step depends on beyond its buffers: the weights' addresses (moved or reloaded weights are
+    new memory) and the adapters' switches (a merged, disabled or switched LoRA adapter runs other code)."""
+    switches = tuple((getattr(m, "merged", None), getattr(m, "disable_adapters", None),
+                      tuple(getattr(m, "active_adapters", ()) or ())) for m in model.modules() if hasattr(m, "merged"))
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())), switches
+
+
+def _decoder(model, shape: torch.Size, device: torch.device, **settings) -> _Decoder:
+    """The decode state for a batch of this shape: on CUDA the last one this model used when it fits (its captured
+    step is then replayed at once), else a new one."""
+    batch_size, prompt_len = shape
+    cache_len = prompt_len + settings["max_new_tokens"]
+    static = _static_cache_fits(model)
+    graphs = static and _graphs_fit(model, device)
+    if not graphs:
+        return _Decoder(model, batch_size, cache_len, device, static=static, graphs=False, **settings)
+    cache_len = -(-cache_len // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
+    import weakref  # here rather than at the top: this section moves to its own module as a whole
+
+    by_model = _DECODERS.setdefault("by_model", weakref.WeakKeyDictionary())
+    key = (batch_size, cache_len, _graph_key(model), tuple(sorted(settings.items())))
+    cached = by_model.get(model)
+    if cached is None or cached.key != key:
+        cached = by_model[model] = _Decoder(model, batch_size, cache_len, device, static=True, graphs=True,
+                                             key=key, **settings)
+    return cached
+
+
+class _Decoder:
+    """Decode state on preallocated tensors: the KV cache, the next input token and its position, the attention
+    mask, the tokens so far, and the flags the host reads every STOP_CHECK_EVERY tokens (all rows finished; the
+    first token whose logits were not finite). `_step` (the forward of the newest token, then `_pick`) reads and
+    writes only these tensors, in place, with no host sync, so on CUDA it is captured once as a graph and
+    replayed for every later token, and for later calls of the same shape (`_DECODERS`).
+
+    The static path (`_static_cache_fits`) passes transformers' StaticCache and its own 4D mask (models return a
+    4D mask as it is): prefill [B, 1, P, L], one token [B, 1, 1, L] (L = the cache length; True or 0 = attend).
+    Other models (sliding-window layers, flash attention) run the same loop on a DynamicCache and a 2D mask,
+    eagerly. On CPU the static path is also the faster one (no mask building, no cache concatenation per token).
+    """
+
+    def __init__(self, model, batch_size: int, cache_len: int, device: torch.device, *, static: bool, graphs: bool,
+                 max_new_tokens: int, vocab: int, temperature: float, top_p: float, stop_ids: tuple, pad_id: int,
+                 key: tuple | None = None):
+        self.static, self.graphs, self.key = static, graphs, key
+        self.max_new_tokens, self.vocab, self.temperature, self.top_p = max_new_tokens, vocab, temperature, top_p
+        self.pad_id, self.cache_len = pad_id, cache_len
+        # a peft wrapper passes **kwargs on to the model it wraps, whose signature names the cache argument
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        long = dict(dtype=torch.long, device=device)
+        self.stops = torch.tensor(stop_ids, **long)
+        self.tokens = torch.full((batch_size, max_new_tokens), pad_id, **long)  # [B, N] generated so far
+        self.token = torch.zeros(batch_size, 1, **long)  # [B, 1] the newest token: the next forward's input
+        self.position = torch.zeros(batch_size, 1, **long)  # [B, 1] its position (left padding: real tokens from 0)
+        self.count = torch.zeros(1, **long)  # tokens generated so far
+        self.bad_at = torch.zeros(1, **long)  # the first generated token (1-based) drawn from non-finite logits
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.graph, self.graph_failed = None, False
+        if static:
+            from transformers import StaticCache
+
+            self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+            eager = model.config.get_text_config(decoder=True)._attn_implementation == "eager"
+            dtype = model.get_input_embeddings().weight.dtype
+            # sdpa takes a boolean mask (True = attend), eager attention adds its mask to the scores
+            self.attend, self.ignore = (0.0, torch.finfo(dtype).min) if eager else (True, False)
+            self.mask = torch.full((batch_size, 1, 1, cache_len), self.ignore,
+                                   dtype=dtype if eager else torch.bool, device=device)  # [B, 1, 1, L]
+            self.write_at = torch.zeros(1, **long)  # the cache slot the next forward writes
+
+    def run(self, model, ids: torch.Tensor, mask: torch.Tensor, what: str) -> list[list[int]]:
+        """Prefill the prompts (ids, mask: [B, P], left padded), then decode; the generated ids of every row, up to
+        the last token computed (rows that finished earlier hold pad_id after their stop token)."""
+        self._start(model, ids, mask)
+        done, checked = 1, 1
+        while True:
+            if done == self.max_new_tokens or done - checked >= STOP_CHECK_EVERY:
+                all_finished, bad_at = torch.cat([self.finished.all().long()[None], self.bad_at]).tolist()
+                checked = done
+                if bad_at:
+                    raise nonfinite_logits_error(what, f"at generated token {bad_at}")
+                if all_finished or done == self.max_new_tokens:
+                    break
+            if self.graphs and self.graph is None and not self.graph_failed:
+                done += self._capture(model, self.max_new_tokens - done)
+            elif self.graph is not None:
+                self.graph.replay()
+                done += 1
+            else:
+                self._step(model)
+                done += 1
+        return self.tokens[:, :done].tolist()
+
+    def _forward(self, model, input_ids, attention_mask, position_ids, **kwargs):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                     **{self.cache_arg: self.cache}, **kwargs)
+
+    def _start(self, model, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Reset the state in place (a captured graph keeps reading the same tensors), prefill, pick token 1."""
+        batch_size, prompt_len = ids.shape
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]
+        self.tokens.fill_(self.pad_id)
+        self.finished.zero_()
+        self.count.zero_()
+        self.bad_at.zero_()
+        self.position.copy_(positions[:, -1:])
+        if self.static:
+            self.cache.reset()  # zeros: a stale NaN in a masked slot would still reach the output (0 * NaN)
+            real = mask.bool()  # [B, P]
+            self.mask.fill_(self.ignore)
+            self.mask[:, 0, 0, :prompt_len].masked_fill_(real, self.attend)
+            self.write_at.fill_(prompt_len)
+            # prompt token i sees the real tokens up to i; a left-pad token sees itself (a row of nothing but
+            # masked keys would give NaN, and its key/value is never seen by a real token anyway)
+            causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=ids.device).tril()
+            allowed = (causal & real[:, None, :]) | torch.eye(prompt_len, dtype=torch.bool, device=ids.device)
+            prefill_mask = torch.full((batch_size, 1, prompt_len, self.cache_len), self.ignore,
+                                      dtype=self.mask.dtype, device=ids.device)  # [B, 1, P, L]
+            prefill_mask[:, 0, :, :prompt_len].masked_fill_(allowed, self.attend)
+            out = self._forward(model, ids, prefill_mask, positions, logits_to_keep=1)
+        else:
+            self.cache = None
+            # grown by slicing: the mask of the prompt and every token generated so far
+            self.mask = torch.cat([mask, mask.new_ones(batch_size, self.max_new_tokens)], dim=1)
+            self.mask_len = prompt_len
+            out = self._forward(model, ids, mask, positions, logits_to_keep=1)
+            self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        self._pick(out.logits)
+
+    def _step(self, model) -> None:
+        """The forward of the newest token, then `_pick`: the unit a CUDA graph captures."""
+        if self.static:
+            out = self._forward(model, self.token, self.mask, self.position)
+        else:
+            self.mask_len += 1
+            out = self._forward(model, self.token, self.mask[:, :self.mask_len], self.position)
+            self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        self._pick(out.logits)
+
+    def _pick(self, logits: torch.Tensor) -> None:
+        """Draw the next token from the last position's logits [B, 1 or more, rows] and update the state."""
+        logits = logits[:, -1, :self.vocab].float()  # [B, V]
+        self.count += 1
+        # NaN/inf in a row still writing (amax propagates NaN); the first such token is kept for the error
+        bad = ~(torch.isfinite(logits.amax(-1)) | self.finished).all()
+        self.bad_at.copy_(torch.where(bad & (self.bad_at == 0), self.count, self.bad_at))
+        token = torch.where(self.finished, self.pad_id, draw_tokens(logits, self.temperature, self.top_p))
+        self.tokens.index_copy_(1, self.count - 1, token[:, None])
+        self.finished |= (token[:, None] == self.stops).any(-1)
+        self.token.copy_(token[:, None])
+        self.position += 1
+        if self.static:  # the next forward writes its key/value at write_at: let every row attend to it
+            self.mask.index_fill_(-1, self.write_at, self.attend)
+            self.write_at += 1
+
+    def _capture(self, model, steps_left: int) -> int:
+        """Run _GRAPH_WARMUP eager steps (real ones) on a side stream, then capture `_step` as a CUDA graph.
+        Returns the steps run. A model whose step cannot be captured (a host sync inside its forward, e.g. dynamic
+        RoPE) keeps decoding eagerly, with one warning."""
+        warmup = min(_GRAPH_WARMUP, steps_left)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._step(model)
+        torch.cuda.current_stream().wait_stream(stream)
+        if warmup < _GRAPH_WARMUP:  # too few steps left to be worth a capture; the next call captures
+            return warmup
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step(model)
+        except Exception as error:  # noqa: BLE001 - any failure to capture leaves the eager loop, still correct
+            self.graph_failed = True
+            print(f"warning: decoding without a CUDA graph ({type(error).__name__}: {str(error)[:200]}); "
+                  "generation is correct but slower")
+            return warmup
+        self.graph = graph
+        return warmup
+
+
+# "by_model": the last `_Decoder` each model used on CUDA, with its captured step (on-policy steps and eval batches
+# call `generate` with the same shapes again and again); weak keys, so a model's graph and cache go with it.
+_DECODERS: dict = {}
 
 
 def answer_problems(model, tokenizer, problems: list[dict], *, system_prompt: str, max_new_tokens: int,
