@@ -2417,8 +2417,8 @@ STOP_CHECK_EVERY = 8
 # Eager decode steps before a CUDA graph is captured (the first runs lazily initialize kernels and workspaces; they
 # are real steps, their tokens are kept).
 _GRAPH_WARMUP = 2
-# On CUDA the static KV cache is sized up to a multiple of this, so that calls whose prompts differ a little in
-# length (on-policy steps, eval batches) reuse one captured decode step.
+# On CUDA the static KV cache is sized up to a multiple of this, so that later calls with prompts a little longer
+# (on-policy steps, eval batches) still fit it and replay its captured decode step.
 _CACHE_LEN_MULTIPLE = 256
 # On CPU, below this many multiply-adds per decode step (prompts x parameters), one thread decodes faster than
 # several: the step is hundreds of small ops, and each one that goes parallel pays a fork and a join, which cost
@@ -2446,6 +2446,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     (tests/test_generate.py).
     """
     stop_ids = stop_ids or end_of_turn_ids(tokenizer)
+    if max_new_tokens <= 0:
+        return [{"tokens": [], "finished": False} for _ in prompts]
     device = next(model.parameters()).device
     batch = pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -2502,8 +2504,10 @@ def _static_cache_fits(model) -> bool:
 
 def _graphs_fit(model, device: torch.device) -> bool:
     """CUDA graphs replay fixed addresses: only for plain parameters on one CUDA device (not FSDP2's DTensor shards,
-    whose forward gathers them through collectives, nor a model spread over devices)."""
-    if device.type != "cuda":
+    whose forward gathers them through collectives, nor a model spread over devices), and not inside an autocast
+    region: its cache of low-precision weight copies would be read by the graph instead of recast on every replay.
+    (Autocast inside the forward, as accelerate's mixed-precision wrapper does, is fine: it ends within the step.)"""
+    if device.type != "cuda" or torch.is_autocast_enabled("cuda"):
         return False
     tensors = [*model.parameters(), *model.buffers()]
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device == device for t in tensors)
@@ -2518,21 +2522,21 @@ def _graph_key(model) -> tuple:
 
 
 def _decoder(model, shape: torch.Size, device: torch.device, **settings) -> _Decoder:
-    """The decode state for a batch of this shape: on CUDA the last one this model used when it fits (its captured
-    step is then replayed at once), else a new one."""
+    """The decode state for a batch of this shape: on CUDA the last one this model used when it has the same batch
+    size and settings and a cache long enough (its captured step is then replayed at once), else a new one."""
     batch_size, prompt_len = shape
     cache_len = prompt_len + settings["max_new_tokens"]
     static = _static_cache_fits(model)
     graphs = static and _graphs_fit(model, device)
     if not graphs:
         return _Decoder(model, batch_size, cache_len, device, static=static, graphs=False, **settings)
-    cache_len = -(-cache_len // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
     import weakref  # here rather than at the top: this section moves to its own module as a whole
 
     by_model = _DECODERS.setdefault("by_model", weakref.WeakKeyDictionary())
-    key = (batch_size, cache_len, _graph_key(model), tuple(sorted(settings.items())))
+    key = (batch_size, _graph_key(model), tuple(sorted(settings.items())))
     cached = by_model.get(model)
-    if cached is None or cached.key != key:
+    if cached is None or cached.key != key or cached.cache_len < cache_len:
+        cache_len = -(-cache_len // _CACHE_LEN_MULTIPLE) * _CACHE_LEN_MULTIPLE
         cached = by_model[model] = _Decoder(model, batch_size, cache_len, device, static=True, graphs=True,
                                              key=key, **settings)
     return cached

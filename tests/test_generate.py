@@ -122,9 +122,16 @@ def test_a_reused_decode_state_gives_what_a_fresh_one_gives(kit, monkeypatch):
     assert common._DECODERS["by_model"][model] is decoder and decoder.graph.replays > NEW
     assert decoder.cache_len % common._CACHE_LEN_MULTIPLE == 0
     assert [first, second] == fresh
-    # another batch size is another decoder
+    # prompts too long for its cache get a new (longer) one; so does another batch size
+    long = chat_prompts(tok, [q * 40 for q in QUESTIONS])
+    assert max(map(len, long)) + NEW > decoder.cache_len
+    assert ours_greedy(model, tok, long, NEW) == transformers_greedy(model, tok, long, NEW)
+    longer = common._DECODERS["by_model"][model]
+    assert longer is not decoder and longer.cache_len >= max(map(len, long)) + NEW
+    assert ours_greedy(model, tok, prompts, NEW) == fresh[0]  # shorter prompts fit the longer cache
+    assert common._DECODERS["by_model"][model] is longer
     ours_greedy(model, tok, prompts[:2], NEW)
-    assert common._DECODERS["by_model"][model] is not decoder
+    assert common._DECODERS["by_model"][model] is not longer
 
 
 def greedy_rows(model, tok, prompts, n: int) -> list[list[int]]:
