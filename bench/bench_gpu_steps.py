@@ -3,7 +3,7 @@
     python bench/bench_gpu_steps.py build --work /tmp/gc            # Qwen2.5-0.5B/1.5B-shaped models, tokenizer, data
     python bench/bench_gpu_steps.py train --work /tmp/gc --script token_level   # 10 steps of token_level.py
     python bench/bench_gpu_steps.py train --work /tmp/gc --script on_policy     # 10 on-policy steps
-    python bench/bench_gpu_steps.py decode --work /tmp/gc           # generation.generate vs model.generate
+    python bench/bench_gpu_steps.py decode --work /tmp/gc   # generation.generate vs model.generate (8x128, 64x256)
     python bench/bench_gpu_steps.py vllm --work /tmp/gc             # vLLM on the same prompts, when installed
     python bench/bench_gpu_steps.py build --work /tmp/t --student-shape tiny-student --teacher-shape tiny-teacher
                                                                     # seconds on CPU (gpu_check.sh --cpu)
@@ -25,7 +25,9 @@ torch.cuda.max_memory_allocated over the whole run (peak RSS on CPU).
 
 `decode` times generation.generate, the decode loop on-policy sampling uses, against model.generate on the same
 left-padded prompts, greedy, both producing exactly --new-tokens per row (no stop token: a random model rarely
-emits one, and equal work makes tokens/s comparable); median of --reps after one short warm-up each.
+emits one, and equal work makes tokens/s comparable), at each --batch x --new-tokens shape (default 8 x 128 and
+64 x 256); median of --reps after a warm-up each: a short one for model.generate, one at the timed shape for ours,
+whose first call at a shape captures the CUDA graph it replays later (that first call's time is printed too).
 """
 
 from __future__ import annotations
@@ -308,6 +310,13 @@ def median_time(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def decode_shapes(args) -> list[tuple[int, int]]:
+    """(batch, new tokens) pairs from --batch and --new-tokens, which may list several (paired in order)."""
+    if len(args.batch) != len(args.new_tokens):
+        raise SystemExit(f"--batch lists {len(args.batch)} sizes, --new-tokens {len(args.new_tokens)}: pair them")
+    return list(zip(args.batch, args.new_tokens))
+
+
 def cmd_decode(args) -> None:
     import common
     import generation
@@ -318,37 +327,46 @@ def cmd_decode(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = models.load_model(str(work / "student"), dtype="auto", device=device)
     model.generation_config.eos_token_id = None  # run every row to --new-tokens, as ours does with no stop id
-    prompts = load_prompts(work, tokenizer, args.batch)
-    batch = common.pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-
-    def ours(n):
-        # -1 is no token id, so no row stops early
-        return [r["tokens"] for r in generation.generate(model, tokenizer, prompts, max_new_tokens=n, stop_ids=[-1])]
-
-    def theirs(n):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        return out[:, ids.shape[1]:].tolist()
-
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    print(f"decode: batch {args.batch} x {args.new_tokens} new tokens, greedy, {shapes['student']}-shaped student "
-          f"in {dtype}, {device_name()}, median of {args.reps} after a {args.warmup_tokens}-token warm-up",
-          flush=True)
-    results = {}
-    for name, fn in (("generation.generate (ours)", ours), ("model.generate (transformers)", theirs)):
-        fn(args.warmup_tokens)
-        seconds, tokens = median_time(lambda fn=fn: fn(args.new_tokens), args.reps)
-        produced = sum(len(row) for row in tokens)
-        results[name] = (seconds, produced, tokens)
-        print(f"  {name:30s} {seconds:8.3f} s  {produced / seconds:10,.0f} tokens/s  ({produced} tokens)", flush=True)
-    (s_ours, n_ours, t_ours), (s_hf, n_hf, t_hf) = results.values()
-    same = sum(a == b for a, b in zip(t_ours, t_hf))
-    # A random model's argmax can land on a padded head row, which generation.generate never picks and transformers
-    # does: from there on the two rows differ, with the same work per token.
-    print(f"  ours / model.generate: {(n_ours / s_ours) / (n_hf / s_hf):.2f}x the tokens/s; identical greedy tokens "
-          f"in {same} of {len(t_ours)} rows (rows part where transformers picks a padded head row); "
-          f"peak memory {peak_memory()}")
+    for batch_size, new_tokens in decode_shapes(args):
+        prompts = load_prompts(work, tokenizer, batch_size)
+        batch = common.pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+        def ours(n, prompts=prompts):
+            # -1 is no token id, so no row stops early
+            return [r["tokens"] for r in generation.generate(model, tokenizer, prompts, max_new_tokens=n,
+                                                             stop_ids=[-1])]
+
+        def theirs(n, ids=ids, mask=mask):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            return out[:, ids.shape[1]:].tolist()
+
+        print(f"decode: batch {batch_size} x {new_tokens} new tokens, greedy, {shapes['student']}-shaped student "
+              f"in {dtype}, {device_name()}, median of {args.reps} after a warm-up", flush=True)
+        # Ours warms up at the timed shape: its first call at a shape captures the CUDA graph of the one-token
+        # step (a one-time cost, reported), which later calls of that shape (every on-policy step) replay.
+        first, _ = median_time(lambda ours=ours, n=new_tokens: ours(n), 1)
+        note = "captures the CUDA graph" if device == "cuda" else "no CUDA graph on CPU"
+        print(f"  generation.generate first call at this shape ({note}): {first:.3f} s", flush=True)
+        results = {}
+        for name, fn, warmup in (("generation.generate (ours)", ours, None),
+                                 ("model.generate (transformers)", theirs, args.warmup_tokens)):
+            if warmup:
+                fn(warmup)
+            seconds, tokens = median_time(lambda fn=fn, n=new_tokens: fn(n), args.reps)
+            produced = sum(len(row) for row in tokens)
+            results[name] = (seconds, produced, tokens)
+            print(f"  {name:30s} {seconds:8.3f} s  {produced / seconds:10,.0f} tokens/s  ({produced} tokens)",
+                  flush=True)
+        (s_ours, n_ours, t_ours), (s_hf, n_hf, t_hf) = results.values()
+        same = sum(a == b for a, b in zip(t_ours, t_hf))
+        # A random model's argmax can land on a padded head row, which generation.generate never picks and
+        # transformers does: from there on the two rows differ, with the same work per token.
+        print(f"  ours / model.generate: {(n_ours / s_ours) / (n_hf / s_hf):.2f}x the tokens/s; identical greedy "
+              f"tokens in {same} of {len(t_ours)} rows (rows part where transformers picks a padded head row); "
+              f"peak memory {peak_memory()}", flush=True)
 
 
 def cmd_vllm(args) -> None:
@@ -365,20 +383,21 @@ def cmd_vllm(args) -> None:
 
     work = Path(args.work)
     tokenizer = models.load_tokenizer(str(work / "student"))
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in load_prompts(work, tokenizer, args.batch)]
     start = time.perf_counter()
     llm = vllm.LLM(model=str(work / "student"), dtype="bfloat16", gpu_memory_utilization=0.5, seed=0)
     print(f"vLLM {vllm.__version__}: engine ready in {time.perf_counter() - start:.1f} s", flush=True)
+    for batch_size, new_tokens in decode_shapes(args):
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in load_prompts(work, tokenizer, batch_size)]
 
-    def run(n):
-        params = vllm.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
-        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        def run(n, prompts=prompts):
+            params = vllm.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
+            return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    run(args.warmup_tokens)
-    seconds, tokens = median_time(lambda: run(args.new_tokens), args.reps)
-    produced = sum(len(row) for row in tokens)
-    print(f"  vLLM LLM.generate                {seconds:8.3f} s  {produced / seconds:10,.0f} tokens/s  "
-          f"({produced} tokens; batch {args.batch} x {args.new_tokens}, greedy, median of {args.reps})")
+        run(args.warmup_tokens)
+        seconds, tokens = median_time(lambda run=run, n=new_tokens: run(n), args.reps)
+        produced = sum(len(row) for row in tokens)
+        print(f"  vLLM LLM.generate                {seconds:8.3f} s  {produced / seconds:10,.0f} tokens/s  "
+              f"({produced} tokens; batch {batch_size} x {new_tokens}, greedy, median of {args.reps})", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,8 +421,11 @@ def main() -> None:
     for name, what in (("decode", "time generation.generate against model.generate"),
                        ("vllm", "time vLLM's generate on the same prompts, when it is installed")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--batch", type=int, default=64, help="prompts decoded together")
-        p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
+        p.add_argument("--batch", type=int, nargs="+", default=[8, 64],
+                       help="prompts decoded together; several sizes run in turn, each with its --new-tokens")
+        p.add_argument("--new-tokens", type=int, nargs="+", default=[128, 256],
+                       help="tokens generated per prompt, one per --batch size (default: 8 x 128, the on-policy "
+                            "shape, and 64 x 256)")
         p.add_argument("--reps", type=int, default=3, help="timed runs (the median is reported)")
         p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the untimed warm-up run")
     for p in sub.choices.values():

@@ -5,7 +5,8 @@
 #      peak torch.cuda.max_memory_allocated above the inputs and median time, (c)'s ratios to each;
 #   2. bench/bench_gpu_steps.py: 10 steps of token_level.py and of on_policy.py (main() itself, --bf16) on a
 #      random-init Qwen2.5-0.5B-shaped student and 1.5B-shaped teacher: tokens/s, time split, peak memory;
-#   3. generation.generate against model.generate (batch 64, 256 new tokens), and vLLM when it is installed.
+#   3. generation.generate against model.generate (batch 8 x 128 and 64 x 256 new tokens), and vLLM when it is
+#      installed.
 #
 #   bash bench/gpu_check.sh                          # on a CUDA machine: writes bench/results_gpu.txt
 #   bash bench/gpu_check.sh --cpu --out /tmp/r.txt   # the same stages at tiny shapes on CPU, in seconds
@@ -95,7 +96,7 @@ else
     KL_B=8 KL_T=1024 KL_V=151936 KL_REPS=3 KL_DEVICE=cuda HEADS=(896 3584) KL2_VARIANTS=acde
     BUILD=(--student-shape qwen2.5-0.5b --teacher-shape qwen2.5-1.5b --rows 80 --completion-tokens 256)
     TRAIN=(--steps 10 --batch-size 8 --max-new-tokens 256)
-    DECODE=(--batch 64 --new-tokens 256 --reps 3 --warmup-tokens 16)
+    DECODE=(--batch 8 64 --new-tokens 128 256 --reps 3 --warmup-tokens 16)
     MODE="GPU run: real shapes, random weights, bf16"
     if [[ -d $WHEELS ]] && compgen -G "$WHEELS/*.whl" >/dev/null; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
