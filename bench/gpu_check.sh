@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One pass over what has never run on CUDA (issue 18), within 8 minutes on one GPU, every figure into one file:
+# One pass over the GPU hot paths (issues 18 and 25), within 8 minutes on one GPU, every figure into one file:
 #   1. bench/bench_kl.py in bf16 at the Qwen2.5-0.5B head (B=8, T=1024, V=151,936, H=896) and a 7B-like head
 #      (H=3584): (a) materialized + TRL, (c) losses.fused_head_loss, (d) TRL chunked, (e) Liger fused linear JSD;
 #      peak torch.cuda.max_memory_allocated above the inputs and median time, (c)'s ratios to each;
 #   2. bench/bench_gpu_steps.py: 10 steps of token_level.py and of on_policy.py (main() itself, --bf16) on a
 #      random-init Qwen2.5-0.5B-shaped student and 1.5B-shaped teacher: tokens/s, time split, peak memory;
 #   3. generation.generate against model.generate (batch 8 x 128 and 64 x 256 new tokens), and vLLM when it is
-#      installed.
+#      installed;
+#   4. bench/gpu_targets.py: issue 25's targets as ratios within this run (met / not met / missing).
 #
 #   bash bench/gpu_check.sh                          # on a CUDA machine: writes bench/results_gpu.txt
 #   bash bench/gpu_check.sh --cpu --out /tmp/r.txt   # the same stages at tiny shapes on CPU, in seconds
@@ -87,13 +88,14 @@ if ((CPU)); then
     KL_B=2 KL_T=32 KL_V=512 KL_REPS=1 KL_DEVICE=cpu HEADS=(64 128)
     # The wider head runs the first head's code at another width, so on CPU only (c) runs there: importing trl
     # costs (a) and (d) seconds each.
-    KL2_VARIANTS=c
+    KL1_VARIANTS=cd KL2_VARIANTS=c KL_EXTRA=ae
     BUILD=(--student-shape tiny-student --teacher-shape tiny-teacher --rows 4 --completion-tokens 16)
-    TRAIN=(--steps 2 --batch-size 2 --max-new-tokens 8)
+    TRAIN=(--steps 3 --batch-size 2 --max-new-tokens 8)
     DECODE=(--batch 4 --new-tokens 8 --reps 1 --warmup-tokens 2)
     MODE="--cpu smoke run: tiny shapes on CPU, the numbers measure nothing"
 else
-    KL_B=8 KL_T=1024 KL_V=151936 KL_REPS=3 KL_DEVICE=cuda HEADS=(896 3584) KL2_VARIANTS=acde
+    KL_B=8 KL_T=1024 KL_V=151936 KL_REPS=3 KL_DEVICE=cuda HEADS=(896 3584) KL1_VARIANTS=cd KL2_VARIANTS=cd
+    KL_EXTRA=ae
     BUILD=(--student-shape qwen2.5-0.5b --teacher-shape qwen2.5-1.5b --rows 80 --completion-tokens 256)
     TRAIN=(--steps 10 --batch-size 8 --max-new-tokens 256)
     DECODE=(--batch 8 64 --new-tokens 128 256 --reps 3 --warmup-tokens 16)
@@ -174,18 +176,26 @@ if ((!CPU)) && [[ ${FAILED[*]-} == *environment* ]]; then
     exit 1
 fi
 kl_title() { echo "KL loss, $1: B=$KL_B T=$KL_T V=$KL_V H=$2, bf16 on $KL_DEVICE, median of $KL_REPS"; }
+# Stage limits from the 0372f06 H200 pass (environment 8 s, build 22 s, token_level 31 s; the KL stages spent most of
+# their 60 s on Liger's first call) with room for the new paths; the targets' figures come first, (a) and Liger
+# (only for the record) after them, vLLM last with whatever is left. Core stages: 435 s of the 480 s budget.
 stage "$(kl_title 'Qwen2.5-0.5B head' "${HEADS[0]}")" 60 "$PY" bench/bench_kl.py "${KL[@]}" --hidden "${HEADS[0]}" \
-    --variants acde
-stage "$(kl_title '7B-like head' "${HEADS[1]}")" 65 "$PY" bench/bench_kl.py "${KL[@]}" --hidden "${HEADS[1]}" \
+    --variants "$KL1_VARIANTS"
+stage "$(kl_title '7B-like head' "${HEADS[1]}")" 60 "$PY" bench/bench_kl.py "${KL[@]}" --hidden "${HEADS[1]}" \
     --variants "$KL2_VARIANTS"
 stage "build random-init models and data" 45 "$PY" bench/bench_gpu_steps.py build --work "$WORK" "${BUILD[@]}"
-stage "token_level steps" 50 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script token_level "${TRAIN[@]}"
-# 10 x 256 sampled tokens at ~25 ms a token (transformers' eager decode of 24 layers) is most of this one.
-stage "on_policy steps" 130 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script on_policy "${TRAIN[@]}"
-stage "decode: generation.generate vs model.generate" 75 "$PY" bench/bench_gpu_steps.py decode --work "$WORK" \
+stage "token_level steps" 60 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script token_level "${TRAIN[@]}"
+stage "on_policy steps" 90 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script on_policy "${TRAIN[@]}"
+stage "decode: generation.generate vs model.generate" 90 "$PY" bench/bench_gpu_steps.py decode --work "$WORK" \
     "${DECODE[@]}"
+if [[ -n $KL_EXTRA ]]; then
+    stage "$(kl_title 'Qwen2.5-0.5B head, for the record' "${HEADS[0]}")" 60 "$PY" bench/bench_kl.py "${KL[@]}" \
+        --hidden "${HEADS[0]}" --variants "$KL_EXTRA"
+fi
 # vLLM's engine start alone can outlast what is left; it gets the remainder and nothing else waits on it.
 stage "decode: vLLM" "$BUDGET" "$PY" bench/bench_gpu_steps.py vllm --work "$WORK" "${DECODE[@]}"
+echo | tee -a "$OUT"
+"$PY" bench/gpu_targets.py "$OUT" | tee -a "$OUT"
 
 echo | tee -a "$OUT"
 if ((${#FAILED[@]})); then

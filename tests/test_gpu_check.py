@@ -20,13 +20,15 @@ NUM = r"[\d,]+(?:\.\d+)?"
 # section title (start) -> patterns its lines must match: each a figure the GPU run is there to produce
 EXPECTED = {
     "environment": [r"GPU: none \(CPU\)", r"torch \d", r"transformers \d"],
-    "KL loss, Qwen2.5-0.5B head: B=2 T=32 V=512 H=64": [
-        rf"\(a\) materialized \+ TRL generalized_jsd_loss +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
+    "KL loss, Qwen2.5-0.5B head: B=2 T=32 V=512 H=64, bf16": [
         rf"\(c\) fused chunked \(losses.fused_head_loss\) +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
         rf"\(d\) TRL 1.16 _chunked_divergence_loss +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
-        r"\(e\) skipped: ",
-        rf"\(c\)/\(a\): memory {NUM}, time {NUM}",
         rf"\(c\)/\(d\): memory {NUM}, time {NUM}",
+        rf"issue 25 targets, \(c\)/\(d\): time {NUM} ",
+    ],
+    "KL loss, Qwen2.5-0.5B head, for the record": [
+        rf"\(a\) materialized \+ TRL generalized_jsd_loss +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
+        r"\(e\) skipped: ",
     ],
     "KL loss, 7B-like head: B=2 T=32 V=512 H=128": [
         rf"\(c\) fused chunked \(losses.fused_head_loss\) +\+ *{NUM} GB +{NUM} m?s +loss {NUM}",
@@ -36,13 +38,13 @@ EXPECTED = {
     "token_level steps": [
         rf"step 2: {NUM} s, {NUM} loss tokens",
         r"student float32 on cpu \+ bf16 autocast; teacher bfloat16 on cpu",
-        rf"steps 2-2: mean {NUM} s, median {NUM} s, {NUM} loss tokens/s",
+        rf"steps 2-3: mean {NUM} s, median {NUM} s, {NUM} loss tokens/s",
         rf"time split per step: sampling 0.000 s \(0%\), teacher forward {NUM} s \({NUM}%\), "
         rf"student forward\+loss\+backward {NUM} s \({NUM}%\), clip\+AdamW\+logging {NUM} s \({NUM}%\)",
         rf"peak memory: {NUM} GB peak RSS",
     ],
     "on_policy steps": [
-        rf"steps 2-2: mean {NUM} s, median {NUM} s, {NUM} loss tokens/s",
+        rf"steps 2-3: mean {NUM} s, median {NUM} s, {NUM} loss tokens/s",
         rf"time split per step: sampling {NUM} s \({NUM}%\), teacher forward",
         rf"peak memory: {NUM} GB peak RSS",
     ],
@@ -53,6 +55,10 @@ EXPECTED = {
     ],
     "decode: vLLM": [r"vLLM: not installed here, skipped|vLLM LLM.generate .* tokens/s"],
 }
+# bench/gpu_targets.py's summary at the end: every target read from the stages above (none missing)
+TARGETS = ["fused loss vs TRL chunked at H=896: time", "decoding at batch 4 x 8: .*x model.generate",
+           "decoding at batch 4 x 8: .* tokens/s", "on_policy step vs token_level step: .*x \\(median",
+           "token_level steps after the first: slowest"]
 
 
 def sections(text: str) -> dict[str, str]:
@@ -76,6 +82,8 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path):
         assert title is not None, f"no section {start!r} in:\n{text}"
         for pattern in patterns:
             assert re.search(pattern, found[title]), f"{pattern!r} not in section {title!r}:\n{found[title]}"
+    for pattern in TARGETS:
+        assert re.search(pattern, text), f"{pattern!r} not in the targets summary:\n{text[-2000:]}"
     assert re.search(r"^== done in \d+ s; every stage complete$", text, flags=re.M)
     assert "!!" not in text
     # the smoke run never writes over the GPU results
