@@ -39,8 +39,8 @@ same character, and the mean end-offset gap in characters. Held-out rows (--eval
 same way and log eval_loss (this objective), eval_ce and eval_div (the ULD term; metrics.jsonl's div in training,
 the key every script uses for its divergence term); from a --teacher-cache they must be cached too.
 
-A top-K cache (cache_teacher.py --store topk) gives the teacher's bucket vector exactly at T=1 only: at T != 1 its
-tail is re-tempered as one token (`cache_teacher.cached_teacher_log_buckets`). A hidden cache (--store hidden)
+A top-K cache (cache_teacher.py --store topk) gives the teacher's bucket vector exactly, at each temperature it holds
+(cache_teacher.py --temperatures; `cache_teacher.cached_teacher_log_buckets`). A hidden cache (--store hidden)
 holds the teacher's final hidden states h and head W; the teacher's logits h @ W^T then go through the same ULD
 code as the live teacher's, so the loss is the live one at any temperature (up to the cache's dtype rounding of h).
 """
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-cache", default=None,
                         help="read the teacher from a cache_teacher.py folder instead of loading --teacher: "
                              "--store hidden gives the live teacher's loss exactly; --store topk its top-K log-probs "
-                             "(the cache's K must cover --top-k; exact at T=1 only)")
+                             "(exact at the temperatures it holds; cached tokens beyond --top-k join the tail)")
     parser.add_argument("--min-exact-alignment", type=common.FRACTION, default=0.5,
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
@@ -241,8 +241,8 @@ def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length, what: str | Non
 def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: bool = False, *,
                       truncated: str = "no-eos"):
     """Like encode_pairs, with the teacher's tokens read from a cache: its offsets give the alignment and each
-    student example keeps, per completion token, the cached row of its aligned teacher token (teacher_topk_logprobs
-    and teacher_tail_logprob of a top-K cache, teacher_hidden of a hidden one). Training rows absent from the cache
+    student example keeps its cached teacher row (teacher_row) and, per completion token, the position in it of its
+    aligned teacher token (teacher_positions), read at collate time. Training rows absent from the cache
     are skipped; held-out ones are refused (a held-out loss on a subset would mislead)."""
     examples, skipped, missing, differ = [], 0, 0, 0
     exact = count = 0
@@ -262,9 +262,7 @@ def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: 
             continue
         teacher_offsets = [tuple(o) for o in teacher["offsets"].tolist()]
         aligned = torch.tensor(align_by_end_offsets(student["completion_offsets"], teacher_offsets))
-        for name in ("topk_logprobs", "tail_logprob", "hidden"):  # what the cache's store holds
-            if name in teacher:
-                student[f"teacher_{name}"] = teacher[name][aligned]
+        student.update(teacher_row=teacher, teacher_positions=aligned)
         exact += sum(s_end == teacher_offsets[j][1] for (_, s_end), j in zip(student["completion_offsets"],
                                                                              aligned.tolist()))
         count += len(aligned)
@@ -298,7 +296,8 @@ def collate_pairs(examples: list[dict], pad_id: int, teacher_pad_id: int) -> dic
 
 def main(argv=None):
     args = parse_args(argv)
-    manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
+    manifest = cache_teacher.open_cache(args.teacher_cache, temperature=args.temperature) \
+        if args.teacher_cache else None  # before any model
     rows = common.load_distill_rows(args.data)
     student, tokenizer = common.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
@@ -369,13 +368,14 @@ def train_from_cache(args, rows, student, tokenizer):
 
     def collate(exs):
         batch = common.pad_batch(exs, tokenizer.pad_token_id)
-        if hidden_store:  # [N, H_teacher], one per student target, as the live path's teacher_rows pick them
-            batch["teacher_hidden"] = torch.cat([ex["teacher_hidden"] for ex in exs])
+        # one cached teacher position per student target, as the live path's teacher_rows pick them
+        teacher = cache_teacher.collate_rows([ex["teacher_row"] for ex in exs], manifest, args.temperature,
+                                             [ex["teacher_positions"] for ex in exs])
+        if hidden_store:  # [N, H_teacher]
+            batch["teacher_hidden"] = teacher["teacher_hidden"]
             return batch
-        topk_logprobs = torch.cat([ex["teacher_topk_logprobs"] for ex in exs])
-        tail_logprob = torch.cat([ex["teacher_tail_logprob"] for ex in exs])
         batch["teacher_probs"] = cache_teacher.cached_teacher_log_buckets(  # [N, k+1]
-            topk_logprobs, tail_logprob, k, args.temperature).exp()
+            teacher["topk_logprobs"], teacher["tail_logmass"], k, args.temperature).exp()
         return batch
 
     eval_set = common.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(
