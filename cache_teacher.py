@@ -567,7 +567,7 @@ def teacher_samples(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, 
     2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs").
 
     teacher_hidden [N, H] -> (draw_lengths [N, #T] int64: distinct tokens per position and T; then flat, position
-    by position, T by T, ids increasing: draw_ids [M] int64, draw_counts [M] int64 (summing to `samples` per
+    by position, T by T, ids increasing: draw_ids [M] int64, draw_counts [M] int32 (summing to `samples` per
     position and T), draw_logprobs [M] fp32 = log p_T(id); finite [N] bool: False where the logits were not all
     finite, whose draws mean nothing and must be refused). Chunk by chunk over positions; `generator` seeds the
     draws.
@@ -580,8 +580,8 @@ def teacher_samples(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, 
         logits = torch.where(ok[:, None], logits, 0.0)  # draws at a bad position are refused by the caller
         logp = torch.stack([(logits / t).log_softmax(-1) for t in temperatures], dim=1)  # [C, #T, V]
         draws = torch.multinomial(logp.flatten(0, 1).exp(), samples, replacement=True, generator=generator)
-        count = torch.zeros(logp.shape, dtype=torch.int64, device=logits.device).flatten(0, 1)
-        count = count.scatter_add_(1, draws, torch.ones_like(draws)).view(logp.shape)  # [C, #T, V]
+        count = torch.zeros(logp.shape, dtype=torch.int32, device=logits.device).flatten(0, 1)
+        count = count.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.int32)).view(logp.shape)  # [C, #T, V]
         where = count.nonzero(as_tuple=True)  # (position, T, id), in that lexicographic order
         lengths.append((count > 0).sum(-1))
         ids.append(where[2])

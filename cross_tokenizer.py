@@ -79,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-cache", default=None,
                         help="read the teacher from a cache_teacher.py folder instead of loading --teacher: "
                              "--store hidden gives the live teacher's loss exactly; --store topk its top-K log-probs "
-                             "(exact at the temperatures it holds; cached tokens beyond --top-k join the tail)")
+                             "(compares the top min(--top-k, its K) + tail, exactly at the temperatures it holds)")
     parser.add_argument("--min-exact-alignment", type=common.FRACTION, default=0.5,
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
