@@ -5,10 +5,11 @@ size, the objective and gradient each store trains on, quality after training, a
     python bench/bench_cache.py --demo /elsewhere/demo_out/full --out /tmp/bench_cache
 
 1. Size: cache_teacher.py on the demo's 800 teacher completions: top-K at K=20 and K=64 (float16 log-probs,
-   tails at T=1 and 2), sampled caches at T=1 and at T=2 for several numbers of draws (ids + counts + float16
-   log-probs of the distinct draws), and --store hidden (bfloat16 hidden states, plus the head once); bytes per
-   cached token from the files on disk. The sampled cache compared below at each T is the one whose bytes per
-   token are closest to the K=20 cache's.
+   tails at T=1 and 2), sampled caches at T=1 and at T=2 (ids + counts + float16 log-probs of the distinct
+   draws) and --store hidden (bfloat16 hidden states, plus the head once); bytes per cached token from the files
+   on disk. A sampled cache's size depends on how many distinct tokens the draws hit (a peaked teacher: few):
+   the number of draws compared below at each T is the one, of 4, 16, 64, ..., whose cache of the first 100 rows
+   comes closest to the K=20 cache's bytes per token.
 2. The objective: on the first 64 rows, the demo's base student against the live teacher, the K=20 cache, the
    sampled cache of the same size and the hidden cache: forward KL, reverse KL and JSD(0.5) at T=1 and T=2, per
    token (step 1 of a run: the teacher's divergence from the untrained student). A sampled cache is one draw: its
@@ -47,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SAMPLES = (4, 8, 16, 32, 64)  # draws per token tried for the sampled caches
+SAMPLES = (4, 16, 64, 256, 1024, 4096, 16384)  # draws per token tried (on PROBE_ROWS) for the sampled caches
+PROBE_ROWS = 100
 
 
 def child(out: str, argv: list[str]) -> None:
@@ -220,18 +222,27 @@ def main():
     print("== 1. size")
     sizes = {f"topk{k}": cache(teacher, data, out / f"cache_k{k}", "--top-k", str(k)) for k in (20, 64)}
     target = sizes["topk20"]["bytes_per_token"]
-    matched = {}
+    matched, probes = {}, {}
     for temperature in (1, 2):
-        tried = {s: cache(teacher, data, out / f"cache_sampled{s}_t{temperature}", "--store", "sampled",
-                          "--samples", str(s), "--temperatures", str(temperature)) for s in SAMPLES}
-        sizes.update({f"sampled{s}_t{temperature}": m for s, m in tried.items()})
-        best = min(tried, key=lambda s: abs(tried[s]["bytes_per_token"] - target))
+        tried = {}
+        for s in SAMPLES:
+            tried[s] = cache(teacher, data, out / f"probe_sampled{s}_t{temperature}", "--store", "sampled",
+                             "--samples", str(s), "--temperatures", str(temperature),
+                             rows=PROBE_ROWS)["bytes_per_token"]
+            if tried[s] >= target:
+                break
+        best = min(tried, key=lambda s: abs(tried[s] - target))
+        probes[temperature] = tried
+        print(f"T={temperature}: bytes/token of the first {PROBE_ROWS} rows by draws per token: {tried}")
         matched[temperature] = (best, out / f"cache_sampled{best}_t{temperature}")
+        sizes[f"sampled{best}_t{temperature}"] = cache(teacher, data, matched[temperature][1], "--store", "sampled",
+                                                       "--samples", str(best), "--temperatures", str(temperature))
     sizes["hidden"] = cache(teacher, data, out / "cache_hidden", "--store", "hidden")
     for name, m in sizes.items():
         print(f"{name}: {m['bytes_per_token']} bytes/token ({m['tokens']} tokens)")
     results["sizes"] = sizes
     results["matched_samples"] = {t: s for t, (s, _) in matched.items()}
+    results["probes"] = probes
 
     print("== 2. the objective (first 64 rows, per token)")
     teacher_model, teacher_tokenizer = common.load_model(str(teacher))
