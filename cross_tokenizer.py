@@ -58,14 +58,14 @@ and matched_vocab_teacher) and, per step, the mean probability at T the teacher 
 log eval_loss (this objective), eval_ce and eval_div (the ULD term; metrics.jsonl's div in training, the key every
 script uses for its divergence term); from a --teacher-cache they must be cached too.
 
-A top-K cache (cache_teacher.py --store topk) gives the teacher's bucket vector exactly at T=1 only: at T != 1 its
-tail is re-tempered as one token (`cache_teacher.cached_teacher_log_buckets`). With hybrid matching the teacher's
-matched tokens can only be those among its cached top-K ids (`hybrid_uld_from_topk`): matched tokens outside them
-join the "all other mass" bucket and count as unmatched mass, which is exact when they hold no probability; the
-teacher's tokenizer is loaded (not its model) to know which cached ids the student holds. A hidden cache (--store
-hidden) holds the teacher's final hidden states h and head W; the teacher's logits h @ W^T then go through the same
-code as the live teacher's, so the loss is the live one at any temperature and either matching (up to the cache's
-dtype rounding of h).
+A top-K cache (cache_teacher.py --store topk) gives the teacher's bucket vector exactly, at each temperature it holds
+(cache_teacher.py --temperatures; `cache_teacher.cached_teacher_log_buckets`). A hidden cache (--store hidden)
+holds the teacher's final hidden states h and head W; the teacher's logits h @ W^T then go through the same ULD
+code as the live teacher's, so the loss is the live one at any temperature (up to the cache's dtype rounding of h).
+With --uld-match hybrid the teacher's matched tokens can only be those among its cached top-K ids
+(`hybrid_uld_from_topk`): matched tokens outside them join the "all other mass" bucket and count as unmatched mass,
+which is exact when they hold no probability; the teacher's tokenizer is loaded (not its model) to know which cached
+ids the student holds. A hidden cache gives the live loss with either matching.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def parse_args(argv=None):
     method.add_argument("--teacher-cache", default=None,
                         help="read the teacher from a cache_teacher.py folder instead of loading --teacher: "
                              "--store hidden gives the live teacher's loss exactly; --store topk its top-K log-probs "
-                             "(the cache's K must cover --top-k; exact at T=1 only)")
+                             "(compares the top min(--top-k, its K) + tail, exactly at the temperatures it holds)")
     method.add_argument("--min-exact-alignment", type=common.FRACTION, default=0.5,
                         help="warn when fewer student tokens than this share align to a teacher token ending at "
                              "the same character")
@@ -571,10 +571,10 @@ def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length, what: str | Non
 def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: bool = False, *,
                       truncated: str = "no-eos"):
     """Like encode_pairs, with the teacher's tokens read from a cache: its offsets give the alignment and each
-    student example keeps, per completion token, the cached row of its aligned teacher token (teacher_topk_ids,
-    teacher_topk_logprobs and teacher_tail_logprob of a top-K cache, teacher_hidden of a hidden one) and
-    `same_span`. Training rows absent from the cache are skipped; held-out ones are refused (a held-out loss on a
-    subset would mislead)."""
+    student example keeps its cached teacher row (teacher_row) and, per completion token, the position in it of its
+    aligned teacher token (teacher_positions), read at collate time, and `same_span`. Training rows absent from the
+    cache
+    are skipped; held-out ones are refused (a held-out loss on a subset would mislead)."""
     examples, skipped, missing, differ = [], 0, 0, 0
     exact = count = same = 0
     for index, row in enumerate(rows):
@@ -593,9 +593,7 @@ def encode_from_cache(rows, tokenizer, cached: dict, max_length: int, held_out: 
             continue
         teacher_offsets = [tuple(o) for o in teacher["offsets"].tolist()]
         aligned = torch.tensor(align_by_end_offsets(student["completion_offsets"], teacher_offsets))
-        for name in ("topk_ids", "topk_logprobs", "tail_logprob", "hidden"):  # what the cache's store holds
-            if name in teacher:
-                student[f"teacher_{name}"] = teacher[name][aligned]
+        student.update(teacher_row=teacher, teacher_positions=aligned)
         student["same_span"] = same_spans(student["completion_offsets"], teacher_offsets, aligned.tolist())
         exact += sum(s_end == teacher_offsets[j][1] for (_, s_end), j in zip(student["completion_offsets"],
                                                                              aligned.tolist()))
@@ -681,7 +679,8 @@ def step_stats(ce_sum, uld_sum, mass_sums, num_tokens, held_out: bool) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
+    manifest = cache_teacher.open_cache(args.teacher_cache, temperature=args.temperature) \
+        if args.teacher_cache else None  # before any model
     rows = common.load_distill_rows(args.data, allow_duplicates=args.allow_duplicates)
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
@@ -782,17 +781,18 @@ def train_from_cache(args, rows, student, tokenizer, manifest: dict):
     def collate(exs):
         batch = common.pad_batch(exs, tokenizer.pad_token_id)
         batch["identity"] = same_span_mask(exs)
-        if hidden_store:  # [N, H_teacher], one per student target, as the live path's teacher_rows pick them
-            batch["teacher_hidden"] = torch.cat([ex["teacher_hidden"] for ex in exs])
+        # one cached teacher position per student target, as the live path's teacher_rows pick them
+        teacher = cache_teacher.collate_rows([ex["teacher_row"] for ex in exs], manifest, args.temperature,
+                                             [ex["teacher_positions"] for ex in exs])
+        if hidden_store:  # [N, H_teacher]
+            batch["teacher_hidden"] = teacher["teacher_hidden"]
             return batch
-        topk_logprobs = torch.cat([ex["teacher_topk_logprobs"] for ex in exs])
-        tail_logprob = torch.cat([ex["teacher_tail_logprob"] for ex in exs])
-        if match is not None:  # the cached rows as they are: hybrid_uld_from_topk reads ids and log-probs
-            batch.update(teacher_topk_ids=torch.cat([ex["teacher_topk_ids"] for ex in exs]),
-                         teacher_topk_logprobs=topk_logprobs, teacher_tail_logprob=tail_logprob)
+        if match is not None:  # hybrid_uld_from_topk reads the ids, log-probabilities and the tail's mass at T
+            batch.update(teacher_topk_ids=teacher["topk_ids"], teacher_topk_logprobs=teacher["topk_logprobs"],
+                         teacher_tail_logprob=teacher["tail_logmass"])
             return batch
         batch["teacher_probs"] = cache_teacher.cached_teacher_log_buckets(  # [N, k+1]
-            topk_logprobs, tail_logprob, k, args.temperature).exp()
+            teacher["topk_logprobs"], teacher["tail_logmass"], k, args.temperature).exp()
         return batch
 
     eval_set = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(

@@ -29,7 +29,8 @@ pre-flight calls too):
 - cost: an estimate of peak memory for --batch-size x --max-length (weights, gradients, AdamW states,
   activations, loss buffers) and, with --time, three timed training steps (with the measured peak on a GPU);
 - with --teacher-cache: fingerprints against --teacher and the student, the rows of --data it covers, and on the
-  first batch the divergence from the cached top-K + tail against the one from the live teacher.
+  first batch the divergence token_level.py would train on from the cache (top-K + tail, the sampled estimate, or
+  the hidden states' logits) against the one from the live teacher.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ REFERENCE_TOKENS = 256  # positions of the first batch the float64 reference mat
 ALIGNMENT_WARN = 0.5  # cross_tokenizer.py's --min-exact-alignment default
 CACHE_GAP_WARN = 0.10  # |cached - live divergence| above this share of the live one (+ 0.01) is a WARN
 CACHE_DRIFT_WARN = 0.05  # cached vs live teacher log-probabilities; float16 storage rounds by < 0.016 above -32
+CACHE_SAMPLING_Z = 4.0  # a sampled cache's gap beyond this many standard errors is not sampling noise
 COLORS = {"OK": "32", "WARN": "33", "FAIL": "31", "INFO": "36", "SKIP": "2"}
 
 
@@ -535,13 +537,47 @@ def hidden_cache_gap(folder, manifest, student_logits, teacher_logits, hidden, b
     return checks.Check("INFO", "cache gap", f"{gap}: the exact cache trains the live objective")
 
 
+def sampled_cache_gap(manifest, student_logits, teacher_logits, cache: dict, temperature) -> checks.Check:
+    """A --store sampled cache: its per-token estimate of forward KL against the live value. The estimate is
+    unbiased, so the gap is judged in standard errors of the per-token differences; a larger one means draws from
+    another distribution (teacher, dtype, template) than the live teacher's."""
+    estimate = cache_teacher.sampled_forward_kl(student_logits, cache["draw_ids"], cache["draw_counts"],
+                                                cache["draw_logprobs"], temperature)
+    live = common.generalized_jsd_per_position(student_logits, teacher_logits, 0.0, temperature)
+    diff = (estimate - live).double()
+    n = diff.numel()
+    error = diff.std().item() / math.sqrt(n) if n > 1 else float("inf")
+    z = diff.mean().item() / max(error, 1e-12)
+    live_logprobs = (teacher_logits.float() / temperature).log_softmax(-1).gather(1, cache["draw_ids"])
+    present = cache["draw_counts"] > 0
+    drift = torch.where(present, (live_logprobs - cache["draw_logprobs"].float()).abs(), 0.0).max().item()
+    gap = f"KL(teacher||student) at T={temperature:g} over {n} tokens: from {manifest.get('samples')} cached draws " \
+          f"per token {estimate.mean().item():.4f}, from the live teacher {live.mean().item():.4f} (gap " \
+          f"{diff.mean().item():+.4f} = {z:+.1f} standard errors of the sampling)"
+    problems = []
+    if not math.isfinite(drift) or drift > CACHE_DRIFT_WARN:
+        problems.append(f"cached log-probabilities of the drawn tokens differ from the live teacher's by up to "
+                        f"{drift:.3f}: written by another teacher, dtype or template?")
+    if not math.isfinite(z) or abs(z) > CACHE_SAMPLING_Z:
+        problems.append("an unbiased estimate should be within a few standard errors of the live value: the draws "
+                        "come from another distribution than this teacher's")
+    if problems:
+        return checks.Check("WARN", "cache gap", f"{gap}; {'; '.join(problems)}")
+    return checks.Check("INFO", "cache gap", f"{gap}: an unbiased estimate of the live objective (its gradient too); "
+                        f"cached log-probabilities within {drift:.3f} of the live teacher's")
+
+
 def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict], vocab: int) -> checks.Check:
     """On the first batch's cached rows: the divergence token_level.py trains on from the cache (top-K + tail,
-    cache_teacher.topk_bucket_divergence) against the same divergence from the live teacher, and how far the cached
-    log-probabilities are from the live teacher's."""
+    cache_teacher.topk_bucket_divergence; the sampled estimate; or the hidden states' logits) against the same
+    divergence from the live teacher, and how far the cached log-probabilities are from the live teacher's."""
+    beta, temperature = common.divergence_beta(args), args.temperature
+    try:  # what token_level.py refuses with this cache (a temperature it lacks, reverse KL from draws, ...)
+        cache_teacher.open_cache(folder, stores=cache_teacher.STORES, temperature=temperature, beta=beta)
+    except common.DistillError as err:
+        return checks.Check("FAIL", "cache gap", str(err))
     manifest, cached = cache_teacher.load_cache(folder)
     store = cache_teacher.store_of(manifest)
-    beta, temperature = common.divergence_beta(args), args.temperature
     student_hidden, teacher_hidden, targets = hidden_pair(student, teacher, batch)
     counts = batch["loss_mask"][:, 1:].sum(1).tolist()
     keep, parts, first = [], [], 0
@@ -557,18 +593,20 @@ def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict],
         return checks.Check("WARN", "cache gap", "no row of the first batch is in the cache: gap not measured")
     device = student_hidden.device
     idx = torch.tensor(keep, device=device)
-    names = [k for k in cache_teacher.SHARD_TENSORS[store] if k not in ("token_ids", "offsets")]
-    cache = {k: torch.cat([p[k] for p in parts]).to(device) for k in names}
+    cache = {k: v.to(device) for k, v in cache_teacher.collate_rows(parts, manifest, temperature).items()}
     head, teacher_head = models.output_head(student).weight, models.output_head(teacher).weight
     with torch.no_grad():
         logits = (student_hidden[idx] @ head[:vocab].T).float()
         teacher_logits = (teacher_hidden[idx] @ teacher_head[:vocab].T).float()
         if store == "hidden":
-            return hidden_cache_gap(folder, manifest, logits, teacher_logits, cache["hidden"], beta, temperature)
-        from_cache = cache_teacher.topk_bucket_divergence(logits, cache["topk_ids"].long(), cache["topk_logprobs"],
-                                                          cache["tail_logprob"], beta, temperature).mean().item()
+            return hidden_cache_gap(folder, manifest, logits, teacher_logits, cache["teacher_hidden"], beta,
+                                    temperature)
+        if store == "sampled":
+            return sampled_cache_gap(manifest, logits, teacher_logits, cache, temperature)
+        from_cache = cache_teacher.topk_bucket_divergence(logits, cache["topk_ids"], cache["topk_logprobs"],
+                                                          cache["tail_logmass"], beta, temperature).mean().item()
         live = common.generalized_jsd_per_position(logits, teacher_logits, beta, temperature).mean().item()
-        live_logprobs = teacher_logits.log_softmax(-1).gather(1, cache["topk_ids"].long())
+        live_logprobs = teacher_logits.log_softmax(-1).gather(1, cache["topk_ids"])
         drift = (live_logprobs - cache["topk_logprobs"].float()).abs().max().item()
     k = cache["topk_ids"].shape[1]
     gap = f"{common.divergence_name(beta)} at T={temperature:g} over {len(keep)} tokens: from the cached top-{k} + " \
@@ -579,9 +617,11 @@ def cache_gap(args, folder, student, teacher, batch: dict, examples: list[dict],
         problems.append(f"cached log-probabilities differ from the live teacher's by up to {drift:.3f}: written by "
                         "another teacher, dtype or template?")
     if abs(from_cache - live) > CACHE_GAP_WARN * abs(live) + 0.01:
-        why = "the tail merged into one bucket" + (", re-tempered as one token" if temperature != 1 else "")
+        why = "the tail merged into one bucket on both sides" + (
+            ": the student's mass outside the teacher's top K is not penalized token by token" if beta else "")
         problems.append(f"from this cache the run trains another objective than with the live teacher ({why}): "
-                        "raise cache_teacher.py's --top-k or use its --store hidden")
+                        "raise cache_teacher.py's --top-k or use its --store hidden" +
+                        ("" if beta else " or --store sampled (unbiased)"))
     if problems:
         return checks.Check("WARN", "cache gap", f"{gap}; {'; '.join(problems)}")
     return checks.Check("INFO", "cache gap", f"{gap}; cached log-probabilities within {drift:.3f} of the live "

@@ -9,6 +9,8 @@ r"""Token-level (logit) distillation: match the teacher's full next-token distri
 
     # from a teacher top-K cache (cache_teacher.py): the teacher is never loaded
     python token_level.py --teacher-cache data/teacher.top64 --output-dir runs/token_level-cached
+    # from a sampled cache (cache_teacher.py --store sampled): forward KL, unbiased
+    python token_level.py --teacher-cache data/teacher.sampled64 --output-dir runs/token_level-sampled
     # from an exact cache (cache_teacher.py --store hidden): the live teacher's loss, at any --kl and --temperature
     python token_level.py --teacher-cache data/teacher.hidden --kl reverse --output-dir runs/token_level-exact
 
@@ -31,9 +33,13 @@ metrics.jsonl logs per step loss, ce and div (the T^2-scaled divergence term D, 
 --kl and --temperature (comparable across runs). From a --teacher-cache the held-out rows must be in the cache too.
 
 A top-K cache (cache_teacher.py --store topk) replaces D by its K+1-bucket version (the teacher's K tokens plus one
-tail bucket, `cache_teacher.topk_bucket_divergence`): exact at T=1 for forward KL, an approximation otherwise, most
-of all for reverse KL, whose penalty on the student's mass outside the teacher's top K the tail bucket lumps
-together; eval_div is then that bucket divergence and eval_kl is not logged. A hidden cache (--store hidden) holds
+tail bucket, both sides at T exactly, `cache_teacher.topk_bucket_divergence`): never above the live D (the buckets
+coarsen both distributions), exact for forward KL's gradient on the K tokens, and furthest from live for reverse
+KL, whose penalty on the student's mass outside the teacher's top K the tail bucket lumps together. A sampled cache
+(--store sampled, forward KL only) replaces the teacher's distribution by N draws from it: D is an unbiased estimate
+of the live forward KL and its gradient of the live gradient (`cache_teacher.sampled_forward_kl`). Either holds a
+few temperatures (cache_teacher.py --temperatures); another --temperature is refused with the command that writes
+a cache holding it. eval_div is then that divergence and eval_kl is not logged. A hidden cache (--store hidden) holds
 the teacher's final hidden states h and its head W, so the teacher's logits h @ W^T are the live teacher's and the
 loss, eval_div, eval_kl and the pre-flight are those of the live teacher (up to the cache's dtype rounding of h).
 """
@@ -65,8 +71,9 @@ def parse_args(argv=None):
     method.add_argument("--alpha", type=common.FRACTION, default=0.1, help="weight of the cross-entropy term (0..1)")
     method.add_argument("--teacher-cache", default=None,
                         help="train from a cache_teacher.py folder instead of loading --teacher: --store hidden "
-                             "gives the live teacher's loss exactly; --store topk the KL over the K cached tokens plus "
-                             "one tail bucket (approximate at T != 1 and for reverse KL/JSD)")
+                             "gives the live teacher's loss exactly; --store topk the divergence over the K cached "
+                             "tokens plus one tail bucket (at most the live one; furthest from it for reverse "
+                             "KL/JSD); --store sampled an unbiased estimate of forward KL (--kl forward only)")
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="forward")
     # eval_kl needs the full distribution: live, or a hidden cache (a missing cache.json is refused in main)
@@ -81,7 +88,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     beta = common.divergence_beta(args)
-    manifest = cache_teacher.open_cache(args.teacher_cache) if args.teacher_cache else None  # before any model
+    manifest = cache_teacher.open_cache(args.teacher_cache, stores=cache_teacher.STORES, temperature=args.temperature,
+                                        beta=beta) if args.teacher_cache else None  # before any model loads
     rows = common.load_distill_rows(args.data, allow_duplicates=args.allow_duplicates)
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
@@ -89,7 +97,8 @@ def main(argv=None):
     checks.check_training_data(tokenizer, rows, examples)
     eval_set = training.load_held_out(args, rows, tokenizer)
     if manifest is not None:  # no teacher in memory: its cached rows ride along with each batch
-        examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, eval_set)
+        examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, eval_set,
+                                                temperature=args.temperature)
         loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
                                   eval_set, inputs=cache_teacher.run_inputs(manifest))
         if cache_teacher.store_of(manifest) == "hidden":
@@ -152,7 +161,8 @@ def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torc
 
 
 def train_from_cache(args, loop, beta: float, vocab: int) -> None:
-    """The same step with the teacher's distribution read from a top-K cache (cache_teacher.cached_teacher_loss)."""
+    """The same step with the teacher's distribution read from a top-K or sampled cache
+    (cache_teacher.cached_teacher_loss)."""
     head = models.output_head(loop.model)
 
     def objective(batch, num_tokens, held_out=False):
@@ -161,7 +171,7 @@ def train_from_cache(args, loop, beta: float, vocab: int) -> None:
         loss, ce_sum, div_sum = cache_teacher.cached_teacher_loss(
             student_hidden, head.weight, targets, num_tokens, batch, alpha=args.alpha, beta=beta,
             temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
-        # No eval_kl: this top-K bucket divergence is not the full-vocabulary KL other runs log.
+        # No eval_kl: a bucket divergence or a sampled estimate is not the full-vocabulary KL other runs log.
         return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
 
     for micro_batches, num_tokens in loop:
@@ -171,13 +181,13 @@ def train_from_cache(args, loop, beta: float, vocab: int) -> None:
         loop.step(num_tokens, evaluate=objective)
 
 
-def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None):
+def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None, *, temperature: float = 1.0):
     """Pair every example with its cached teacher rows; refuse a cache from another vocabulary.
 
     Returns (examples that have a cache row scored on the same messages and completion, with the same target
-    tokens, the cache's vocabulary size, a collate function that pads the batch and stacks its cached rows in the
-    order shift_for_next_token uses: topk_ids, topk_logprobs, tail_logprob of a top-K cache, teacher_hidden of a
-    hidden one). The held-out examples (--eval-data) are paired too, in place; every one of them must be in the cache.
+    tokens, the cache's vocabulary size, a collate function that pads the batch and stacks its cached rows at
+    `temperature` in the order shift_for_next_token uses: `cache_teacher.collate_rows`). The held-out examples
+    (--eval-data) are paired too, in place; every one of them must be in the cache.
     """
     manifest, cached = cache_teacher.load_cache(folder)
     if manifest["vocab_fingerprint"] != cache_teacher.vocab_fingerprint(tokenizer):
@@ -224,15 +234,9 @@ def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None
                 f"--eval-data with --teacher-cache: {missing} held-out rows are absent from the cache and {differ} "
                 f"differ from it; score them into it too: cache_teacher.py --data EVAL_DATA --output {folder}")
 
-    def collate(batch_examples, pad_id=tokenizer.pad_token_id):
-        batch = common.pad_batch(batch_examples, pad_id)
-        if cache_teacher.store_of(manifest) == "hidden":
-            batch["teacher_hidden"] = torch.cat([ex["cache"]["hidden"] for ex in batch_examples])
-            return batch
-        for name in ("topk_ids", "topk_logprobs", "tail_logprob"):
-            batch[name] = torch.cat([ex["cache"][name] for ex in batch_examples])
-        batch["topk_ids"] = batch["topk_ids"].long()
-        return batch
+    def collate(batch_examples, pad_id=tokenizer.pad_token_id):  # only the batch's rows are read from the shards
+        return {**common.pad_batch(batch_examples, pad_id),
+                **cache_teacher.collate_rows([ex["cache"] for ex in batch_examples], manifest, temperature)}
 
     return kept, manifest["vocab"], collate
 

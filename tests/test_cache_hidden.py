@@ -166,3 +166,36 @@ def test_default_output_names_the_store():
     assert cache_teacher.parse_args(["--data", "data/t.jsonl"]).output == "data/t.top64"
     hidden = cache_teacher.parse_args(["--data", "data/t.jsonl", "--store", "hidden"])
     assert (hidden.output, hidden.hidden_dtype) == ("data/t.hidden", "bfloat16")
+
+
+def test_readers_memory_map_the_shards(tmp_path):
+    """load_cache maps the shards instead of reading them: touching every cached hidden state of a 64 MB cache
+    leaves a process's private (anonymous) memory nearly where it was; the pages are the shared page cache."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    rows, tokens, hidden = 64, 256, 2048
+    values = torch.randn(rows * tokens, hidden).to(torch.bfloat16)
+    save_file({"token_ids": torch.zeros(rows * tokens, dtype=torch.int32), "hidden": values,
+               "offsets": torch.zeros(rows * tokens, 2, dtype=torch.int32)}, tmp_path / "shard-00000.safetensors",
+              metadata={"rows": json.dumps([[f"r{i}", i * tokens, tokens, "fp"] for i in range(rows)])})
+    (tmp_path / "cache.json").write_text(json.dumps({"store": "hidden", "format": cache_teacher.FORMAT}))
+    script = """
+import sys
+import cache_teacher
+
+def anon_kb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon"))
+
+before = anon_kb()
+_, rows = cache_teacher.load_cache(sys.argv[1])
+total = sum(row["hidden"].double().sum().item() for row in rows.values())  # reads every cached byte
+print(anon_kb() - before, total)
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                         check=True).stdout.split()
+    grown_mb, total = int(out[0]) / 1024, float(out[1])
+    assert total == pytest.approx(values.double().sum().item(), rel=1e-9, abs=1e-6)  # the right bytes, mapped
+    assert grown_mb < 16, f"private memory grew by {grown_mb:.0f} MB reading a 64 MB cache"

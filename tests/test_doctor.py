@@ -257,7 +257,26 @@ def test_a_top_k_cache_far_from_the_live_teacher_is_warned(kit, data, tmp_path):
     cached, live = gap_values(at_1)
     assert cached < live  # merging tokens into one bucket can only lose divergence (data processing)
     at_2 = find(run(kit, data, "--teacher-cache", str(small)), "WARN", "cache gap")[0]
-    assert "re-tempered as one token" in at_2.message
+    cached, live = gap_values(at_2)
+    assert cached < live and "merged into one bucket" in at_2.message  # at T=2 too: the tail's exact tempered mass
+    missing = find(run(kit, data, "--teacher-cache", str(small), "--temperature", "3"), "FAIL", "cache gap")[0]
+    assert "not --temperature 3; write one that does: python cache_teacher.py" in missing.message
+
+
+def test_a_sampled_cache_gap_is_sampling_noise(kit, data, tmp_path):
+    """--store sampled: an unbiased estimate, so its gap to the live forward KL is within a few standard errors;
+    reverse KL from draws is what token_level.py refuses, and so does the doctor."""
+    folder = tmp_path / "s"
+    cache_teacher.main(["--teacher", str(kit["teacher"]), "--data", str(data), "--output", str(folder),
+                        "--store", "sampled", "--samples", "64", "--logprob-dtype", "float32"])
+    report = run(kit, data, "--teacher-cache", str(folder))
+    assert problems(report) == []
+    gap = find(report, "INFO", "cache gap")[0].message
+    cached, live, z = (float(x) for x in re.search(
+        r"per token ([\d.]+), from the live teacher ([\d.]+) \(gap [-+\d.]+ = ([-+\d.]+) standard", gap).groups())
+    assert abs(z) < 4 and cached != live
+    reverse = find(run(kit, data, "--teacher-cache", str(folder), "--kl", "reverse"), "FAIL", "cache gap")[0]
+    assert "trains forward KL only" in reverse.message
 
 
 def test_a_cache_from_another_teacher_or_missing_rows_is_caught(kit, cache, tmp_path):

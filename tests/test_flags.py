@@ -52,6 +52,8 @@ OWN = [
     ("eval", "--max-new-tokens", "0"), ("eval", "--batch-size", "0"), ("eval", "--num-examples", "-5"),
     ("cache_teacher", "--top-k", "0"), ("cache_teacher", "--batch-size", "0"), ("cache_teacher", "--shard-rows", "0"),
     ("cache_teacher", "--max-length", "1"), ("cache_teacher", "--chunk-size", "-1"),
+    ("cache_teacher", "--samples", "0"), ("cache_teacher", "--samples", "40000"),
+    ("cache_teacher", "--temperatures", "0"),
     ("doctor", "--rows", "0"), ("doctor", "--batch-size", "0"), ("doctor", "--max-length", "1"),
     ("doctor", "--temperature", "0"), ("doctor", "--alpha", "1.5"), ("doctor", "--chunk-size", "-1"),
 ]

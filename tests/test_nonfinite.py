@@ -114,9 +114,10 @@ def test_held_out_kl_refuses_non_finite_teacher_logits(kit, nan_teacher):
         evaluate.heldout_agreement(student, teacher, [example], tokenizer.pad_token_id)
 
 
-def test_cache_teacher_writes_no_shard_from_a_nan_teacher(nan_teacher, tmp_path):
+@pytest.mark.parametrize("store", ["topk", "sampled"])
+def test_cache_teacher_writes_no_shard_from_a_nan_teacher(nan_teacher, tmp_path, store):
     out = tmp_path / "cache"
     with pytest.raises(common.DistillError, match=r"--teacher.*not finite.*id=train-0"):
         cache_teacher.main(["--teacher", str(nan_teacher), "--data", str(write_rows(tmp_path / "d.jsonl", 3)),
-                            "--output", str(out), "--top-k", "4"])
+                            "--output", str(out), "--top-k", "4", "--store", store])
     assert not list(out.glob("shard-*"))

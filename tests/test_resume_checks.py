@@ -150,4 +150,4 @@ def test_cached_rows_of_another_prompt_are_skipped_and_counted(kit, tmp_path, ca
     assert len(examples) == 5
     with pytest.raises(common.DistillError, match="3 were cached for another prompt"):
         cross_tokenizer.encode_from_cache(common.load_distill_rows(changed), tokenizer, cached, 1024, held_out=True)
-    assert torch.is_tensor(examples[0]["teacher_topk_logprobs"])
+    assert torch.is_tensor(examples[0]["teacher_positions"]) and "topk_logprobs" in examples[0]["teacher_row"]
