@@ -178,15 +178,15 @@ fi
 kl_title() { echo "KL loss, $1: B=$KL_B T=$KL_T V=$KL_V H=$2, bf16 on $KL_DEVICE, median of $KL_REPS"; }
 # Stage limits from the 0372f06 H200 pass (environment 8 s, build 22 s, token_level 31 s; the KL stages spent most of
 # their 60 s on Liger's first call) with room for the new paths; the targets' figures come first, (a) and Liger
-# (only for the record) after them, vLLM last with whatever is left. Core stages: 435 s of the 480 s budget.
+# (only for the record) after them, vLLM last with whatever is left. Core stages: 455 s of the 480 s budget.
 stage "$(kl_title 'Qwen2.5-0.5B head' "${HEADS[0]}")" 60 "$PY" bench/bench_kl.py "${KL[@]}" --hidden "${HEADS[0]}" \
     --variants "$KL1_VARIANTS"
 stage "$(kl_title '7B-like head' "${HEADS[1]}")" 60 "$PY" bench/bench_kl.py "${KL[@]}" --hidden "${HEADS[1]}" \
     --variants "$KL2_VARIANTS"
 stage "build random-init models and data" 45 "$PY" bench/bench_gpu_steps.py build --work "$WORK" "${BUILD[@]}"
 stage "token_level steps" 60 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script token_level "${TRAIN[@]}"
-stage "on_policy steps" 90 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script on_policy "${TRAIN[@]}"
-stage "decode: generation.generate vs model.generate" 90 "$PY" bench/bench_gpu_steps.py decode --work "$WORK" \
+stage "on_policy steps" 80 "$PY" bench/bench_gpu_steps.py train --work "$WORK" --script on_policy "${TRAIN[@]}"
+stage "decode: generation.generate vs model.generate" 120 "$PY" bench/bench_gpu_steps.py decode --work "$WORK" \
     "${DECODE[@]}"
 if [[ -n $KL_EXTRA ]]; then
     stage "$(kl_title 'Qwen2.5-0.5B head, for the record' "${HEADS[0]}")" 60 "$PY" bench/bench_kl.py "${KL[@]}" \
