@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import common
 import losses
 import reference as ref_losses
 
@@ -229,16 +228,16 @@ def test_chunk_rows_follow_free_memory():
     for free_gib in (0.5, 1, 2, 3, 4, 6, 8, 16, 80, 140):
         free = int(free_gib * 2**30)
         rows = losses.chunk_rows_for_memory(row_bytes, free)
-        assert rows % common.CHUNK_ROWS_MULTIPLE == 0
-        assert common.CHUNK_ROWS_MIN <= rows <= common.CHUNK_ROWS_MAX
+        assert rows % losses.CHUNK_ROWS_MULTIPLE == 0
+        assert losses.CHUNK_ROWS_MIN <= rows <= losses.CHUNK_ROWS_MAX
         assert rows >= previous  # more free memory never means smaller chunks
         previous = rows
         budget = min(free // 4, cap)
-        if rows > common.CHUNK_ROWS_MIN:  # within budget, and the next multiple of 64 would not be
-            assert rows * row_bytes <= budget < (rows + common.CHUNK_ROWS_MULTIPLE) * row_bytes
+        if rows > losses.CHUNK_ROWS_MIN:  # within budget, and the next multiple of 64 would not be
+            assert rows * row_bytes <= budget < (rows + losses.CHUNK_ROWS_MULTIPLE) * row_bytes
     assert losses.chunk_rows_for_memory(row_bytes, 2**40) == previous  # capped: the same on any large GPU
-    assert losses.chunk_rows_for_memory(row_bytes, 0) == common.CHUNK_ROWS_MIN
-    assert losses.chunk_rows_for_memory(64, 2**40) == common.CHUNK_ROWS_MAX  # a tiny vocabulary
+    assert losses.chunk_rows_for_memory(row_bytes, 0) == losses.CHUNK_ROWS_MIN
+    assert losses.chunk_rows_for_memory(64, 2**40) == losses.CHUNK_ROWS_MAX  # a tiny vocabulary
     # CPU keeps the fixed rule: one ~128 MB float32 buffer, whatever the memory
     assert losses.auto_chunk_size(vocab) == losses.auto_chunk_size(vocab, device="cpu", row_bytes=row_bytes)
     assert losses.auto_chunk_size(vocab) * 4 * vocab <= losses.CPU_CHUNK_BUFFER_BYTES
