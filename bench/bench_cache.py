@@ -307,8 +307,8 @@ def main():
                                     "cosine": torch.nn.functional.cosine_similarity(sampled, live[None]).mean().item()}
         gradients[f"t{temperature:g}"] = row
         print(f"T={temperature:g}: " + "; ".join(
-            f"{store} bias {v['bias']:.3f}" + (f" (+- {v['bias_noise']:.3f}), spread {v['spread']:.3f}, cosine "
-                                               f"{v['cosine']:.3f}" if "bias_noise" in v else "")
+            f"{store} bias {v['bias']:.2e}" + (f" (+- {v['bias_noise']:.2e}), spread {v['spread']:.2e}, cosine "
+                                                f"{v['cosine']:.5f}" if "bias_noise" in v else "")
             for store, v in row.items()))
     results["gradient"] = gradients
 
