@@ -430,7 +430,14 @@ class TrainLoop:
         was left out of training, and release --output-dir. `rows` (the --data rows) adds how many were cut at
         --max-new-tokens and what --truncated did with them."""
         self.save(tokenizer)
+        processes = self.accelerator.num_processes
         self.accelerator.end_training()  # flushes and closes the trackers
+        if processes > 1:
+            # gloo's worker thread may still be dropping the last collective's tensors, which takes the GIL, when
+            # main() returns and the DDP reducer tears the process group down holding the GIL while it joins that
+            # thread: a deadlock seen at the end of 2-process CPU runs under load (py-spy: ~ProcessGroupGloo in
+            # std::thread::join, the worker in ~AsyncBarrierWork waiting for the GIL). Let the worker finish first.
+            time.sleep(0.5)
         if not self.accelerator.is_main_process:
             return
         self.folder.release()
