@@ -2588,6 +2588,11 @@ class _Decoder:
     def run(self, model, ids: torch.Tensor, mask: torch.Tensor, what: str) -> list[list[int]]:
         """Prefill the prompts (ids, mask: [B, P], left padded), then decode; the generated ids of every row, up to
         the last token computed (rows that finished earlier hold pad_id after their stop token)."""
+        # a graph is captured and replayed on the streams of the model's device, whichever device is current
+        with torch.cuda.device(ids.device) if ids.device.type == "cuda" else contextlib.nullcontext():
+            return self._run(model, ids, mask, what)
+
+    def _run(self, model, ids: torch.Tensor, mask: torch.Tensor, what: str) -> list[list[int]]:
         self._start(model, ids, mask)
         done, checked = 1, 1
         while True:
