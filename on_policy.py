@@ -166,15 +166,16 @@ def main(argv=None):
     for _ in range(loop.step_num):
         coin.random()
 
-    def hidden_states(batch):  # [N, H_teacher], [N, H], targets [N]: both models at the completion positions
-        with torch.inference_mode():
+    def hidden_states(batch, timer):  # [N, H_teacher], [N, H], targets [N]: both models at the completion tokens
+        with timer("teacher"), torch.inference_mode():
             teacher_hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
             teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)
-        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-        return (teacher_hidden, *common.shift_for_next_token(hidden, batch))
+        with timer("student"):
+            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            return (teacher_hidden, *common.shift_for_next_token(hidden, batch))
 
     def preflight(batch):  # how far apart the two start; non-finite logits of either stop the run here
-        teacher_hidden, student_hidden, _ = hidden_states(batch)
+        teacher_hidden, student_hidden, _ = hidden_states(batch, Timer())
         checks.preflight(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
                          temperature=args.temperature, beta=beta)
 
@@ -184,12 +185,8 @@ def main(argv=None):
 
     def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
         timer = timer or Timer()
-        with timer("teacher"), torch.inference_mode():
-            teacher_hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
-            teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)  # [N, H_teacher]
+        teacher_hidden, student_hidden, targets = hidden_states(batch, timer)
         with timer("student"):
-            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
             loss, ce_sum, div_sum = losses.fused_head_loss(
                 student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
                 teacher_weight=teacher_head.weight, alpha=0.0, beta=beta, temperature=args.temperature,

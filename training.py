@@ -5,6 +5,7 @@ iterates the loop and writes its own step."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -127,24 +128,14 @@ class Evaluator:
     def __call__(self, objective=None) -> dict[str, float]:
         """`objective(batch, num_tokens, held_out=True) -> (loss, stats)` is the script's per-micro-batch objective;
         with held_out=True a script may report other stats than in training (token_level: KL at T=1 as eval_kl)."""
-        model, rng = self.loop.model, _get_rng_state()
-        # Module by module: a peft model trains with its base in eval mode and its LoRA dropout in train mode,
-        # which model.train() afterwards would not give back.
-        modes = [(module, module.training) for module in model.modules()]
         metrics: dict[str, float] = {}
-        model.eval()
-        try:
-            with torch.no_grad():
-                if self.held_out.examples:
-                    if objective is None:
-                        raise ValueError("--eval-data: this script's loop.step() must pass evaluate=objective")
-                    metrics.update(self._sums(objective))
-                if self.held_out.problems:
-                    metrics["eval_exact_match"] = self._exact_match()
-        finally:
-            for module, training in modes:
-                module.training = training
-            _set_rng_state(rng)
+        with side_effect_free(self.loop.model):
+            if self.held_out.examples:
+                if objective is None:
+                    raise ValueError("--eval-data: this script's loop.step() must pass evaluate=objective")
+                metrics.update(self._sums(objective))
+            if self.held_out.problems:
+                metrics["eval_exact_match"] = self._exact_match()
         return metrics
 
     def _sums(self, objective) -> dict[str, float]:
@@ -314,11 +305,7 @@ class TrainLoop:
     def first_batch(self) -> dict:
         """This process's first micro-batch of the run as it would be trained (the pre-flight's batch), without
         advancing the data stream or any RNG; the same batch on a resumed run."""
-        acc = self.accelerator
-        order = list(range(len(self.examples)))
-        random.Random(self.args.seed).shuffle(order)
-        mine = order[:self.args.batch_size * acc.num_processes][acc.process_index::acc.num_processes]
-        return self.to_device(self.collate([self.examples[i] for i in mine or order[:1]]))
+        return self.to_device(next(self._micro_batches()))  # a fresh stream: epoch 0's first micro-batch
 
     def __iter__(self):
         from tqdm.auto import tqdm
@@ -497,12 +484,21 @@ def preflight(loop: TrainLoop, check) -> None:
     """The pre-flight, an explicit step before the first update (and again after --resume): `check(batch)` runs
     on the run's first micro-batch (`TrainLoop.first_batch`) without gradients, in eval mode, and every RNG state
     is put back afterwards, so the run trains exactly as it would without it. A check stops the run by raising."""
-    model, rng = loop.model, _get_rng_state()
-    modes = [(module, module.training) for module in model.modules()]
+    with side_effect_free(loop.model):
+        check(loop.first_batch())
+
+
+@contextlib.contextmanager
+def side_effect_free(model):
+    """No gradients and eval mode inside; every module's train mode and every RNG state put back afterwards, so
+    that what runs inside (held-out evaluation, the pre-flight) leaves the training run exactly as it was.
+    Module by module: a peft model trains with its base in eval mode and its LoRA dropout in train mode, which
+    model.train() afterwards would not give back."""
+    rng, modes = _get_rng_state(), [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            check(loop.first_batch())
+            yield
     finally:
         for module, training in modes:
             module.training = training
