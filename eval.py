@@ -11,6 +11,9 @@ r"""Evaluate models on GSM8K-style problems: greedy answers, exact match on the 
     # a LoRA adapter, plus how close the student is to its teacher (same tokenizer)
     python eval.py --model runs/sequence_lora --base Qwen/Qwen2.5-0.5B --teacher Qwen/Qwen2.5-3B-Instruct
 
+    # sampled evaluation beside greedy: 8 answers per problem at T=0.7, pass@8 and majority-vote@8 with 95% CIs
+    python eval.py --model runs/token_level-reverse --samples 8 --temperature 0.7
+
     # only print the table of the rows already in results.jsonl
     python -c "import common, eval; print(eval.markdown_table(common.read_jsonl('results.jsonl')))"
 
@@ -21,6 +24,15 @@ as '#### N' or \boxed{N}; a reply cut off before it, or that never states one, i
 in GSM8K). A '-' counts as a minus sign only where it cannot be a subtraction ('12 - 5' ends on 5, not -5). Both
 come with a Wilson 95% confidence interval: on the default 100 problems a score near 40% is uncertain by about
 +-10 points (on 500, +-4.3), so smaller differences between two rows are not evidence that one model is better.
+
+Greedy decoding is one point of a model's answer distribution, and two models' greedy ranking can differ from
+their sampled one. --samples K also draws K answers per problem at --temperature/--top-p (seeded by --seed, so a
+re-run draws the same answers) and adds, beside the greedy score: pass@K, the share of problems with at least one
+strictly correct answer among the K (Chen et al. 2021's unbiased estimator 1 - C(n-c, K)/C(n, K) with n = K
+draws, which is exactly that share), maj@K, the share whose majority vote of the K strict answers is correct (a
+reply without a final answer does not vote; ties go to the answer that appeared first), both with Wilson 95%
+intervals over the problems, and the mean accuracy of single samples (pass@1 estimated from the K draws, no
+interval: the draws of one problem are not independent trials of the whole set).
 
 With --teacher (sharing the student's vocabulary), the teacher also answers the same prompts greedily and the
 report adds the mean KL(teacher || student) and top-1 agreement over those held-out teacher completions.
@@ -61,6 +73,13 @@ def parse_args(argv=None):
     common.add_prompt_dataset_args(parser, split="test", num_examples=common.BLOG_TEST_PROBLEMS)
     parser.add_argument("--max-new-tokens", type=common.POSITIVE_INT, default=512, help="max tokens per answer")
     parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=32, help="prompts per generate call")
+    parser.add_argument("--samples", type=common.bounded(int, 0), default=0, metavar="K",
+                        help="also draw K answers per problem and report pass@K and majority-vote@K with 95%% CIs "
+                             "beside greedy (0: greedy only)")
+    parser.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=1.0,
+                        help="sampling temperature of the --samples draws (> 0)")
+    parser.add_argument("--top-p", type=common.POSITIVE_FRACTION, default=1.0,
+                        help="nucleus threshold of the --samples draws, in (0, 1] (1 = the whole distribution)")
     parser.add_argument("--teacher", default=None, help="also report KL and top-1 agreement to this teacher")
     parser.add_argument("--output", default="results.jsonl", help="JSONL to append each model's row to")
     parser.add_argument("--save-predictions", default=None, metavar="FILE",
@@ -148,6 +167,83 @@ def score_row(predictions: list[str], references: list[str | None]) -> dict:
             "exact_match_lenient_ci": list(s["lenient_ci"]), "correct_lenient": s["lenient_correct"]}
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021), "Evaluating Large Language Models Trained on Code": the unbiased estimate, from n draws
+    of which c are correct, of the probability that at least one of k draws is correct:
+    1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) (no huge binomials). k <= n."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1 - k / i
+    return 1.0 - miss
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """The most frequent answer among `answers` (None, a reply without a final answer, does not vote); a tie goes
+    to the tied answer that appeared first. None when no answer votes."""
+    counts: dict[str, int] = {}
+    for answer in answers:
+        if answer is not None:
+            counts[answer] = counts.get(answer, 0) + 1
+    return max(counts, key=counts.get) if counts else None  # max keeps the first of equal counts (insertion order)
+
+
+def score_samples(samples: list[list[str]], references: list[str | None]) -> dict:
+    """pass@k and maj@k of k sampled replies per problem (k = len(samples[i]), the same for every problem), strict
+    answers (`generation.judge_answer`), over the problems whose reference holds a number. Returns k, n, the
+    counts, the fractions and their Wilson 95% intervals, and sample_accuracy (the mean share of correct draws)."""
+    if len(samples) != len(references):
+        raise common.DistillError(f"{len(samples)} problems' samples for {len(references)} references")
+    k = len(samples[0]) if samples else 0
+    if k == 0 or any(len(s) != k for s in samples):
+        raise common.DistillError("every problem needs the same number (>= 1) of sampled replies")
+    passed = voted = n = 0
+    accuracy = 0.0
+    for replies, reference in zip(samples, references):
+        judged = [generation.judge_answer(r, reference) for r in replies]
+        if judged[0]["reference"] is None:
+            continue
+        n += 1
+        correct = sum(j["strict_ok"] for j in judged)
+        passed += pass_at_k(k, correct, k) == 1.0  # n = k draws: the estimator is 0 or 1
+        voted += majority_vote([j["strict"] for j in judged]) == judged[0]["reference"]
+        accuracy += pass_at_k(k, correct, 1)
+    if n == 0:
+        raise common.DistillError("no problem has a reference answer with a number (check --answer-field)")
+    return {"samples": k, "n": n, "pass_at_k_correct": passed, "maj_at_k_correct": voted,
+            "pass_at_k": passed / n, "pass_at_k_ci": list(generation.wilson_interval(passed, n)),
+            "maj_at_k": voted / n, "maj_at_k_ci": list(generation.wilson_interval(voted, n)),
+            "sample_accuracy": accuracy / n}
+
+
+def sampled_scores(model, tokenizer, problems: list[dict], k: int, temperature: float, *, seed: int = 0,
+                   system_prompt: str, max_new_tokens: int, batch_size: int, top_p: float = 1.0,
+                   desc: str = "sample", what: str = "--model", keep_replies: bool = False) -> dict:
+    """Draw k replies per problem at `temperature`/`top_p` and score them (`score_samples`): pass@k and maj@k with
+    Wilson 95% intervals, and the settings (sample_temperature, sample_top_p, sample_seed). The draws come from a
+    generator seeded with `seed` inside `torch.random.fork_rng`, so they are reproducible and the caller's random
+    state is left as it was. keep_replies adds `replies` (k per problem) for --save-predictions."""
+    if k < 1 or temperature <= 0:
+        raise common.DistillError(f"sampled evaluation needs k >= 1 and temperature > 0, got k={k}, "
+                                  f"temperature={temperature}")
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        replies = generation.answer_problems(model, tokenizer, [p for p in problems for _ in range(k)],
+                                             system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, desc=desc, what=what, temperature=temperature,
+                                             top_p=top_p)
+    grouped = [replies[i * k:(i + 1) * k] for i in range(len(problems))]
+    scores = score_samples(grouped, [p["answer"] for p in problems])
+    scores.update(sample_temperature=temperature, sample_top_p=top_p, sample_seed=seed)
+    if keep_replies:
+        scores["replies"] = grouped
+    return scores
+
+
 def format_score(fraction: float | None, ci, n: int | None = None) -> str:
     """'62.5% [57.7, 67.1]': a fraction and its 95% interval in percent. Without a stored interval, one is
     recomputed from n (rows written before intervals were recorded); '-' when there is no score at all."""
@@ -166,8 +262,10 @@ OLD_RULE_NOTE = ("\n\n† written before strict scoring: its single exact match 
 
 def markdown_table(rows: list[dict]) -> str:
     """All rows as a markdown table: strict exact match with its 95% CI first, then lenient, KL, top-1 and n."""
-    lines = ["| model | exact match (95% CI) | lenient (95% CI) | KL(teacher‖model) | top-1 agreement | n |",
-             "|---|---|---|---|---|---|"]
+    sampled = any(row.get("samples") for row in rows)
+    lines = ["| model | exact match (95% CI) | lenient (95% CI) | KL(teacher‖model) | top-1 agreement | n |"
+             + (" pass@k (95% CI) | maj@k (95% CI) | k, T |" if sampled else ""),
+             "|---|---|---|---|---|---|" + ("---|---|---|" if sampled else "")]
     old_rows = False
     for row in rows:
         n = row.get("n")
@@ -180,23 +278,34 @@ def markdown_table(rows: list[dict]) -> str:
             strict, lenient = "-", format_score(row.get("exact_match"), None, n) + " †"
         kl = f"{row['kl_to_teacher']:.3f}" if row.get("kl_to_teacher") is not None else "-"
         top1 = f"{row['top1_agreement']:.1%}" if row.get("top1_agreement") is not None else "-"
-        lines.append(f"| {row['name']} | {strict} | {lenient} | {kl} | {top1} | {n if n is not None else '-'} |")
+        line = f"| {row['name']} | {strict} | {lenient} | {kl} | {top1} | {n if n is not None else '-'} |"
+        if sampled and row.get("samples"):
+            line += (f" {format_score(row['pass_at_k'], row['pass_at_k_ci'])} |"
+                     f" {format_score(row['maj_at_k'], row['maj_at_k_ci'])} |"
+                     f" {row['samples']}, {row['sample_temperature']:g} |")
+        elif sampled:
+            line += " - | - | - |"
+        lines.append(line)
     return "\n".join(lines) + (OLD_RULE_NOTE if old_rows else "")
 
 
 def save_predictions(path: str | Path, problems: list[dict], predictions: list[str], *, name: str,
-                     model: str) -> None:
-    """One JSON row per problem with everything needed to re-check its verdict by hand (see the module doc)."""
+                     model: str, samples: list[list[str]] | None = None) -> None:
+    """One JSON row per problem with everything needed to re-check its verdict by hand (see the module doc); with
+    `samples` (--samples), also the problem's sampled replies and their strict answers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for problem, reply in zip(problems, predictions):
+        for n, (problem, reply) in enumerate(zip(problems, predictions)):
             verdict = generation.judge_answer(reply, problem["answer"])
-            f.write(json.dumps({"name": name, "model": model, "index": problem["index"], "prompt": problem["prompt"],
-                                "reply": reply, "strict": verdict["strict"], "lenient": verdict["lenient"],
-                                "reference_text": problem["answer"], "reference": verdict["reference"],
-                                "strict_ok": verdict["strict_ok"], "lenient_ok": verdict["lenient_ok"]},
-                               ensure_ascii=False) + "\n")
+            row = {"name": name, "model": model, "index": problem["index"], "prompt": problem["prompt"],
+                   "reply": reply, "strict": verdict["strict"], "lenient": verdict["lenient"],
+                   "reference_text": problem["answer"], "reference": verdict["reference"],
+                   "strict_ok": verdict["strict_ok"], "lenient_ok": verdict["lenient_ok"]}
+            if samples is not None:
+                row.update(samples=samples[n], sample_answers=[generation.extract_answer(r, strict=True)
+                                                               for r in samples[n]])
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv=None):
@@ -231,8 +340,17 @@ def evaluate_model(args, name: str, problems: list[dict], device, settings: dict
     label = args.name or name
     row = {"name": label, "model": name, "dataset": args.dataset, "split": args.split,
            **score_row(predictions, [p["answer"] for p in problems]), "kl_to_teacher": None, "top1_agreement": None}
+    samples = None
+    if args.samples:
+        found = sampled_scores(model, tokenizer, problems, args.samples, args.temperature, seed=args.seed,
+                               top_p=args.top_p, system_prompt=settings["system_prompt"],
+                               max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
+                               desc=f"sample {Path(name).name}", keep_replies=bool(args.save_predictions))
+        samples = found.pop("replies", None)
+        del found["n"]  # the same problems as the greedy score's n
+        row.update(found)
     if args.save_predictions:
-        save_predictions(args.save_predictions, problems, predictions, name=label, model=name)
+        save_predictions(args.save_predictions, problems, predictions, name=label, model=name, samples=samples)
         row["predictions"] = str(args.save_predictions)
     if teacher is not None:
         teacher_model, teacher_tokenizer, teacher_texts = teacher

@@ -434,10 +434,12 @@ _DECODERS: dict = {}
 
 
 def answer_problems(model, tokenizer, problems: list[dict], *, system_prompt: str, max_new_tokens: int,
-                    batch_size: int, desc: str = "answer", what: str = "the model") -> list[str]:
+                    batch_size: int, desc: str = "answer", what: str = "the model", temperature: float = 0.0,
+                    top_p: float = 1.0) -> list[str]:
     """Greedy replies to each problem's `prompt`, rendered with this tokenizer's own chat template (the same way
     generate_data.py renders prompts), decoded without special tokens. Used by eval.py and held-out evaluation
-    during training. `what` names the model when its logits are not finite."""
+    during training. `what` names the model when its logits are not finite. temperature > 0 samples instead
+    (`draw_tokens`, from torch's global generator: seed it for reproducible draws)."""
     from tqdm.auto import tqdm
 
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -448,7 +450,7 @@ def answer_problems(model, tokenizer, problems: list[dict], *, system_prompt: st
                                          add_generation_prompt=True), add_special_tokens=False)["input_ids"]
                    for p in problems[lo:lo + batch_size]]
         for result in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                               what=what):
+                               what=what, temperature=temperature, top_p=top_p):
             tokens = result["tokens"][:-1] if result["finished"] else result["tokens"]
             texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     return texts
