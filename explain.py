@@ -24,7 +24,8 @@ r"""Figures of what each method transfers, drawn from real models and data (each
         --data demo_out/full/dev_teacher_data.jsonl --out demo_out/full/figures
 
 Every subcommand writes NAME.png and NAME.json (the numbers behind the figure) under --out and prints their paths:
-mechanisms.png, alignment.png, logit_lens.png + attention_heads.png + first_token.png (inside.json), stepmix.png.
+mechanisms.png, alignment.png, logit_lens.png + attention_heads.png + first_token.png + first_token_shift.png +
+attention_layer.png (inside.json), stepmix.png.
 Models are read with plain transformers (output_hidden_states / output_attentions with eager attention), in
 float32 on --device.
 
@@ -33,7 +34,13 @@ float32 on --device.
   transformers returns already has the final norm applied, so the last layer's value is the model's own output.
 - Most-changed head: per (layer, head), the mean over completion positions of sum_key |A_student - A_base|, the
   L1 distance between the two attention rows (0 = unchanged, 2 = disjoint).
-- First answer token: the mean next-token distribution right after the generation prompt of each row.
+- First answer token: the mean next-token distribution right after the generation prompt of each row (the first
+  token of the reply, not the first token after '#### ': that one comes after the model's own working, a prefix
+  that differs between models, so the same position would not be compared).
+- First-token shift: that distribution of each student minus the base's, P_student(v) - P_base(v), on the tokens
+  whose probability moved most in any student: what distillation taught the model to start its reply with.
+- Attention layer: every head of one layer (--layer) on the first row, for the base and each student, with the
+  mean entropy of each head's attention rows (low = sharp, attends to few tokens).
 - Alignment: `cross_tokenizer.align_by_end_offsets` on `common.encode_chat`'s completion offsets, exactly what
   cross_tokenizer.py trains on; coverage = share of student tokens whose teacher partner ends at the same
   character, and the mean end-offset gap.
@@ -104,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--labels", nargs="+", default=None, help="names for --models in the legends (default: folder)")
     p.add_argument("--data", required=True, help="generate_data.py JSONL, preferably held-out rows")
     p.add_argument("--top", type=common.POSITIVE_INT, default=12, help="first-answer tokens shown")
+    p.add_argument("--layer", type=int, default=None,
+                   help="the layer whose heads attention_layer.png draws (0-based, -1 = last; default: the layer "
+                        "of the head that changed most from the base in any student)")
     add_models(p)
 
     p = add("stepmix", "on_policy.py's on- vs off-policy steps over training, from metrics.jsonl")
@@ -505,16 +515,40 @@ def first_answer_token(tokenizer, row: dict) -> int | None:
     return next((t for t, m in zip(enc["input_ids"], enc["loss_mask"]) if m), None)
 
 
+def first_token_shift(first: dict[str, torch.Tensor], top: int) -> dict:
+    """The shift of the first answer token against the base: for each model but "base" in `first` (label -> [V]
+    mean first-token distribution, `first_token_probs`), P_model - P_base on the `top` tokens whose probability
+    moved most in any model (largest |shift|, in that order)."""
+    base = first["base"]
+    shifts = {label: probs - base for label, probs in first.items() if label != "base"}
+    if not shifts:
+        return {"token_ids": [], "shift": {}}
+    moved = torch.stack([d.abs() for d in shifts.values()]).max(0).values  # [V]
+    ids = moved.topk(min(top, moved.shape[0])).indices.tolist()
+    return {"token_ids": ids, "shift": {label: d[ids].tolist() for label, d in shifts.items()},
+            "base": base[ids].tolist()}
+
+
+def attention_entropy(maps: torch.Tensor, queries: slice) -> list[float]:
+    """[heads, T, T] attention of one layer -> per head, the mean entropy (nats) of the rows `queries` over all
+    their keys."""
+    rows = maps[:, queries].double()
+    return torch.special.entr(rows).sum(-1).mean(-1).tolist()
+
+
 def read_model(model, tokenizer, rows: list[dict], examples: list[dict], device, base=None) -> dict:
     """One model's numbers for `inside`, one row at a time (no padding; one row's attention maps in memory): its
-    logit lens, and with `base`, the per-head attention change from it and both models' maps on the first row."""
-    lens, count, change, maps = 0, 0, 0, None
+    logit lens, its attention maps on the first row (own_maps), and with `base`, the per-head attention change from
+    it and both models' maps on the first row."""
+    lens, count, change, maps, own = 0, 0, 0, None, None
     with torch.no_grad():
         for n, ex in enumerate(examples):
             ids = torch.tensor([ex["input_ids"]], device=device)
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                      "loss_mask": torch.tensor([ex["loss_mask"]], device=device)}
-            out = model(input_ids=ids, output_hidden_states=True, output_attentions=base is not None)
+            out = model(input_ids=ids, output_hidden_states=True, output_attentions=base is not None or n == 0)
+            if n == 0:  # this model's own maps on the first row, for the grid of one layer's heads
+                own = [a[0].cpu() for a in out.attentions]
             sums, positions = _lens_sums(model, out, batch)
             lens, count = lens + sums, count + positions
             if base is None:
@@ -526,20 +560,24 @@ def read_model(model, tokenizer, rows: list[dict], examples: list[dict], device,
             change = change + _change_sums(base_attn, out.attentions, batch)
             if n == 0:
                 maps = ([a[0].cpu() for a in base_attn], [a[0].cpu() for a in out.attentions])
-    found = {"lens": (lens / count).tolist(), "first": first_token_probs(model, tokenizer, rows, device)}
+    found = {"lens": (lens / count).tolist(), "first": first_token_probs(model, tokenizer, rows, device),
+             "own_maps": own}
     if base is not None:
         found.update(change=change / count, maps=maps)
     return found
 
 
 def inside(base: str, models: list[str], data: str, out: str | Path = "figures", *, labels: list[str] | None = None,
-           rows: int = 16, top: int = 12, device: str = "auto") -> dict:
-    """The three 'inside the students' figures: see the module docstring. Returns the paths and the numbers."""
+           rows: int = 16, top: int = 12, layer: int | None = None, device: str = "auto") -> dict:
+    """The five 'inside the students' figures: see the module docstring. Returns the paths and the numbers."""
     plt = plot_metrics.pyplot()
     device = resolve_device(device)
     labels = labels or [Path(m).name for m in models]
     data_rows = first_rows(data, rows)
     base_model, tokenizer = load_inspected(base, device, "--base")
+    n_layers = base_model.config.num_hidden_layers
+    if layer is not None and not -n_layers <= layer < n_layers:
+        raise common.DistillError(f"--layer {layer}: the base has {n_layers} layers (0..{n_layers - 1}, or -1)")
     examples, _ = common.encode_rows(data_rows, tokenizer, MAX_LENGTH)
     found = {"base": read_model(base_model, tokenizer, data_rows, examples, device)}
     for name, label in zip(models, labels):
@@ -558,7 +596,6 @@ def inside(base: str, models: list[str], data: str, out: str | Path = "figures",
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for label, v in found.items():
         ax.plot(range(len(v["lens"])), v["lens"], marker="o", label=label, linestyle="--" if label == "base" else "-")
-    n_layers = len(found["base"]["lens"]) - 1
     ax.set_xticks(range(n_layers + 1), ["embed"] + [str(n) for n in range(1, n_layers + 1)])
     ax.set(xlabel="layer (hidden state read through the final norm and the output head)",
            ylabel="mean p(reference next token)", ylim=(0, 1.02),
@@ -617,6 +654,56 @@ def inside(base: str, models: list[str], data: str, out: str | Path = "figures",
                               "probs": {k: v["first"][ids].tolist() for k, v in found.items()},
                               "data_first_tokens": first_data, "data_share": data_share}
     paths["first_token"] = save_figure(fig, Path(out), "first_token", numbers["first_token"])["png"]
+
+    # the shift of the first answer token against the base
+    shift = first_token_shift({k: v["first"] for k, v in found.items()}, top)
+    shift["tokens"] = [token_text(tokenizer, i) for i in shift["token_ids"]]
+    fig, ax = plt.subplots(figsize=(min(11, 0.5 * len(shift["token_ids"]) * len(found) ** 0.5 + 3), 4.2),
+                           layout="constrained")
+    width = 0.8 / max(len(shift["shift"]), 1)
+    for n, (label, values) in enumerate(shift["shift"].items()):
+        ax.bar([i + (n - (len(shift["shift"]) - 1) / 2) * width for i in range(len(values))], values, width,
+               label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(shift["tokens"])), shift["tokens"], rotation=45, fontsize=8, family="monospace")
+    ax.set(ylabel="ΔP = P(student) − P(base)", title="shift of the first answer token against the base (mean over "
+                                                     f"{len(data_rows)} prompts; the tokens that moved most)")
+    ax.legend(fontsize=8)
+    numbers["first_token_shift"] = shift
+    paths["first_token_shift"] = save_figure(fig, Path(out), "first_token_shift", shift)["png"]
+
+    # every head of one layer, on the first row
+    if layer is None:
+        changes = [(float(found[s]["change"].max()), int(found[s]["change"].argmax()) // found[s]["change"].shape[1])
+                   for s in students]
+        layer = max(changes)[1] if changes else n_layers - 1
+    layer %= n_layers
+    shown = [label for label in found if len(found[label]["own_maps"]) == n_layers]
+    heads = max(found[label]["own_maps"][layer].shape[0] for label in shown)
+    window = min(length, 32)
+    queries = slice(length - window, length)
+    ticks = [token_text(tokenizer, i) for i in examples[0]["input_ids"][length - window:]]
+    fig, axes = plt.subplots(len(shown), heads, figsize=(2.3 * heads + 1, 2.4 * len(shown) + 0.8), squeeze=False,
+                             layout="constrained")
+    # one colour scale for every panel, up to the largest weight shown (1 would wash out a diffuse layer)
+    vmax = max(float(found[label]["own_maps"][layer][:, queries, queries].max()) for label in shown)
+    grid = {"layer": layer, "window": window, "row_tokens": length, "vmax": vmax, "entropy": {}}
+    for row_axes, label in zip(axes, shown):
+        maps = found[label]["own_maps"][layer]  # [heads, T, T]
+        grid["entropy"][label] = attention_entropy(maps, queries)
+        for h, ax in enumerate(row_axes):
+            if h >= maps.shape[0]:
+                ax.axis("off")
+                continue
+            ax.imshow(maps[h, queries, queries].numpy(), cmap="Blues", vmin=0, vmax=vmax, interpolation="nearest")
+            ax.set_title(f"{label}: head {h}\nmean row entropy {grid['entropy'][label][h]:.2f}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks(range(window) if h == 0 else [], ticks if h == 0 else [], fontsize=4, family="monospace")
+    fig.suptitle(f"every head of layer {layer} on row 0 (last {window} of {length} tokens; query ↓, key →; "
+                 f"colour 0 to {vmax:.2f})",
+                 fontsize=10)
+    numbers["attention_layer"] = grid
+    paths["attention_layer"] = save_figure(fig, Path(out), "attention_layer", grid)["png"]
     inside_json = Path(out) / "inside.json"
     inside_json.write_text(json.dumps(numbers, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return {**paths, "json": inside_json, "numbers": numbers}
@@ -672,7 +759,7 @@ def main(argv=None) -> dict:
                          device=args.device)
     if args.command == "inside":
         return inside(args.base, args.models, args.data, args.out, labels=args.labels, rows=args.rows, top=args.top,
-                      device=args.device)
+                      layer=args.layer, device=args.device)
     return stepmix(args.run, args.out)
 
 

@@ -296,3 +296,66 @@ def test_token_text_is_readable(kit):
     sentencepiece = models.load_tokenizer(str(kit["student_nosys"]))
     word = sentencepiece("hello apples", add_special_tokens=False)["input_ids"]
     assert any(explain.token_text(sentencepiece, i).startswith("␣") for i in word[1:])
+
+
+def test_inside_first_token_shift_and_attention_layer(kit, data, inside, lora_adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for key in ("first_token_shift", "attention_layer"):
+        check_png(inside[key])
+    numbers = json.loads(inside["json"].read_text())
+    rows = common.load_distill_rows(data)[:4]
+    tokenizer = models.load_tokenizer(str(kit["student"]))
+
+    def load(name):
+        return AutoModelForCausalLM.from_pretrained(str(kit[name]), attn_implementation="eager").eval()
+
+    base, padded = load("student"), load("student_padded")
+    lora = PeftModel.from_pretrained(load("student"), str(lora_adapter)).eval()
+    mean = {}
+    for label, model in (("base", base), ("padded", padded), ("lora", lora)):
+        total = 0
+        for row in rows:
+            prompt = common.render_chat(tokenizer, row["messages"], add_generation_prompt=True)
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                total = total + F.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1, :len(tokenizer)], -1)
+        mean[label] = total / len(rows)
+    shift = numbers["first_token_shift"]
+    moved = torch.maximum((mean["padded"] - mean["base"]).abs(), (mean["lora"] - mean["base"]).abs())
+    ids = shift["token_ids"]
+    assert len(ids) == 12 and set(shift["shift"]) == {"padded", "lora"}
+    # the tokens shown are those that moved most: none left out moved more than the least of them
+    rest = torch.ones_like(moved, dtype=torch.bool)
+    rest[ids] = False
+    assert float(moved[rest].max()) <= float(moved[ids].min()) + TOL
+    for label in ("padded", "lora"):
+        want = (mean[label] - mean["base"])[ids]
+        assert torch.allclose(torch.tensor(shift["shift"][label]), want, atol=TOL), label
+    assert shift["tokens"] == [explain.token_text(tokenizer, i) for i in ids]
+
+    # every head of one layer: by default the layer of the largest head change in any student
+    grid = numbers["attention_layer"]
+    changes = {label: torch.tensor(h["change"]) for label, h in numbers["heads"].items()}
+    best = max(changes.values(), key=lambda c: float(c.max()))
+    assert grid["layer"] == int(best.argmax()) // best.shape[1]
+    enc = common.encode_chat(tokenizer, rows[0]["messages"], rows[0]["completion"])
+    length = len(enc["input_ids"])
+    assert grid["row_tokens"] == length and grid["window"] == min(length, 32)
+    for label, model in (("base", base), ("padded", padded)):
+        with torch.no_grad():
+            attn = model(input_ids=torch.tensor([enc["input_ids"]]), output_attentions=True).attentions[grid["layer"]]
+        rows_shown = attn[0, :, length - grid["window"]:].double()  # [heads, window, T]
+        entropy = -(rows_shown * rows_shown.clamp_min(1e-300).log()).sum(-1).mean(-1)
+        assert torch.allclose(torch.tensor(grid["entropy"][label], dtype=torch.float64), entropy, atol=1e-4), label
+
+
+def test_inside_layer_flag_is_checked_before_any_work(kit, data, tmp_path):
+    with pytest.raises(common.DistillError, match="--layer 7: the base has 2 layers"):
+        explain.main(["inside", "--base", str(kit["student"]), "--models", str(kit["student_padded"]), "--data",
+                      str(data), "--layer", "7", "--out", str(tmp_path), "--device", "cpu"])
+    result = explain.main(["inside", "--base", str(kit["student"]), "--models", str(kit["student_padded"]),
+                           "--data", str(data), "--rows", "2", "--layer", "-1", "--out", str(tmp_path),
+                           "--device", "cpu"])
+    assert result["numbers"]["attention_layer"]["layer"] == 1
