@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # pytest-xdist workers for `make test` (one per core; each runs whole test files, with one torch thread)
 TEST_WORKERS ?= auto
 
-.PHONY: demo test lint clean blog
+.PHONY: demo test lint clean blog notebook
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The interactive explainer (marimo, a dev-only dependency) on demo_out/: run `make demo` first.
+notebook: $(VENV)/.installed
+	$(VENV)/bin/marimo edit notebooks/explainer.py
 
 # The blog's table (reproduce_blog.py): GPU and hub, so this target goes online; BLOG_TINY=1 swaps every model for
 # the tiny offline kit (CPU, under a minute), which needs no network.
