@@ -690,10 +690,10 @@ def cached_teacher_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
         logits = hidden @ student_weight[:vocab].T  # [C, V]
         ce = F.cross_entropy(logits.to(dtype), target, reduction="sum")
         if store == "sampled":
-            soft = sampled_forward_kl(logits, *teacher, temperature).sum()
+            div = sampled_forward_kl(logits, *teacher, temperature).sum()
         else:
-            soft = topk_bucket_divergence(logits, *teacher, beta, temperature).sum()
-        return torch.stack([ce, soft])
+            div = topk_bucket_divergence(logits, *teacher, beta, temperature).sum()
+        return torch.stack([ce, div])
 
     dtype = torch.promote_types(student_hidden.dtype, torch.float32)
     total = student_hidden.new_zeros(2, dtype=dtype)

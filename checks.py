@@ -6,6 +6,7 @@ pre-flight (`raise_or_warn`) stops on a FAIL and prints a WARN: one implementati
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -69,6 +70,24 @@ def preflight(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
         print(f"pre-flight on the first batch ({int(count)} completion tokens): {minimized}"
               f"KL(teacher||student) at T={temperature:g} = {result['kl']:.4f}, top-1 agreement = {result['top1']:.1%}"
               f"{note}")
+    return result
+
+
+def preflight_terms(stats: dict, count: float, teacher: str = "--teacher") -> dict[str, float]:
+    """The pre-flight where the teacher's full distribution is not at hand (a top-K or sampled cache, a teacher
+    with another vocabulary): print the objective's terms on the first batch (`stats`: "ce" and "div", means over
+    its `count` completion tokens) and stop the run if either is not finite, naming the side it comes from: the
+    cross-entropy reads only the student's logits, so a finite ce with a non-finite div points at `teacher`."""
+    result = {name: float(value) for name, value in stats.items() if name in ("ce", "div")}
+    if not math.isfinite(result["ce"]):
+        raise DistillError("--student's logits are not finite (NaN or inf) on the first batch (pre-flight): its "
+                           "weights hold NaN/inf or its --dtype overflows")
+    if not math.isfinite(result["div"]):
+        raise DistillError(f"the divergence from {teacher} is not finite on the first batch (pre-flight) while the "
+                           f"student's cross-entropy is: {teacher}'s log-probabilities hold NaN/inf")
+    if is_main_process():
+        print(f"pre-flight on the first batch ({int(count)} completion tokens): divergence term = {result['div']:.4f} "
+              f"(the one this run minimizes), student cross-entropy = {result['ce']:.4f}")
     return result
 
 

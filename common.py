@@ -567,12 +567,12 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool)
     """
     import jinja2
 
-    name, flag = getattr(tokenizer, "name_or_path", "?"), getattr(tokenizer, "distill_flag", "model")
+    name = getattr(tokenizer, "name_or_path", "?")  # the path or hub id the user passed
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
-            f"{flag} '{name}' has no chat template (a base model?): use an Instruct/chat checkpoint, or save a copy "
+            f"'{name}' has no chat template (a base model?): use an Instruct/chat checkpoint, or save a copy "
             f"with one to a new folder (tokenizer.chat_template = ...; model and tokenizer .save_pretrained(NEW)) "
-            f"and pass NEW as {flag}")
+            f"and pass NEW instead")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.exceptions.TemplateError as err:
@@ -586,7 +586,7 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool)
         except jinja2.exceptions.TemplateError as err:
             error = err
     roles = ", ".join(dict.fromkeys(m["role"] for m in messages))
-    raise DistillError(f"the chat template of {flag} '{name}' rejects these messages (roles: {roles}): {error}")
+    raise DistillError(f"the chat template of '{name}' rejects these messages (roles: {roles}): {error}")
 
 
 @contextlib.contextmanager

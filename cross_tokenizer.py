@@ -86,6 +86,7 @@ import checks
 import common
 import losses
 import models
+import teachers
 import training
 
 
@@ -457,7 +458,7 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, num_tokens, *, t
     `beta` and `weighting` are theirs) at the positions where `identity` [N] is True (None: all) and the sorted ULD
     elsewhere. Each chunk's [C, V] logits are recomputed in backward (activation checkpointing) rather than kept, so
     memory is a few chunk-sized buffers; top-K selects K values per row, no full-vocabulary sort. Returns (loss,
-    ce_sum, uld_sum, mass_sums) with the sums detached for logging; mass_sums [2]: the teacher's and the student's
+    ce_sum, div_sum, mass_sums) with the sums detached for logging; mass_sums [2]: the teacher's and the student's
     probability on matched tokens summed over positions (`hybrid_uld_loss`'s masses; None without `match`).
     """
     live = teacher_hidden is not None and teacher_weight is not None
@@ -508,15 +509,15 @@ def chunked_uld_and_ce(student_hidden, student_weight, targets, num_tokens, *, t
                                                      temperature=temperature, kind=kind))
         return ce, uld.sum(), torch.stack([p_matched.sum(), q_matched.sum()])
 
-    ce_sum = uld_sum = student_hidden.new_zeros((), dtype=torch.float32)
+    ce_sum = div_sum = student_hidden.new_zeros((), dtype=torch.float32)
     mass_sums = student_hidden.new_zeros(2, dtype=torch.float32)
     for lo in range(0, student_hidden.shape[0], chunk):
         part = slice(lo, lo + chunk)
         ce, uld, masses = checkpoint(piece, student_hidden[part], targets[part], identity[part],
                                      *(rows[part] for rows in teacher_rows), use_reentrant=False)
-        ce_sum, uld_sum, mass_sums = ce_sum + ce, uld_sum + uld, mass_sums + masses
-    loss = (alpha * ce_sum + (1 - alpha) * uld_sum) / max(float(num_tokens), 1.0)
-    return loss, ce_sum.detach(), uld_sum.detach(), None if match is None else mass_sums.detach()
+        ce_sum, div_sum, mass_sums = ce_sum + ce, div_sum + uld, mass_sums + masses
+    loss = (alpha * ce_sum + (1 - alpha) * div_sum) / max(float(num_tokens), 1.0)
+    return loss, ce_sum.detach(), div_sum.detach(), None if match is None else mass_sums.detach()
 
 
 def uld_options(args) -> dict:
@@ -668,10 +669,10 @@ def print_alignment(alignment: dict, args, cached: bool = False) -> None:
               f"{args.min_exact_alignment:.0%}; the tokenizers segment this text very differently")
 
 
-def step_stats(ce_sum, uld_sum, mass_sums, num_tokens, held_out: bool) -> dict:
+def step_stats(ce_sum, div_sum, mass_sums, num_tokens, held_out: bool) -> dict:
     """metrics.jsonl's terms of one micro-batch (summed over micro-batches and processes by the loop): ce, div and,
     with --uld-match hybrid, the mean probability the teacher and the student put on matched tokens (at T)."""
-    stats = {"ce": ce_sum / num_tokens, "div": uld_sum / num_tokens}
+    stats = {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
     if mass_sums is not None and not held_out:
         stats.update(matched_mass_teacher=mass_sums[0] / num_tokens, matched_mass_student=mass_sums[1] / num_tokens)
     return stats
@@ -684,54 +685,114 @@ def main(argv=None):
     rows = common.load_distill_rows(args.data, allow_duplicates=args.allow_duplicates)
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
-    if manifest is not None:
-        return train_from_cache(args, rows, student, tokenizer, manifest)
-    teacher_tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code,
-                                              what="--teacher")
-    examples, skipped, alignment = encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length,
-                                                truncated=args.truncated)
-    checks.check_unknown_targets(tokenizer, rows, examples)
-    print_alignment(alignment, args)
-    eval_set = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_pairs(
-        eval_rows, tokenizer, teacher_tokenizer, args.max_length, None, truncated=args.truncated)[:2])
-    inputs = checkpoints.live_teacher_inputs(args.teacher)
-    inputs.ignored += ("min_exact_alignment",)  # a warning threshold, not what is trained
-    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                              collate=lambda exs: collate_pairs(exs, tokenizer.pad_token_id,
-                                                                teacher_tokenizer.pad_token_id),
-                              held_out=eval_set, inputs=inputs,
-                              models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
-    teacher, _ = models.load_teacher(args, loop.device)
-    head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
     # Padded head rows are not tokens: neither distribution gives them mass.
-    vocabs = dict(student_vocab=min(len(tokenizer), head.weight.shape[0]),
-                  teacher_vocab=min(len(teacher_tokenizer), teacher_head.weight.shape[0]))
-    match = build_match(tokenizer, teacher_tokenizer, **vocabs) if args.uld_match == "hybrid" else None
+    student_vocab = min(len(tokenizer), models.output_head(student).weight.shape[0])
+    if manifest is None:
+        teacher_tokenizer, encode, collate, inputs = live_pairs(args, tokenizer)
+    else:
+        teacher_tokenizer, encode, collate, inputs, top_k = cached_pairs(args, tokenizer, manifest, student_vocab)
+    examples, skipped, alignment = encode(rows)
+    checks.check_unknown_targets(tokenizer, rows, examples)
+    print_alignment(alignment, args, cached=manifest is not None)
+    held_out = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode(eval_rows, True)[:2])
+    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
+                              held_out, inputs=inputs, models={"--student": "--dtype"} if manifest else
+                              {"--student": "--dtype", "--teacher": "--teacher-dtype"})
+    if manifest is None:
+        teacher, _ = models.load_teacher(args, loop.device)
+        source = teachers.LiveTeacher(teacher, inputs=("teacher_input_ids", "teacher_attention_mask"),
+                                      select=lambda hidden, batch: hidden.flatten(0, 1)[batch["teacher_rows"]])
+        teacher_vocab, top_k = min(len(teacher_tokenizer), source.weight.shape[0]), args.top_k
+    else:
+        source, teacher_vocab = teachers.from_cache(args.teacher_cache, manifest, loop.device), manifest["vocab"]
+    match = build_match(tokenizer, teacher_tokenizer, student_vocab, teacher_vocab) \
+        if args.uld_match == "hybrid" else None
     shares = match.shares() if match is not None else {}
     if loop.accelerator.is_main_process:
         (loop.output_dir / "alignment.json").write_text(json.dumps({**alignment, **shares}, indent=2) + "\n")
+    head = models.output_head(loop.model)
+    options = dict(uld_options(args), top_k=top_k, student_vocab=student_vocab, teacher_vocab=teacher_vocab)
 
     def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
-        with torch.inference_mode():
-            teacher_hidden = models.teacher_hidden_states(teacher, batch["teacher_input_ids"],
-                                                          batch["teacher_attention_mask"])
-            teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
+        teacher = source(batch)
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         hybrid = dict(match=match, identity=batch["identity"]) if match is not None else {}
-        loss, ce_sum, uld_sum, mass_sums = chunked_uld_and_ce(
-            student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden.clone(),
-            teacher_weight=teacher_head.weight, **vocabs, **hybrid, **uld_options(args))
-        return loss, step_stats(ce_sum, uld_sum, mass_sums, num_tokens, held_out)
+        loss, ce_sum, div_sum, mass_sums = chunked_uld_and_ce(student_hidden, head.weight, targets, num_tokens,
+                                                              **teacher_side(teacher, match, args, top_k),
+                                                              **hybrid, **options)
+        return loss, step_stats(ce_sum, div_sum, mass_sums, num_tokens, held_out)
 
+    def preflight(batch):  # the objective's terms on the first batch; non-finite ones stop the run here
+        count = batch["loss_mask"][:, 1:].sum().item()
+        checks.preflight_terms(objective(batch, count)[1], count, "--teacher-cache" if manifest else "--teacher")
+
+    training.preflight(loop, preflight)
     constant = {k: v for k, v in shares.items() if k != "matched_tokens"}  # matched_vocab_student/_teacher
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
             loss, stats = objective(batch, num_tokens)
             loop.backward(loss, **stats)
         loop.step(num_tokens, evaluate=objective, **constant)
-
     loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
+
+
+def teacher_side(teacher: dict, match: VocabMatch | None, args, top_k: int) -> dict:
+    """chunked_uld_and_ce's teacher arguments from a source's side of a batch (teachers.py): the hidden states
+    and head as they are; a top-K cache's rows as its ids, log-probabilities and tail (hybrid) or as the sorted
+    bucket vectors at T (`cache_teacher.cached_teacher_log_buckets`, sorted ULD)."""
+    if "cached_rows" not in teacher:
+        return teacher
+    rows = teacher["cached_rows"]
+    if match is not None:
+        return {"teacher_topk": (rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"])}
+    return {"teacher_probs": cache_teacher.cached_teacher_log_buckets(  # [N, k+1]
+        rows["topk_logprobs"], rows["tail_logmass"], top_k, args.temperature).exp()}
+
+
+def live_pairs(args, tokenizer):
+    """With a live teacher: (its tokenizer, encode(rows, held_out=False) -> (examples, skipped, alignment),
+    collate, what --resume compares). Both tokenizers encode every row (`encode_pairs`)."""
+    teacher_tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code,
+                                              what="--teacher")
+
+    def encode(rows, held_out=False):
+        return encode_pairs(rows, tokenizer, teacher_tokenizer, args.max_length, None if held_out else "--data",
+                            truncated=args.truncated)
+
+    inputs = checkpoints.live_teacher_inputs(args.teacher)
+    inputs.ignored += ("min_exact_alignment",)  # a warning threshold, not what is trained
+    return (teacher_tokenizer, encode,
+            lambda exs: collate_pairs(exs, tokenizer.pad_token_id, teacher_tokenizer.pad_token_id), inputs)
+
+
+def cached_pairs(args, tokenizer, manifest: dict, student_vocab: int):
+    """With a cache_teacher.py folder (no teacher model loaded): as `live_pairs`, the teacher's tokens and rows
+    read from the cache (`encode_from_cache`), plus the K compared per position (top-K store). --uld-match hybrid
+    loads the teacher's tokenizer (`cached_teacher_tokenizer`), before the cache is read: a missing one fails fast;
+    sorted needs none (None)."""
+    teacher_tokenizer = cached_teacher_tokenizer(args, manifest) if args.uld_match == "hybrid" else None
+    manifest, cached = cache_teacher.load_cache(args.teacher_cache)
+    if any(row["row_fingerprint"] is None for row in cached.values()):
+        raise common.DistillError(f"--teacher-cache {args.teacher_cache}: written by an older cache_teacher.py that "
+                                  "did not record what each row was scored on; re-create it")
+    top_k = args.top_k
+    if cache_teacher.store_of(manifest) != "hidden":
+        top_k = min(args.top_k, manifest["top_k"], student_vocab - 1)
+        if top_k < args.top_k:
+            print(f"--teacher-cache holds the top {manifest['top_k']}: comparing the top {top_k} (+ tail)")
+
+    def encode(rows, held_out=False):
+        return encode_from_cache(rows, tokenizer, cached, args.max_length, held_out, truncated=args.truncated)
+
+    def collate(exs):  # one cached teacher position per student target, as collate_pairs' teacher_rows pick them
+        return {**common.pad_batch(exs, tokenizer.pad_token_id), "identity": same_span_mask(exs),
+                **cache_teacher.collate_rows([ex["teacher_row"] for ex in exs], manifest, args.temperature,
+                                             [ex["teacher_positions"] for ex in exs])}
+
+    inputs = cache_teacher.run_inputs(manifest)
+    inputs.ignored += ("min_exact_alignment",)
+    return teacher_tokenizer, encode, collate, inputs, top_k
 
 
 def cached_teacher_tokenizer(args, manifest: dict):
@@ -751,88 +812,6 @@ def cached_teacher_tokenizer(args, manifest: dict):
     raise common.DistillError(f"--teacher-cache {args.teacher_cache}: --uld-match hybrid needs the tokenizer of the "
                               f"teacher the cache was written with; tried {', '.join(tried)}. Pass that teacher as "
                               "--teacher, or use --uld-match sorted")
-
-
-def train_from_cache(args, rows, student, tokenizer, manifest: dict):
-    """The same step with the teacher read from a cache_teacher.py folder: no teacher loaded. A top-K cache gives
-    the teacher's sorted bucket vectors (--uld-match sorted) or its top-K token ids and log-probabilities
-    (`hybrid_uld_from_topk`); a hidden cache its hidden states and head, fed to `chunked_uld_and_ce` exactly as the
-    live teacher's are (either matching: exact)."""
-    match = None
-    student_vocab = min(len(tokenizer), models.output_head(student).weight.shape[0])  # padded rows are not tokens
-    if args.uld_match == "hybrid":  # before the cache is read: a missing tokenizer fails fast
-        match = build_match(tokenizer, cached_teacher_tokenizer(args, manifest), student_vocab, manifest["vocab"])
-    manifest, cached = cache_teacher.load_cache(args.teacher_cache)
-    if any(row["row_fingerprint"] is None for row in cached.values()):
-        raise common.DistillError(f"--teacher-cache {args.teacher_cache}: written by an older cache_teacher.py that "
-                                  "did not record what each row was scored on; re-create it")
-    hidden_store = cache_teacher.store_of(manifest) == "hidden"
-    if hidden_store:
-        teacher_weight = cache_teacher.load_head(args.teacher_cache, manifest)
-    else:
-        k = min(args.top_k, manifest["top_k"], models.output_head(student).weight.shape[0] - 1)
-        if k < args.top_k:
-            print(f"--teacher-cache holds the top {manifest['top_k']}: comparing the top {k} (+ tail)")
-    examples, skipped, alignment = encode_from_cache(rows, tokenizer, cached, args.max_length,
-                                                     truncated=args.truncated)
-    checks.check_unknown_targets(tokenizer, rows, examples)
-    print_alignment(alignment, args, cached=True)
-
-    def collate(exs):
-        batch = common.pad_batch(exs, tokenizer.pad_token_id)
-        batch["identity"] = same_span_mask(exs)
-        # one cached teacher position per student target, as the live path's teacher_rows pick them
-        teacher = cache_teacher.collate_rows([ex["teacher_row"] for ex in exs], manifest, args.temperature,
-                                             [ex["teacher_positions"] for ex in exs])
-        if hidden_store:  # [N, H_teacher]
-            batch["teacher_hidden"] = teacher["teacher_hidden"]
-            return batch
-        if match is not None:  # hybrid_uld_from_topk reads the ids, log-probabilities and the tail's mass at T
-            batch.update(teacher_topk_ids=teacher["topk_ids"], teacher_topk_logprobs=teacher["topk_logprobs"],
-                         teacher_tail_logprob=teacher["tail_logmass"])
-            return batch
-        batch["teacher_probs"] = cache_teacher.cached_teacher_log_buckets(  # [N, k+1]
-            teacher["topk_logprobs"], teacher["tail_logmass"], k, args.temperature).exp()
-        return batch
-
-    eval_set = training.load_held_out(args, rows, tokenizer, encode=lambda eval_rows: encode_from_cache(
-        eval_rows, tokenizer, cached, args.max_length, held_out=True, truncated=args.truncated)[:2])
-    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
-                              eval_set, inputs=cache_teacher.run_inputs(manifest))
-    head = models.output_head(loop.model)
-    vocabs = dict(student_vocab=student_vocab)
-    if hidden_store:
-        teacher_weight = teacher_weight.to(loop.device)
-        vocabs["teacher_vocab"] = manifest["vocab"]
-    shares = match.shares() if match is not None else {}
-    if loop.accelerator.is_main_process:
-        (loop.output_dir / "alignment.json").write_text(json.dumps({**alignment, **shares}, indent=2) + "\n")
-
-    def objective(batch, num_tokens, held_out=False):
-        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-        student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        options = uld_options(args)
-        if hidden_store:  # a bf16/fp16 cache, widened to the head's dtype (the live teacher's states')
-            teacher = dict(teacher_hidden=batch["teacher_hidden"].to(teacher_weight.dtype),
-                           teacher_weight=teacher_weight)
-        elif match is not None:
-            teacher = dict(teacher_topk=(batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-                                         batch["teacher_tail_logprob"]))
-            options["top_k"] = k
-        else:
-            teacher = dict(teacher_probs=batch["teacher_probs"])
-        hybrid = dict(match=match, identity=batch["identity"]) if match is not None else {}
-        loss, ce_sum, uld_sum, mass_sums = chunked_uld_and_ce(student_hidden, head.weight, targets, num_tokens,
-                                                              **teacher, **vocabs, **hybrid, **options)
-        return loss, step_stats(ce_sum, uld_sum, mass_sums, num_tokens, held_out)
-
-    constant = {k: v for k, v in shares.items() if k != "matched_tokens"}
-    for micro_batches, num_tokens in loop:
-        for batch in micro_batches:
-            loss, stats = objective(batch, num_tokens)
-            loop.backward(loss, **stats)
-        loop.step(num_tokens, evaluate=objective, **constant)
-    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
 
 
 if __name__ == "__main__":

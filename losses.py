@@ -72,18 +72,18 @@ def _chunk_loss_and_grad(logits, teacher_logits, targets, alpha: float, beta: fl
         pool.append(log_q1)
         s = log_softmax(logits, temperature)  # log q
     t = log_softmax(teacher_logits, 1 if teacher_scaled else temperature)  # log p
-    scale = (1 - alpha) * temperature  # d(T^2 D)/dz = T dD/du, times the soft weight
+    scale = (1 - alpha) * temperature  # d(T^2 D)/dz = T dD/du, times the divergence weight
     if beta == 0:
         p = torch.exp(t, out=pool.pop())
-        soft = _rowdot(p, t.sub_(s))  # KL(p || q)
+        div = _rowdot(p, t.sub_(s))  # KL(p || q)
         if grad is None and scale == 1 and grad_out is not None:  # q - p straight into the compute dtype
-            return ce_sum, soft.sum() * temperature**2, torch.sub(s.exp_(), p, out=grad_out)
-        soft_grad = s.exp_().sub_(p)  # q - p
+            return ce_sum, div.sum() * temperature**2, torch.sub(s.exp_(), p, out=grad_out)
+        div_grad = s.exp_().sub_(p)  # q - p
     elif beta == 1:
         q = torch.exp(s, out=pool.pop())
         d = s.sub_(t)  # s - t
-        soft = _rowdot(q, d)  # KL(q || p)
-        soft_grad = d.sub_(soft[:, None]).mul_(q)
+        div = _rowdot(q, d)  # KL(q || p)
+        div_grad = d.sub_(div[:, None]).mul_(q)
     else:
         p, q = torch.exp(t, out=pool.pop()), torch.exp(s, out=pool.pop())
         log_m = torch.mul(p, beta, out=pool.pop()).add_(q, alpha=1 - beta)
@@ -91,16 +91,16 @@ def _chunk_loss_and_grad(logits, teacher_logits, targets, alpha: float, beta: fl
         kl_pm = _rowdot(p, t.sub_(log_m))  # KL(p || m)
         d = s.sub_(log_m)  # s - log m
         kl_qm = _rowdot(q, d)  # KL(q || m)
-        soft = beta * kl_pm + (1 - beta) * kl_qm
-        soft_grad = d.sub_(kl_qm[:, None]).mul_(q).mul_(1 - beta)
+        div = beta * kl_pm + (1 - beta) * kl_qm
+        div_grad = d.sub_(kl_qm[:, None]).mul_(q).mul_(1 - beta)
     if grad is not None:
-        grad = grad.add_(soft_grad, alpha=scale) if grad_out is None else torch.add(grad, soft_grad, alpha=scale,
+        grad = grad.add_(div_grad, alpha=scale) if grad_out is None else torch.add(grad, div_grad, alpha=scale,
                                                                                      out=grad_out)
     elif grad_out is not None:
-        grad = torch.mul(soft_grad, scale, out=grad_out) if scale != 1 else grad_out.copy_(soft_grad)
+        grad = torch.mul(div_grad, scale, out=grad_out) if scale != 1 else grad_out.copy_(div_grad)
     else:
-        grad = soft_grad.mul_(scale) if scale != 1 else soft_grad
-    return ce_sum, soft.sum() * temperature**2, grad
+        grad = div_grad.mul_(scale) if scale != 1 else div_grad
+    return ce_sum, div.sum() * temperature**2, grad
 
 
 def _spare_buffers(alpha: float, beta: float) -> int:
@@ -184,7 +184,7 @@ def head_compute_dtype(student_hidden: torch.Tensor, student_weight: torch.Tenso
 def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, num_tokens,
                         alpha, beta, temperature, chunk_size, vocab, compute_dtype, *, need_hidden: bool,
                         need_weight: bool):
-    """The chunk loop of `fused_head_loss`: (loss, ce_sum, soft_sum, grad_hidden, grad_weight, grad_divisor), each
+    """The chunk loop of `fused_head_loss`: (loss, ce_sum, div_sum, grad_hidden, grad_weight, grad_divisor), each
     gradient None when not needed and to be divided by `grad_divisor`. Without gradients (held-out evaluation)
     the two gradient matmuls per chunk and the head-sized gradient buffer are skipped; the values are computed
     exactly as with them.
@@ -243,7 +243,7 @@ def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_
                    if low else None)  # [block rows, vocab]
     block_lo = 0  # the first position whose gradient rows grad_buffer holds
     ce_sum = torch.zeros((), dtype=acc, device=device)
-    soft_sum = torch.zeros_like(ce_sum)
+    div_sum = torch.zeros_like(ce_sum)
     # Autocast (--bf16) would rewrite the matmuls below and reject their out= buffers; precision is explicit.
     with torch.autocast(device_type=device.type, enabled=False):
         for lo in range(0, n, chunk_size):
@@ -256,7 +256,7 @@ def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_
                     _project(teacher_hidden[lo:hi], teacher_weight[:vocab], out=teacher_logits)
                 else:
                     spare.append(teacher_logits)
-                ce, soft, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, targets[lo:hi], alpha, beta,
+                ce, div, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, targets[lo:hi], alpha, beta,
                                                              temperature, spare)
                 if need_hidden or need_weight:
                     grad_logits = grad_logits.div_(num_tokens)
@@ -270,7 +270,7 @@ def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_
                     _mixed_mm(teacher_logits, ht[lo:hi], wt.T, alpha=1 / temperature)
                 else:
                     spare.append(teacher_logits)
-                ce, soft, grad_logits = _chunk_loss_and_grad(
+                ce, div, grad_logits = _chunk_loss_and_grad(
                     logits, teacher_logits, targets[lo:hi], alpha, beta, temperature, spare,
                     grad_out=grad_buffer[lo - block_lo:hi - block_lo], teacher_scaled=True, clamp=clamp)
                 if not native and (need_hidden or need_weight):
@@ -283,10 +283,10 @@ def _fused_head_forward(student_hidden, student_weight, teacher_hidden, teacher_
                         _mixed_mm(grad_weight[:vocab], block.T, hs[block_lo:hi], beta=1.0)
                     block_lo = hi
             ce_sum += ce
-            soft_sum += soft
+            div_sum += div
     del buffers, grad_buffer
-    loss = (alpha * ce_sum + (1 - alpha) * soft_sum) / num_tokens
-    return loss, ce_sum, soft_sum, grad_hidden, grad_weight, num_tokens if low else 1
+    loss = (alpha * ce_sum + (1 - alpha) * div_sum) / num_tokens
+    return loss, ce_sum, div_sum, grad_hidden, grad_weight, num_tokens if low else 1
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -299,12 +299,12 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        loss, ce_sum, soft_sum, grad_hidden, grad_weight, ctx.grad_divisor = _fused_head_forward(
+        loss, ce_sum, div_sum, grad_hidden, grad_weight, ctx.grad_divisor = _fused_head_forward(
             *inputs, need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype, ctx.weight_dtype = inputs[0].dtype, inputs[1].dtype
-        ctx.mark_non_differentiable(ce_sum, soft_sum)
-        return loss, ce_sum, soft_sum
+        ctx.mark_non_differentiable(ce_sum, div_sum)
+        return loss, ce_sum, div_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _soft):
@@ -406,7 +406,7 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
 
     student_hidden [N, H] (only masked positions), student_weight [V_s, H] (lm_head.weight), targets [N],
     teacher_hidden [N, H_t], teacher_weight [V_t, H_t]; `vocab` is the shared real vocabulary (logits beyond it,
-    e.g. padded head rows, are ignored). Returns (loss, ce_sum, soft_sum): the last two detached sums for logging.
+    e.g. padded head rows, are ignored). Returns (loss, ce_sum, div_sum): the last two detached sums for logging.
     """
     if alpha < 1 and (teacher_hidden is None or teacher_weight is None):
         raise ValueError("alpha < 1 needs teacher_hidden and teacher_weight")
@@ -423,5 +423,5 @@ def fused_head_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad):
         return _FusedHeadLoss.apply(*inputs)
     # Under no_grad autograd still reports needs_input_grad = True, so the Function would fill its gradients anyway.
-    loss, ce_sum, soft_sum, *_ = _fused_head_forward(*inputs, need_hidden=False, need_weight=False)
-    return loss, ce_sum, soft_sum
+    loss, ce_sum, div_sum, *_ = _fused_head_forward(*inputs, need_hidden=False, need_weight=False)
+    return loss, ce_sum, div_sum

@@ -29,8 +29,6 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "m
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # ValueError: a folder without tokenizer files, an unknown model type
         raise DistillError(f"cannot load the tokenizer of {what} '{name}': {first_line(err)}") from None
-    # render_chat names the flag when the template is missing or rejects a row
-    tokenizer.distill_flag = what
     if tokenizer.pad_token_id is None:
         # Padding is always masked by position (attention_mask / loss_mask), never by token id, so reusing EOS as
         # the pad token cannot hide the real EOS from the loss (the TRL <1.9 pad==eos bug).

@@ -58,6 +58,7 @@ import checks
 import common
 import losses
 import models
+import teachers
 import training
 
 
@@ -95,93 +96,71 @@ def main(argv=None):
                                            trust_remote_code=args.trust_remote_code)
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
     checks.check_training_data(tokenizer, rows, examples)
-    eval_set = training.load_held_out(args, rows, tokenizer)
-    if manifest is not None:  # no teacher in memory: its cached rows ride along with each batch
-        examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, eval_set,
+    held_out = training.load_held_out(args, rows, tokenizer)
+    if manifest is None:
+        loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+                                  held_out=held_out, inputs=checkpoints.live_teacher_inputs(args.teacher),
+                                  models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
+        teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
+        vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, models.output_head(loop.model).weight.shape[0],
+                                         models.output_head(teacher).weight.shape[0])
+        checks.warn_template_mismatch(tokenizer, teacher_tokenizer)
+        source = teachers.LiveTeacher(teacher, select=lambda hidden, batch: common.shift_for_next_token(hidden,
+                                                                                                        batch)[0])
+    else:  # no teacher in memory: its cached rows ride along with each batch
+        examples, vocab, collate = attach_cache(args.teacher_cache, tokenizer, examples, student, held_out,
                                                 temperature=args.temperature)
         loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
-                                  eval_set, inputs=cache_teacher.run_inputs(manifest))
-        if cache_teacher.store_of(manifest) == "hidden":
-            teacher_weight = cache_teacher.load_head(args.teacher_cache, manifest).to(loop.device)
-            train_with_teacher(args, loop, beta, vocab, teacher_weight)
-        else:
-            train_from_cache(args, loop, beta, vocab)
-        loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
-        return
-    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                              held_out=eval_set, inputs=checkpoints.live_teacher_inputs(args.teacher),
-                              models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
-    teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
-    head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
-    vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
-                                     teacher_head.weight.shape[0])
-    checks.warn_template_mismatch(tokenizer, teacher_tokenizer)
-
-    def teacher_states(batch):  # [N, H_teacher]: the live teacher's final hidden states at the masked positions
-        with torch.inference_mode():
-            teacher_hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
-            return common.shift_for_next_token(teacher_hidden, batch)[0]
-
-    train_with_teacher(args, loop, beta, vocab, teacher_head.weight, teacher_states)
-    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
-
-
-def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torch.Tensor, teacher_states=None):
-    """The training loop on the full-vocabulary loss, given the teacher's final hidden states at the masked
-    positions: `teacher_states(batch)` [N, H_teacher] from the live teacher, or (default) the batch's
-    "teacher_hidden" read from a --store hidden cache, with `teacher_weight` its head. One code path for both, so
-    a hidden cache gives the live teacher's loss, pre-flight and eval_kl."""
+                                  held_out, inputs=cache_teacher.run_inputs(manifest))
+        source = teachers.from_cache(args.teacher_cache, manifest, loop.device)
     head = models.output_head(loop.model)
 
-    def objective(batch, num_tokens, held_out=False, preflight=False):  # training and held-out rows alike
-        if teacher_states is None:  # a bf16/fp16 cache, widened to the head's dtype (the live teacher's states')
-            teacher_hidden = batch["teacher_hidden"].to(teacher_weight.dtype)
-        else:
-            teacher_hidden = teacher_states(batch)
+    def objective(batch, num_tokens, held_out=False):  # training and held-out rows alike
+        teacher = source(batch)
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        if preflight:
-            checks.preflight(student_hidden, head.weight, teacher_hidden, teacher_weight, vocab=vocab,
-                             temperature=args.temperature, beta=beta)
-        loss, ce_sum, div_sum = losses.fused_head_loss(
-            student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
-            teacher_weight=teacher_weight, alpha=args.alpha, beta=beta, temperature=args.temperature,
-            chunk_size=args.chunk_size, vocab=vocab, compute_dtype=torch.bfloat16 if args.bf16 else None)
+        loss, ce_sum, div_sum = distillation_loss(student_hidden, head.weight, targets, num_tokens, teacher, args,
+                                                  beta=beta, vocab=vocab)
         stats = {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
-        if held_out:  # eval_kl: plain KL(teacher || student) at T=1, whatever this run's divergence
-            stats["kl"] = checks.agreement(student_hidden, head.weight, teacher_hidden, teacher_weight,
-                                           vocab=vocab, chunk_size=args.chunk_size)["kl_sum"] / num_tokens
+        if held_out and source.full:  # eval_kl: plain KL(teacher || student) at T=1, whatever this run's divergence
+            stats["kl"] = checks.agreement(student_hidden, head.weight, vocab=vocab, chunk_size=args.chunk_size,
+                                           **teacher)["kl_sum"] / num_tokens
         return loss, stats
 
-    for micro_batches, num_tokens in loop:
-        for batch in micro_batches:
-            loss, stats = objective(batch, num_tokens, preflight=loop.step_num == 0 and batch is micro_batches[0])
-            loop.backward(loss, **stats)
-        loop.step(num_tokens, evaluate=objective)
-
-
-def train_from_cache(args, loop, beta: float, vocab: int) -> None:
-    """The same step with the teacher's distribution read from a top-K or sampled cache
-    (cache_teacher.cached_teacher_loss)."""
-    head = models.output_head(loop.model)
-
-    def objective(batch, num_tokens, held_out=False):
+    def preflight(batch):  # how far apart the two start; non-finite logits stop the run before any update
+        teacher = source(batch)
+        if not source.full:  # a top-K or sampled cache: the objective's own terms
+            count = batch["loss_mask"][:, 1:].sum().item()
+            return checks.preflight_terms(objective(batch, count)[1], count, "--teacher-cache")
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-        student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-        loss, ce_sum, div_sum = cache_teacher.cached_teacher_loss(
-            student_hidden, head.weight, targets, num_tokens, batch, alpha=args.alpha, beta=beta,
-            temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
-        # No eval_kl: a bucket divergence or a sampled estimate is not the full-vocabulary KL other runs log.
-        return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
+        checks.preflight(common.shift_for_next_token(hidden, batch)[0], head.weight, **teacher, vocab=vocab,
+                         temperature=args.temperature, beta=beta)
 
+    training.preflight(loop, preflight)
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:
             loss, stats = objective(batch, num_tokens)
             loop.backward(loss, **stats)
         loop.step(num_tokens, evaluate=objective)
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
 
 
-def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None, *, temperature: float = 1.0):
+def distillation_loss(student_hidden, student_weight, targets, num_tokens, teacher: dict, args, *, beta: float,
+                      vocab: int):
+    """alpha * CE + (1 - alpha) * T^2 * D over the batch's positions / num_tokens, from whatever `teacher` source
+    (teachers.py): the full-vocabulary loss (`losses.fused_head_loss`) from the teacher's hidden states and head,
+    or its cached approximation (`cache_teacher.cached_teacher_loss`) from a top-K or sampled cache's rows.
+    Returns (loss, ce_sum, div_sum), the sums detached."""
+    if "cached_rows" in teacher:
+        return cache_teacher.cached_teacher_loss(
+            student_hidden, student_weight, targets, num_tokens, teacher["cached_rows"], alpha=args.alpha, beta=beta,
+            temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
+    return losses.fused_head_loss(student_hidden, student_weight, targets, num_tokens, **teacher, alpha=args.alpha,
+                                  beta=beta, temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab,
+                                  compute_dtype=torch.bfloat16 if args.bf16 else None)
+
+
+def attach_cache(folder, tokenizer, examples: list[dict], student, held_out=None, *, temperature: float = 1.0):
     """Pair every example with its cached teacher rows; refuse a cache from another vocabulary.
 
     Returns (examples that have a cache row scored on the same messages and completion, with the same target
@@ -227,8 +206,8 @@ def attach_cache(folder, tokenizer, examples: list[dict], student, eval_set=None
               f"or tokens differ from the cached ones ({len(kept)} of {len(examples)} kept)")
     if not kept:
         raise common.DistillError(f"--teacher-cache {folder}: no row of --data matches the cache")
-    if eval_set is not None and eval_set.examples:
-        eval_set.examples, missing, differ = pair(eval_set.examples)
+    if held_out is not None and held_out.examples:
+        held_out.examples, missing, differ = pair(held_out.examples)
         if missing or differ:  # a held-out loss on a silent subset would not compare with other runs
             raise common.DistillError(
                 f"--eval-data with --teacher-cache: {missing} held-out rows are absent from the cache and {differ} "

@@ -69,7 +69,7 @@ def test_a_role_the_template_rejects_names_the_row(kit, tmp_path):
     rows = rows_of(write_rows(tmp_path / "d.jsonl", 4))
     rows[1]["messages"].append({"role": "tool", "content": "42"})
     data = write(tmp_path / "d.jsonl", rows)
-    with pytest.raises(common.DistillError, match=r"--data row 2 \(id=train-1\): the chat template of --student .* "
+    with pytest.raises(common.DistillError, match=r"--data row 2 \(id=train-1\): the chat template of .*student_nosys. "
                                                   r"rejects these messages \(roles: system, user, tool\): Only"):
         train(kit, data, tmp_path / "run", student=kit["student_nosys"])
 
@@ -86,14 +86,14 @@ def test_model_folders_that_hold_no_model(kit, tmp_path):
         train(kit, data, tmp_path / "run", student=tokenizer_only)
 
 
-def test_a_model_without_chat_template_names_the_flag_and_not_its_own_folder(kit, tmp_path):
+def test_a_model_without_chat_template_is_named_and_not_saved_over(kit, tmp_path):
     data = write_rows(tmp_path / "d.jsonl", 4)
     model = tmp_path / "no_template"
     shutil.copytree(kit["student"], model)
     (model / "chat_template.jinja").unlink()
-    with pytest.raises(common.DistillError, match=f"--student '{model}' has no chat template") as caught:
+    with pytest.raises(common.DistillError, match=f"'{model}' has no chat template") as caught:
         train(kit, data, tmp_path / "run", student=model)
-    assert "pass NEW as --student" in str(caught.value)
+    assert "pass NEW instead" in str(caught.value)
     assert str(model) not in str(caught.value).split("has no chat template")[1], "never suggest saving over it"
 
 

@@ -112,7 +112,7 @@ def test_chunked_loss_and_gradients_match_materialized(kind):
     teacher_hidden = torch.randn(n, ht, generator=g)
     teacher_weight = torch.randn(19, ht, generator=g)
     targets = torch.randint(0, 13, (n,), generator=g)
-    loss, ce_sum, uld_sum, _ = cross_tokenizer.chunked_uld_and_ce(
+    loss, ce_sum, div_sum, _ = cross_tokenizer.chunked_uld_and_ce(
         student_hidden, student_weight, targets, 20, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         alpha=0.3, top_k=5, temperature=2.0, kind=kind, chunk_size=4)
     loss.backward()

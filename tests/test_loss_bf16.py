@@ -62,7 +62,7 @@ def fused(case, alpha, beta, temperature, num_tokens, *, chunk_size=7, hidden_dt
           **kwargs):
     hidden = case["student_hidden"].to(hidden_dtype, copy=True).requires_grad_()
     weight = case["student_weight"].clone().requires_grad_(not frozen)  # the float32 master head (or a frozen one)
-    loss, ce_sum, soft_sum = losses.fused_head_loss(
+    loss, ce_sum, div_sum = losses.fused_head_loss(
         hidden, weight, case["targets"], num_tokens, teacher_hidden=case["teacher_hidden"],
         teacher_weight=case["teacher_weight"], alpha=alpha, beta=beta, temperature=temperature,
         chunk_size=chunk_size, vocab=case["vocab"], **kwargs)

@@ -159,7 +159,7 @@ def test_fused_head_loss_matches_materialized(alpha, beta, temperature):
     targets = torch.randint(0, vocab, (n,), generator=g)
     num_tokens = 29  # the global count: larger than this micro-batch
 
-    loss, ce_sum, soft_sum = losses.fused_head_loss(
+    loss, ce_sum, div_sum = losses.fused_head_loss(
         student_hidden, student_weight, targets, num_tokens, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, alpha=alpha, beta=beta, temperature=temperature, chunk_size=4, vocab=vocab)
     (loss * 3.0).backward()  # a non-unit upstream gradient
@@ -177,7 +177,7 @@ def test_fused_head_loss_matches_materialized(alpha, beta, temperature):
     ce_ref = reference.masked_ce(student_logits, targets, torch.ones(n)).item() * n
     assert ce_sum.item() == pytest.approx(ce_ref, rel=1e-10)
     if alpha < 1:
-        assert soft_sum.item() == pytest.approx(
+        assert div_sum.item() == pytest.approx(
             (want.item() - alpha * ce_ref / num_tokens) / (1 - alpha) * num_tokens, rel=1e-9)
 
 

@@ -245,7 +245,7 @@ def test_chunked_hybrid_matches_reference_and_materialized_gradients(kind, beta,
     pairs = random_pairs(g, 5, v_s, v_t)
     match = cross_tokenizer.VocabMatch(*as_ids(pairs), v_s, v_t)
     options = dict(alpha=0.3, top_k=4, temperature=2.0, kind=kind, beta=beta, weighting=weighting)
-    loss, ce_sum, uld_sum, masses = cross_tokenizer.chunked_uld_and_ce(
+    loss, ce_sum, div_sum, masses = cross_tokenizer.chunked_uld_and_ce(
         student_hidden, student_weight, targets, 20, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         student_vocab=v_s, teacher_vocab=v_t, match=match, identity=identity, chunk_size=4, **options)
     s_logits = (student_hidden @ student_weight[:v_s].T).detach()
@@ -256,7 +256,7 @@ def test_chunked_hybrid_matches_reference_and_materialized_gradients(kind, beta,
     ce = torch.nn.functional.cross_entropy(s_logits, targets, reduction="sum").item()
     uld = sum(x[0] for x in per_position)
     assert loss.item() == pytest.approx((0.3 * ce + 0.7 * uld) / 20, rel=1e-6)
-    assert uld_sum.item() == pytest.approx(uld, rel=1e-9)
+    assert div_sum.item() == pytest.approx(uld, rel=1e-9)
     assert masses.tolist() == pytest.approx([sum(x[1] for x in per_position), sum(x[2] for x in per_position)])
     loss.backward()
     got = student_hidden.grad.clone(), student_weight.grad.clone()
@@ -279,11 +279,11 @@ def test_sorted_mode_is_unchanged_by_the_new_arguments():
     hidden, weight = torch.randn(9, 6, generator=g), torch.randn(13, 6, generator=g)
     t_hidden, t_weight = torch.randn(9, 5, generator=g), torch.randn(19, 5, generator=g)
     targets = torch.randint(0, 13, (9,), generator=g)
-    loss, _, uld_sum, masses = cross_tokenizer.chunked_uld_and_ce(
+    loss, _, div_sum, masses = cross_tokenizer.chunked_uld_and_ce(
         hidden, weight, targets, 9, teacher_hidden=t_hidden, teacher_weight=t_weight, alpha=0.5, top_k=5,
         temperature=2.0, chunk_size=4)
     want = cross_tokenizer.uld_loss(hidden @ weight.T, t_hidden @ t_weight.T, k=5, temperature=2.0).sum()
-    assert masses is None and uld_sum.item() == pytest.approx(want.item(), rel=1e-5)
+    assert masses is None and div_sum.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 # -- the top-K cache form ------------------------------------------------------------------------------------------

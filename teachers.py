@@ -1,0 +1,80 @@
+"""Where the teacher's side of a batch comes from: a teacher model in memory, or a cache_teacher.py folder.
+
+token_level.py and cross_tokenizer.py train through one loop whatever the teacher's source. The objective asks the
+source for the teacher's side of a batch, `teacher = source(batch)`, and hands it to the loss, which then sees
+
+    teacher_hidden [N, H_t], teacher_weight [V_t, H_t]   LiveTeacher, HiddenCache: the teacher's final hidden states
+                                                        and head, so its logits h @ W^T are the live teacher's
+    cached_rows {name: [N, ...]}                        CachedRows: a top-K or sampled cache's rows
+                                                        (`cache_teacher.collate_rows`), an approximation of the
+                                                        teacher explained where the loss computes it
+
+N counts the batch's positions in `common.shift_for_next_token`'s order (cross_tokenizer.py: the teacher positions
+aligned to them). `full` says whether the source gives the teacher's whole next-token distribution, which the
+held-out eval_kl and the full pre-flight (`checks.preflight`) need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models import output_head, teacher_hidden_states
+
+
+class LiveTeacher:
+    """A teacher model in memory: its final hidden states at the batch's positions (no gradient), and its head.
+
+    `inputs`: the batch's keys of the teacher's token ids and attention mask; `select(hidden, batch)` picks the
+    [N, H_t] rows the loss pairs with the student's positions from the teacher's [B, L, H_t] hidden states.
+    """
+
+    full = True
+
+    def __init__(self, model, select, inputs: tuple[str, str] = ("input_ids", "attention_mask")):
+        self.model, self.select, self.inputs = model, select, inputs
+        self.weight = output_head(model).weight
+
+    def __call__(self, batch: dict) -> dict:
+        with torch.inference_mode():
+            hidden = teacher_hidden_states(self.model, batch[self.inputs[0]], batch[self.inputs[1]])
+            rows = self.select(hidden, batch)  # [N, H_t]
+        # A normal tensor, not an inference one: the chunked losses save their inputs for backward.
+        return {"teacher_hidden": rows.clone(), "teacher_weight": self.weight}
+
+
+class HiddenCache:
+    """A cache_teacher.py --store hidden folder: the batch carries the teacher's hidden states at its positions
+    (collated from the cache); the head comes from the cache's teacher_head file. Exact up to the cache's dtype."""
+
+    full = True
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, batch: dict) -> dict:
+        # a bf16/fp16 cache, widened to the head's dtype (the live teacher's states')
+        return {"teacher_hidden": batch["teacher_hidden"].to(self.weight.dtype), "teacher_weight": self.weight}
+
+
+class CachedRows:
+    """A cache_teacher.py --store topk or --store sampled folder: the batch carries the cached rows at its
+    positions under `names` (`cache_teacher.collate_rows`'s keys). Not the full distribution."""
+
+    full = False
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+
+    def __call__(self, batch: dict) -> dict:
+        return {"cached_rows": {name: batch[name] for name in self.names}}
+
+
+def from_cache(folder, manifest: dict, device) -> HiddenCache | CachedRows:
+    """The source a cache_teacher.py folder gives (`cache_teacher.open_cache`'s manifest): a hidden store's head on
+    `device`, or the names of a top-K or sampled store's batch tensors."""
+    import cache_teacher
+
+    store = cache_teacher.store_of(manifest)
+    if store == "hidden":
+        return HiddenCache(cache_teacher.load_head(folder, manifest).to(device))
+    return CachedRows(cache_teacher.BATCH_TENSORS[store])
