@@ -452,7 +452,8 @@ def train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer):
         batches, lo = [], 0
         for batch in micro_batches:
             n = len(batch["prompts"])
-            batches.append(loop.to_device(collate(examples[lo:lo + n])))
+            batches.append(loop.to_device(cross_tokenizer.collate_pairs(examples[lo:lo + n], tokenizer.pad_token_id,
+                                                                        teacher_tokenizer.pad_token_id)))
             lo += n
         return batches, stats
 
