@@ -21,7 +21,21 @@ tokens up to and including the first end-of-turn token (D: --kl, as in token_lev
 MiniLLM/GKD choice). Otherwise the
 step is off-policy: the same loss on the teacher's completions from --data (what token_level.py does with
 --alpha 0). The loss temperature (--temperature, default 1) and the sampling temperature (--gen-temperature) are
-separate flags and are never mixed. Teacher and student must share a vocabulary.
+separate flags and are never mixed.
+
+A teacher with another vocabulary (detected from the two tokenizers; one vocabulary keeps the loss above exactly)
+grades the student's samples through cross_tokenizer.py's ULD (`train_cross_tokenizer`): each sample is decoded to
+text, rendered by the teacher's own chat template, and every student token is paired with the teacher token whose
+end character offset is closest; the loss at each is the hybrid ULD (--uld-match, --uld-weighting, --uld-loss,
+--top-k; --kl's divergence on the tokens both vocabularies hold) at --temperature, no cross-entropy term. Samples
+that end inside a multi-byte character, hold a special token, or whose text the teacher's template changes are
+trimmed (or dropped) and counted, never misaligned: metrics.jsonl's exact_end_fraction, same_span_fraction,
+samples_trimmed and samples_dropped, and the end-of-run report. Off-policy steps use the teacher's completions
+aligned as cross_tokenizer.py aligns them.
+
+    # the Qwen2.5-0.5B student from a teacher with another tokenizer, on that teacher's own answers
+    python on_policy.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct --data data/teacher_smollm2-1.7b-instruct.jsonl \
+        --output-dir runs/on_policy_smollm2
 
 metrics.jsonl adds per step: div (the loss's divergence term, as in the other scripts), on_policy (bool),
 gen_len (mean sampled tokens), cut_frac (share of samples that hit --max-new-tokens without ending), and the
