@@ -94,8 +94,6 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     method = common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
                           teacher_default=common.ULD_TEACHER, output_dir="runs/cross_tokenizer")
-    method.add_argument("--top-k", type=common.POSITIVE_INT, default=50,
-                        help="probabilities compared per position (plus a tail)")
     method.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
                         help="softmax temperature of the ULD term (> 0)")
     method.add_argument("--alpha", type=common.FRACTION, default=0.5,
@@ -103,22 +101,7 @@ def parse_args(argv=None):
                              "CE + ULD weighted equally, as in the ULD paper's code. The sorted comparison carries no "
                              "token identity, so with a small alpha it sharpens whatever the student already prefers "
                              "(the demo's student learned no answer line at alpha 0.1)")
-    method.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
-                        help="the ULD distance, between *sorted* top-K + tail probability vectors (not token_level's "
-                             "--kl, which compares token by token): kl = KL(teacher||student) of the sorted "
-                             "vectors; wasserstein = sorted L1 (ULD paper)")
-    method.add_argument("--uld-match", default="hybrid", choices=["sorted", "hybrid"],
-                        help="how the ULD term compares the two distributions: sorted = the sorted top-K + tail of "
-                             "each, no token identity (the ULD paper); hybrid = tokens both vocabularies hold (same "
-                             "text after mapping each tokenizer's space marker and byte tokens) by identity with "
-                             "--kl's divergence, plus one bucket for the rest, and the rest's sorted top-K + tail by "
-                             "--uld-loss, where a student token covers the same characters as its teacher token "
-                             "(sorted elsewhere); see hybrid_uld_loss")
-    method.add_argument("--uld-weighting", default="mass", choices=["mass", "vocab"],
-                        help="--uld-match hybrid: how the identity and sorted terms are weighted: mass = identity "
-                             "term + the teacher's unmatched probability mass x sorted term (the chain rule of KL); "
-                             "vocab = w x identity + (1 - w) x sorted with w = matched share of the teacher's "
-                             "vocabulary (TRL GOLD)")
+    add_uld_args(method)
     common.add_divergence_args(method, default="forward")
     method.add_argument("--teacher-cache", default=None,
                         help="read the teacher from a cache_teacher.py folder instead of loading --teacher: "
@@ -132,6 +115,30 @@ def parse_args(argv=None):
     training.check_eval_args(parser, args, stats=("ce", "div"))
     common.fill_train_defaults(parser, args)
     return args
+
+
+def add_uld_args(group) -> None:
+    """The ULD term's flags (--top-k, --uld-loss, --uld-match, --uld-weighting) on an argparse group: this script's
+    and on_policy.py's with a teacher of another tokenizer. --kl/--beta (the identity divergence) and --temperature
+    are each script's own."""
+    group.add_argument("--top-k", type=common.POSITIVE_INT, default=50,
+                       help="ULD term: probabilities compared per position (plus a tail); not a sampling setting")
+    group.add_argument("--uld-loss", default="kl", choices=["kl", "wasserstein"],
+                       help="the ULD distance, between *sorted* top-K + tail probability vectors (not token_level's "
+                            "--kl, which compares token by token): kl = KL(teacher||student) of the sorted "
+                            "vectors; wasserstein = sorted L1 (ULD paper)")
+    group.add_argument("--uld-match", default="hybrid", choices=["sorted", "hybrid"],
+                       help="how the ULD term compares the two distributions: sorted = the sorted top-K + tail of "
+                            "each, no token identity (the ULD paper); hybrid = tokens both vocabularies hold (same "
+                            "text after mapping each tokenizer's space marker and byte tokens) by identity with "
+                            "--kl's divergence, plus one bucket for the rest, and the rest's sorted top-K + tail by "
+                            "--uld-loss, where a student token covers the same characters as its teacher token "
+                            "(sorted elsewhere); see hybrid_uld_loss")
+    group.add_argument("--uld-weighting", default="mass", choices=["mass", "vocab"],
+                       help="--uld-match hybrid: how the identity and sorted terms are weighted: mass = identity "
+                            "term + the teacher's unmatched probability mass x sorted term (the chain rule of KL); "
+                            "vocab = w x identity + (1 - w) x sorted with w = matched share of the teacher's "
+                            "vocabulary (TRL GOLD)")
 
 
 def align_by_end_offsets(student_offsets: list[tuple[int, int]], teacher_offsets: list[tuple[int, int]]) -> list[int]:
@@ -551,7 +558,7 @@ def encode_pairs(rows, tokenizer, teacher_tokenizer, max_length, what: str | Non
             continue
         teacher_positions = [i for i, m in enumerate(teacher["loss_mask"]) if m]
         aligned = align_by_end_offsets(student["completion_offsets"], teacher["completion_offsets"])
-        student["teacher_ids"] = teacher["input_ids"]
+        student["teacher_ids"], student["row"] = teacher["input_ids"], index  # row: its place in `rows`
         student["teacher_targets"] = [teacher_positions[j] for j in aligned]
         student["same_span"] = same_spans(student["completion_offsets"], teacher["completion_offsets"], aligned)
         examples.append(student)

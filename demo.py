@@ -299,12 +299,16 @@ def distil_students(out: Path, bases: dict, teacher: Path, teacher_data: Path, d
          ["--teacher", str(teacher), "--lmbda", "0.5", "--max-new-tokens", "24"]),
         ("cross_tokenizer (ULD, other tokenizer)", cross_tokenizer, bases["student_other_tokenizer"],
          ["--teacher", str(teacher), "--top-k", "20", "--temperature", "2", "--alpha", "0.5"]),
+        # GKD into the second student: its samples graded by the teacher through hybrid ULD (another vocabulary)
+        ("on_policy (other tokenizer, lmbda=0.5, hybrid ULD)", on_policy, bases["student_other_tokenizer"],
+         ["--teacher", str(teacher), "--lmbda", "0.5", "--max-new-tokens", "24", "--top-k", "20"],
+         "on_policy_other_tokenizer"),
     ]
     trained = []
-    for name, script, student, extra in runs:
+    for name, script, student, extra, *folder in runs:  # a run's folder: its script's name unless given
         print(f"\n-- {name}")
-        trained.append((name, train_once(script, out / script.__name__, ["--student", str(student), *budget,
-                                                                         *extra])))
+        trained.append((name, train_once(script, out / (folder[0] if folder else script.__name__),
+                                         ["--student", str(student), *budget, *extra])))
     return trained
 
 

@@ -21,7 +21,21 @@ tokens up to and including the first end-of-turn token (D: --kl, as in token_lev
 MiniLLM/GKD choice). Otherwise the
 step is off-policy: the same loss on the teacher's completions from --data (what token_level.py does with
 --alpha 0). The loss temperature (--temperature, default 1) and the sampling temperature (--gen-temperature) are
-separate flags and are never mixed. Teacher and student must share a vocabulary.
+separate flags and are never mixed.
+
+A teacher with another vocabulary (detected from the two tokenizers; one vocabulary keeps the loss above exactly)
+grades the student's samples through cross_tokenizer.py's ULD (`train_cross_tokenizer`): each sample is decoded to
+text, rendered by the teacher's own chat template, and every student token is paired with the teacher token whose
+end character offset is closest; the loss at each is the hybrid ULD (--uld-match, --uld-weighting, --uld-loss,
+--top-k; --kl's divergence on the tokens both vocabularies hold) at --temperature, no cross-entropy term. Samples
+that end inside a multi-byte character, hold a special token, or whose text the teacher's template changes are
+trimmed (or dropped) and counted, never misaligned: metrics.jsonl's exact_end_fraction, same_span_fraction,
+samples_trimmed and samples_dropped, and the end-of-run report. Off-policy steps use the teacher's completions
+aligned as cross_tokenizer.py aligns them.
+
+    # the Qwen2.5-0.5B student from a teacher with another tokenizer, on that teacher's own answers
+    python on_policy.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct --data data/teacher_smollm2-1.7b-instruct.jsonl \
+        --output-dir runs/on_policy_smollm2
 
 metrics.jsonl adds per step: div (the loss's divergence term, as in the other scripts), on_policy (bool),
 gen_len (mean sampled tokens), cut_frac (share of samples that hit --max-new-tokens without ending), and the
@@ -36,9 +50,10 @@ Held-out evaluation (--eval-data) is off-policy: no samples are drawn for it. ev
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from functools import partial
 
@@ -47,6 +62,7 @@ import torch
 import checkpoints
 import checks
 import common
+import cross_tokenizer
 import generation
 import losses
 import models
@@ -70,6 +86,8 @@ def parse_args(argv=None):
                         help="max tokens the student samples per prompt; a sample cut there is trained without an "
                              "end-of-turn token (like a --truncated no-eos row)")
     generation.add_vllm_args(method)
+    cross_tokenizer.add_uld_args(parser.add_argument_group(
+        "a teacher with another tokenizer (hybrid ULD at every sampled token; ignored when the vocabularies match)"))
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="reverse", bare_beta_alias=True)
     training.check_eval_args(parser, args, stats=("ce", "div", "kl"))
@@ -82,10 +100,15 @@ def encode_with_prompts(rows: list[dict], tokenizer, args, what: str | None = "-
     on-policy step samples from, rendered as generate_data.py prompts the teacher. `collate_with_prompts` hands
     them to the loop's batches."""
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, what, truncated=args.truncated)
+    add_prompt_ids(examples, rows, tokenizer)
+    return examples, skipped
+
+
+def add_prompt_ids(examples: list[dict], rows: list[dict], tokenizer) -> None:
+    """Each example's prompt alone with the generation header (`prompt_ids`), from its row (`example["row"]`)."""
     for example in examples:
         prompt = common.render_chat(tokenizer, rows[example["row"]]["messages"], add_generation_prompt=True)
         example["prompt_ids"] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return examples, skipped
 
 
 def collate_with_prompts(examples: list[dict], pad_id: int) -> dict:
@@ -103,8 +126,10 @@ def sampled_examples(prompts: list[list[int]], samples: list[dict]) -> list[dict
             for prompt, sample in zip(prompts, samples)]
 
 
-def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, sampler=None) -> tuple[list[dict], dict]:
-    """Replace one step's micro-batches by the student's own samples for the same prompts (one generate call)."""
+def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, sampler=None,
+                pair=None) -> tuple[list[dict], dict]:
+    """Replace one step's micro-batches by the student's own samples for the same prompts (one generate call).
+    `pair(micro_batches, prompts, samples)`, with a teacher of another tokenizer, builds the batches instead."""
     prompts = [p for batch in micro_batches for p in batch["prompts"]]
     student = loop.accelerator.unwrap_model(loop.model)
     if sampler is not None:  # vLLM holds its own copy of the weights: bring it up to date first
@@ -114,6 +139,8 @@ def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, samp
         sample = partial(generation.generate, student, tokenizer, what="--student")
     samples = sample(prompts, max_new_tokens=args.max_new_tokens, temperature=args.gen_temperature,
                      top_p=args.top_p, stop_ids=stop_ids)
+    if pair is not None:
+        return pair(micro_batches, prompts, samples)
     examples = sampled_examples(prompts, samples)
     batches, lo = [], 0
     for batch in micro_batches:
@@ -144,6 +171,9 @@ def main(argv=None):
     rows = common.load_distill_rows(args.data, allow_duplicates=args.allow_duplicates)
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
+    teacher_tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code, what="--teacher")
+    if checks.vocabulary_checks(tokenizer, teacher_tokenizer, len(tokenizer), len(teacher_tokenizer))[0] is None:
+        return train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer)  # another vocabulary
     examples, skipped = encode_with_prompts(rows, tokenizer, args)
     checks.check_training_data(tokenizer, rows, examples)
     held_out = training.load_held_out(args, rows, tokenizer, encode=lambda r: encode_with_prompts(r, tokenizer, args,
@@ -211,6 +241,253 @@ def main(argv=None):
         loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **timer.seconds)
 
     loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A teacher with another tokenizer: it reads the student's sampled text through its own chat template, and the two
+# are compared by cross_tokenizer's hybrid ULD at every student token, aligned by character end offsets.
+
+def decode_sample(tokenizer, prompt_ids: list[int], tokens: list[int], finished: bool) -> dict:
+    """The text a sampled completion writes, and each sampled token's character span in it.
+
+    `tokens`: the student's sample, its last token the end-of-turn token when `finished`. The text is what the
+    sample adds to the decoded conversation (decoded after the prompt, so that a SentencePiece-style decoder keeps
+    the first token's space), and token i ends where the decoded prompt + tokens[:i+1] ends: the sampled tokens
+    themselves, not a re-encoding of the text (a sampled segmentation is often not the tokenizer's own, and it is
+    what the student is graded on). A byte-level token holding part of a multi-byte character ends where that
+    character ends, as a fast tokenizer's offsets have it, and is marked not `clean` (it writes no whole character,
+    so no teacher token covers the same text).
+
+    What cannot be aligned is trimmed from the end, never re-segmented, and the reason returned:
+      "special"       a special token inside the text (another template would read its name as plain text): the
+                      sample is cut before it
+      "partial_char"  the text ends inside a multi-byte character or holds bytes that are not UTF-8 (decoding gives
+                      U+FFFD; a sampled U+FFFD character is treated alike): cut back to the last token that ends on
+                      a character boundary before it
+    A trimmed sample loses its end-of-turn token (its text did not end there).
+    Returns {"text", "spans" [(start, end)] and "clean" [bool] per kept token (the end-of-turn token last, spanning
+    a virtual character past the text as in `common.encode_chat`), "tokens" (the kept ones), "finished" (the
+    end-of-turn token kept), "trimmed" (None or the reason)}.
+    """
+    body, trimmed = list(tokens[:-1] if finished else tokens), None
+    special = common._special_ids(tokenizer)
+    cut = next((i for i, token in enumerate(body) if token in special), None)
+    if cut is not None:
+        body, finished, trimmed = body[:cut], False, "special"
+
+    def decode(ids):  # no clean-up: it would move spaces and break the prefix relation between the decodes
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    context = decode(list(prompt_ids))
+    written = [decode([*prompt_ids, *body[:n]]) for n in range(1, len(body) + 1)]
+    written = [w[len(context):] if w.startswith(context) else None for w in written]
+    text = written[-1] if written and written[-1] is not None else ""
+    valid = text.find("\ufffd")
+    valid = len(text) if valid < 0 else valid
+    # ends[i]: where token i's text ends; None when it ends inside a character (its decode is not a prefix).
+    ends = [len(w) if w is not None and text.startswith(w) else None for w in written]
+    kept = next((n for n in range(len(body), 0, -1) if ends[n - 1] is not None and ends[n - 1] <= valid), 0)
+    if kept < len(body):
+        finished, trimmed = False, trimmed or "partial_char"
+    text = text[:ends[kept - 1]] if kept else ""
+    spans, clean, start = [], [], 0
+    for i in range(kept):
+        end = ends[i] if ends[i] is not None else next(e for e in ends[i + 1:kept] if e is not None)
+        spans.append((start, end))
+        clean.append(ends[i] is not None and (i == 0 or ends[i - 1] is not None))
+        if ends[i] is not None:
+            start = end  # inside a character, the next token starts where the character does
+    if finished:
+        spans.append((len(text), len(text) + 1))
+        clean.append(True)
+    return {"text": text, "spans": spans, "clean": clean, "tokens": body[:kept] + list(tokens[-1:] if finished else []),
+            "finished": finished, "trimmed": trimmed}
+
+
+def pair_sample(teacher_tokenizer, messages: list[dict], prompt_ids: list[int], decoded: dict) -> tuple[dict, dict]:
+    """One decoded sample (`decode_sample`) as a cross_tokenizer training pair (`cross_tokenizer.encode_pairs`'s
+    example: input_ids, loss_mask, teacher_ids, teacher_targets, same_span), and its alignment counts.
+
+    The teacher reads `messages` + the sample's text through its own chat template (`common.encode_chat`); each
+    student token is paired with the teacher token whose end is closest (`cross_tokenizer.align_by_end_offsets`);
+    `same_span` (hybrid identity) also needs the student token `clean`. A template that does not render the text as
+    written (Llama 3's trims it) gives the teacher other text: the student tokens outside the characters the teacher
+    writes are not trained (those before it stay in the input as context, those after it and the end-of-turn token
+    are cut), and the sample counts as trimmed ("template"). A sample with no token left, or whose text the
+    template does not render at all, is dropped: it stays in its batch with no target. Counts: {"tokens", "exact",
+    "same", "trimmed": None or the reason, "dropped"}.
+    """
+    text, spans, tokens, finished = decoded["text"], decoded["spans"], decoded["tokens"], decoded["finished"]
+    counts = {"tokens": 0, "exact": 0, "same": 0, "trimmed": decoded["trimmed"], "dropped": False}
+    try:
+        teacher = common.encode_chat(teacher_tokenizer, messages, text, end_of_turn=finished)
+    except common.DistillError:  # the template does not render this text at all
+        teacher = None
+    n_text = len(tokens) - finished
+    first = last = 0
+    if teacher is not None:
+        teacher_spans = teacher["completion_offsets"]
+        written = [(s, e) for s, e in teacher_spans[:len(teacher_spans) - finished] if e > s]
+        lo, hi = (written[0][0], written[-1][1]) if written else (0, 0)  # the characters the teacher writes
+        if (lo, hi) != (0, len(text)):
+            counts["trimmed"] = counts["trimmed"] or "template"
+            finished = finished and hi == len(text)
+            if not finished:
+                teacher_spans = teacher_spans[:len(teacher_spans) - decoded["finished"]]
+        first = next((i for i in range(n_text) if spans[i][0] >= lo), n_text)
+        last = next((i + 1 for i in range(n_text - 1, -1, -1) if spans[i][1] <= hi), 0)
+        last = max(first, last)
+    targets = list(range(first, last)) + ([n_text] if finished else []) if teacher is not None else []
+    if not targets:
+        counts["dropped"] = True
+        ids = teacher["input_ids"] if teacher is not None else [teacher_tokenizer.pad_token_id]
+        return {"input_ids": list(prompt_ids), "loss_mask": [0] * len(prompt_ids), "teacher_ids": ids,
+                "teacher_targets": [], "same_span": []}, counts
+    student_spans = [spans[i] for i in targets]
+    aligned = cross_tokenizer.align_by_end_offsets(student_spans, teacher_spans)
+    same = cross_tokenizer.same_spans(student_spans, teacher_spans, aligned)
+    same = [flag and decoded["clean"][i] for flag, i in zip(same, targets)]
+    teacher_positions = [i for i, m in enumerate(teacher["loss_mask"]) if m]
+    kept = tokens[:last] + (tokens[-1:] if finished else [])
+    mask = [0] * len(prompt_ids) + [0] * first + [1] * (last - first) + [1] * finished
+    counts.update(tokens=len(targets), same=sum(same),
+                  exact=sum(s[1] == teacher_spans[j][1] for s, j in zip(student_spans, aligned)))
+    return {"input_ids": list(prompt_ids) + kept, "loss_mask": mask, "teacher_ids": teacher["input_ids"],
+            "teacher_targets": [teacher_positions[j] for j in aligned], "same_span": same}, counts
+
+
+def pair_samples(tokenizer, teacher_tokenizer, messages: list[list[dict]], prompts: list[list[int]],
+                 samples: list[dict], totals: Counter) -> tuple[list[dict], dict]:
+    """`pair_sample` for one step's samples; returns the examples and the step's alignment statistics for
+    metrics.jsonl (exact_end_fraction, same_span_fraction over the trained tokens; samples_trimmed, samples_dropped),
+    and adds to `totals` (the end-of-run report's counts by reason)."""
+    examples, step = [], Counter()
+    for conversation, prompt, sample in zip(messages, prompts, samples):
+        decoded = decode_sample(tokenizer, prompt, sample["tokens"], sample["finished"])
+        example, counts = pair_sample(teacher_tokenizer, conversation, prompt, decoded)
+        examples.append(example)
+        step.update(tokens=counts["tokens"], exact=counts["exact"], same=counts["same"],
+                    trimmed=counts["trimmed"] is not None and not counts["dropped"], dropped=counts["dropped"])
+        totals.update(["samples"] + ([counts["trimmed"]] if counts["trimmed"] else []) +
+                      (["dropped"] if counts["dropped"] else []))
+    stats = {"gen_len": sum(len(s["tokens"]) for s in samples) / len(samples),
+             "cut_frac": sum(not s["finished"] for s in samples) / len(samples),
+             "exact_end_fraction": step["exact"] / max(step["tokens"], 1),
+             "same_span_fraction": step["same"] / max(step["tokens"], 1),
+             "samples_trimmed": step["trimmed"], "samples_dropped": step["dropped"]}
+    return examples, stats
+
+
+def collate_pairs_with_prompts(examples: list[dict], pad_id: int, teacher_pad_id: int) -> dict:
+    return {**cross_tokenizer.collate_pairs(examples, pad_id, teacher_pad_id),
+            "prompts": [ex["prompt_ids"] for ex in examples], "rows": [ex["row"] for ex in examples]}
+
+
+def sample_report(totals: Counter) -> str:
+    return (f"on-policy samples: {totals['samples']} drawn; trimmed {totals['special']} at a special token, "
+            f"{totals['partial_char']} inside a character, {totals['template']} where the teacher's chat template "
+            f"changes the text; {totals['dropped']} dropped (nothing left to align)")
+
+
+def train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer):
+    """main() with a teacher of another vocabulary: GKD whose divergence is cross_tokenizer's ULD (hybrid by
+    default: --kl's divergence by token identity where both vocabularies hold the token, sorted top-K + tail for
+    the rest), at --temperature, with no cross-entropy term (alpha 0, as in main()'s loss).
+
+    Sampled steps: each sample is decoded, read by the teacher through its own chat template and aligned by
+    character end offsets (`pair_samples`). Off-policy steps and held-out rows: the teacher's completions of
+    --data, aligned as cross_tokenizer.py aligns them (`cross_tokenizer.encode_pairs`). metrics.jsonl adds, on
+    sampled steps, exact_end_fraction, same_span_fraction, samples_trimmed and samples_dropped; held-out
+    evaluation logs eval_ce and eval_div (no eval_kl: the distributions are over different tokens).
+    """
+    if args.save_best == "eval_kl":
+        raise common.DistillError("--save-best eval_kl: the teacher has another vocabulary, so there is no "
+                                  "token-level KL; use eval_loss or eval_ce")
+
+    def encode(encode_rows, what="--data"):
+        examples, skipped, alignment = cross_tokenizer.encode_pairs(encode_rows, tokenizer, teacher_tokenizer,
+                                                                    args.max_length, what, truncated=args.truncated)
+        add_prompt_ids(examples, encode_rows, tokenizer)
+        return examples, skipped, alignment
+
+    examples, skipped, alignment = encode(rows)
+    checks.check_unknown_targets(tokenizer, rows, examples)
+    print(f"the teacher has another tokenizer: hybrid ULD on the sampled tokens ('{args.uld_match}' matching); "
+          f"on --data, {alignment['exact_end_fraction']:.1%} of student tokens end where their teacher token ends, "
+          f"{alignment['same_span_fraction']:.1%} cover the same characters")
+    held_out = training.load_held_out(args, rows, tokenizer, encode=lambda r: encode(r, None)[:2])
+    inputs = checkpoints.live_teacher_inputs(args.teacher)
+    inputs.ignored += ("vllm", "vllm_gpu_memory")  # where the samples are drawn, not what is trained
+    collate = partial(collate_pairs_with_prompts, pad_id=tokenizer.pad_token_id,
+                      teacher_pad_id=teacher_tokenizer.pad_token_id)
+    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
+                              held_out=held_out, inputs=inputs,
+                              models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
+    teacher, _ = models.load_teacher(args, loop.device)
+    head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
+    # Padded head rows are not tokens: neither distribution gives them mass.
+    vocabs = dict(student_vocab=min(len(tokenizer), head.weight.shape[0]),
+                  teacher_vocab=min(len(teacher_tokenizer), teacher_head.weight.shape[0]))
+    match = cross_tokenizer.build_match(tokenizer, teacher_tokenizer, **vocabs) if args.uld_match == "hybrid" else None
+    shares = match.shares() if match is not None else {}
+    if loop.accelerator.is_main_process:
+        (loop.output_dir / "alignment.json").write_text(json.dumps({**alignment, **shares}, indent=2) + "\n")
+    options = dict(alpha=0.0, top_k=args.top_k, temperature=args.temperature, kind=args.uld_loss,
+                   chunk_size=args.chunk_size, beta=common.divergence_beta(args), weighting=args.uld_weighting)
+    stop_ids = common.end_of_turn_ids(tokenizer)
+    coin = random.Random(args.seed)  # as in main(): one coin per step, replayed on --resume
+    for _ in range(loop.step_num):
+        coin.random()
+    sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
+                                     trust_remote_code=args.trust_remote_code) if args.vllm else None
+
+    def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
+        timer = timer or Timer()
+        with timer("teacher"), torch.inference_mode():
+            teacher_hidden = models.teacher_hidden_states(teacher, batch["teacher_input_ids"],
+                                                          batch["teacher_attention_mask"])
+            teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
+        with timer("student"):
+            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+            hybrid = dict(match=match, identity=batch["identity"]) if match is not None else {}
+            loss, ce_sum, uld_sum, mass_sums = cross_tokenizer.chunked_uld_and_ce(
+                student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden.clone(),
+                teacher_weight=teacher_head.weight, **vocabs, **hybrid, **options)
+            if not len(targets):  # every sample of this micro-batch dropped: a zero loss that still has a graph
+                loss = loss + hidden.sum() * 0.0
+        return loss, cross_tokenizer.step_stats(ce_sum, uld_sum, mass_sums, num_tokens, held_out)
+
+    totals = Counter()
+
+    def pair(micro_batches, prompts, samples):
+        messages = [rows[r]["messages"] for batch in micro_batches for r in batch["rows"]]
+        examples, stats = pair_samples(tokenizer, teacher_tokenizer, messages, prompts, samples, totals)
+        batches, lo = [], 0
+        for batch in micro_batches:
+            n = len(batch["prompts"])
+            batches.append(loop.to_device(cross_tokenizer.collate_pairs(examples[lo:lo + n], tokenizer.pad_token_id,
+                                                                        teacher_tokenizer.pad_token_id)))
+            lo += n
+        return batches, stats
+
+    constant = {k: v for k, v in shares.items() if k != "matched_tokens"}  # matched_vocab_student/_teacher
+    for micro_batches, num_tokens in loop:
+        timer, stats = Timer(), {}
+        on_policy = coin.random() < args.lmbda
+        if on_policy:
+            with timer("gen"):  # sampling, then decoding and aligning the samples
+                micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler, pair)
+            num_tokens = loop.count_tokens(micro_batches)
+        for batch in micro_batches:
+            loss, step_stats = objective(batch, num_tokens, timer=timer)
+            with timer("student"):
+                loop.backward(loss, **step_stats)
+        loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **constant, **timer.seconds)
+
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
+    if loop.accelerator.is_main_process and totals["samples"]:
+        print(sample_report(totals))
 
 
 if __name__ == "__main__":

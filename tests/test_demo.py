@@ -29,7 +29,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
             rows[match.group(1)] = [float(x) for x in match.groups()[1:]]
     names = ["teacher (pretrained, then instruction-tuned)", "base student (pretrained only)",
              "base 2nd student (other tokenizer)", "sequence_level", "token_level (forward KL, T=2)",
-             "on_policy (lmbda=0.5, reverse KL)", "cross_tokenizer (ULD, other tokenizer)"]
+             "on_policy (lmbda=0.5, reverse KL)", "cross_tokenizer (ULD, other tokenizer)",
+             "on_policy (other tokenizer, lmbda=0.5, hybrid ULD)"]
     assert list(rows) == names
     results = json.loads((out / "results.json").read_text())
     problems = common.load_prompt_dataset(str(out / "task_test.jsonl"))
@@ -43,12 +44,12 @@ def test_demo_quick_runs_every_stage(tmp_path):
     # every reply is saved, and the strict score recomputed from the saved replies is the table's
     for result, path in zip(results, ["teacher", "student_base", "student_other_tokenizer_base",
                                       "sequence_level-seed0", "token_level-seed0", "on_policy-seed0",
-                                      "cross_tokenizer-seed0"]):
+                                      "cross_tokenizer-seed0", "on_policy_other_tokenizer-seed0"]):
         saved = common.read_jsonl(out / "predictions" / f"{path}.jsonl")
         assert len(saved) == len(problems)
         assert math.isclose(sum(r["strict_ok"] for r in saved) / len(saved), result["exact_match"])
     # held-out exact match was tracked during training, at every --eval-every step and the last
-    for run in ("sequence_level", "token_level", "on_policy", "cross_tokenizer"):
+    for run in ("sequence_level", "token_level", "on_policy", "cross_tokenizer", "on_policy_other_tokenizer"):
         metrics = common.read_jsonl(out / run / "metrics.jsonl")
         steps = [m["step"] for m in metrics if "eval_exact_match" in m]
         assert steps == [6, 12], (run, steps)
