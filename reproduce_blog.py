@@ -9,15 +9,20 @@ The recipe, each step a command of this toolkit (printed as it starts, run in th
   1. generate_data.py: the first 500 GSM8K train problems, answered greedily (the default system prompt asks for
      '#### N') by Qwen2.5-3B-Instruct -> data/teacher.jsonl and by SmolLM2-1.7B-Instruct ->
      data/teacher_smollm2-1.7b-instruct.jsonl: the files `python token_level.py` etc. read by default, so the
-     bare commands reuse them.
+     bare commands reuse them. The next 100 train problems (501-600), which no teacher answers, are the held-out
+     set -> data/gsm8k_heldout.jsonl, checked to hold no training and no test problem.
   2. the four methods from the Qwen2.5-0.5B base student, each a LoRA adapter (r=16, alpha 32, on q/k/v/o) trained
      for 15 epochs of those 500 rows (945 steps of 8): sequence_level; token_level, forward KL at T=2 with
      alpha 0.1; on_policy, lmbda 0.5, reverse KL at T=1; cross_tokenizer (sorted ULD, top-50 at T=2, alpha 0.5) from the
-     SmolLM2 data -> OUT/runs/<script>.
-  3. eval.py: the base student and the four runs answer the first 100 GSM8K test problems greedily; strict exact
-     match with its Wilson 95% interval -> OUT/results.jsonl, every answer in OUT/predictions/<name>.jsonl.
-  4. OUT/COMPARISON.md (method, teacher, exact match [95% CI], difference to the base, training time, training
-     loss at the start and end, the blog's published number) and OUT/loss_curves.png.
+     SmolLM2 data -> OUT/runs/<script>. Each scores the held-out problems every epoch (63 steps: --eval-problems,
+     --eval-every) and keeps its best-scoring model in OUT/runs/<script>/best (--save-best eval_exact_match).
+  3. eval.py: the base student, the four runs and their best checkpoints answer the first 100 GSM8K test problems
+     greedily; strict exact match with its Wilson 95% interval -> OUT/results.jsonl, every answer in
+     OUT/predictions/<name>.jsonl (a best checkpoint's as <script>_best).
+  4. OUT/COMPARISON.md (method, teacher, exact match [95% CI] at the end of training, difference to the base,
+     held-out exact match at the end and at the best evaluation with its step, the best checkpoint's exact match
+     [95% CI], training time, training loss at the start and end, the blog's published number) and
+     OUT/loss_curves.png.
 The blog gives the student, the teachers, the data, the losses, LoRA r=16 on q/k/v/o and the 15 epochs; the rest
 is this recipe's choice: learning rate 2e-4 (a usual LoRA rate), batch 8, cosine schedule with 3% warmup, bf16
 autocast, on-policy samples of up to 256 tokens, answers of up to 512.
