@@ -16,9 +16,12 @@ Here, in minutes instead of GPU hours:
   2. the teacher is instruction-tuned on the task (SFT on reference solutions) until held-out exact match >= 90%
   3. generate_data.py: the teacher answers the training prompts (greedy) -> teacher_data.jsonl; and a dev set
   4. each method distils the teacher into the pretrained student with the same data, steps and learning rate,
-     tracking held-out loss and exact match on the dev set during training (--eval-data/--eval-problems)
+     tracking held-out loss and exact match on the dev set during training (--eval-data/--eval-problems); and
+     the recipe GKD starts from: sequence_level for half the steps, then on_policy from that student for the other
+     half (the same total steps), with the first stage alone as its own row
   5. every model answers the test problems: strict exact match ('#### N' only) with a 95% Wilson interval, the
-     lenient score (last number), KL(teacher || model) and top-1 agreement where the vocabularies match;
+     lenient score (last number), KL(teacher || model) and top-1 agreement where the vocabularies match, and
+     where a reply's first wrong step is (stepcheck.py: the calculation or the '#### N' line, and why);
      written to OUT/results.md, results.json and results.png (loss, held-out exact match vs step, accuracies)
   6. explain.py draws what each method transferred, from these models, into OUT/figures/ (a PNG and the JSON of its
      numbers each): mechanisms, alignment, logit_lens, attention_heads, first_token, stepmix
@@ -53,6 +56,7 @@ import models  # noqa: E402
 import on_policy  # noqa: E402
 import plot_metrics  # noqa: E402
 import sequence_level  # noqa: E402
+import stepcheck  # noqa: E402
 import tiny  # noqa: E402
 import token_level  # noqa: E402
 import training  # noqa: E402
@@ -252,7 +256,7 @@ def score(model_dir: Path, problems: list[dict], teacher=None, predictions_path:
                                        for p, reply, ref in zip(problems, predictions, references)))
     row = {"exact_match": scores["strict"], "ci": scores["strict_ci"], "lenient": scores["lenient"],
            "lenient_ci": scores["lenient_ci"], "n": scores["n"], "kl_to_teacher": None, "top1_agreement": None,
-           "sample": predictions[0]}
+           "sample": predictions[0], "steps": stepcheck.summarize(predictions, references)}
     if teacher is not None:
         teacher_model, teacher_tokenizer, teacher_texts = teacher
         stats = evaluate.teacher_agreement(model, tokenizer, teacher_model, teacher_tokenizer, problems,
@@ -309,7 +313,24 @@ def distil_students(out: Path, bases: dict, teacher: Path, teacher_data: Path, d
         print(f"\n-- {name}")
         trained.append((name, train_once(script, out / (folder[0] if folder else script.__name__),
                                          ["--student", str(student), *budget, *extra])))
-    return trained
+    return trained + sft_then_on_policy(out, bases["student"], teacher, budget, size["student_steps"])
+
+
+def sft_then_on_policy(out: Path, student: Path, teacher: Path, budget: list[str],
+                       steps: int) -> list[tuple[str, Path]]:
+    """GKD's and the other toolkits' on-policy recipe: on-policy distillation of a student already fine-tuned on
+    the teacher's text. The same total step budget as every other row, split in two: sequence_level for the first
+    half of the steps, then on_policy (the on_policy row's flags) from that model for the second half, each stage
+    with its own warmup and cosine schedule. Returns both stages, so the table shows what the second one adds."""
+    first = steps // 2
+    print(f"\n-- sequence_level for {first} steps, then on_policy for {steps - first} from it")
+    # a repeated flag's last value wins (argparse): the budget's other flags stay the other rows'
+    sft = train_once(sequence_level, out / "sft_half", ["--student", str(student), *budget, "--max-steps", str(first)])
+    two_stage = train_once(on_policy, out / "sft_then_on_policy", [
+        "--student", str(sft), *budget, "--max-steps", str(steps - first),
+        "--teacher", str(teacher), "--lmbda", "0.5", "--max-new-tokens", "24"])
+    return [(f"sequence_level, first {first} steps only", sft),
+            (f"sequence_level {first} steps → on_policy {steps - first} steps", two_stage)]
 
 
 def report(results: list[dict], header: str) -> str:
@@ -324,6 +345,20 @@ def report(results: list[dict], header: str) -> str:
         strict = evaluate.format_score(r["exact_match"], r["ci"])
         lenient = evaluate.format_score(r["lenient"], r["lenient_ci"])
         lines.append(f"| {r['name']} | {strict} | {lenient} | {kl} | {top1} | {secs} |")
+    return "\n".join(lines)
+
+
+def steps_report(results: list[dict]) -> str:
+    """Where each model's replies to the test problems first go wrong (`stepcheck.first_wrong_step`)."""
+    lines = ["Where the first wrong step of a reply is (stepcheck.py; a reply's steps are its calculation line, "
+             "then its '#### N' line; shares of all replies):", "",
+             "| model | no wrong step | arithmetic | off the reference | wrong answer | no answer line "
+             "| wrong at the 1st step (of those with one) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        steps = r["steps"]
+        first = f"{steps['at_first_step']:.1%}" if steps["at_first_step"] is not None else "-"
+        lines.append(f"| {r['name']} | {steps['no_wrong_step']:.1%} | "
+                     + " | ".join(f"{steps[kind]:.1%}" for kind in stepcheck.KINDS) + f" | {first} |")
     return "\n".join(lines)
 
 
@@ -453,6 +488,7 @@ def main(argv=None):
         f"Students: {size['student_steps']} steps of 16 sequences on {size['teacher_data']} teacher completions "
         f"(seed {args.seed}), from bases pretrained {size['student_pretrain_steps']} steps on plain text. "
         f"Teacher dev exact match after instruction tuning: {teacher_dev:.1%}."))
+    text += "\n\n" + steps_report(results)
     if args.seeds > 1:
         text += "\n\n" + seeds_report(per_seed)
     (out / "results.md").write_text(text + "\n")

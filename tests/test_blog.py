@@ -24,6 +24,7 @@ import plot_metrics
 import reproduce_blog
 import sequence_level
 import token_level
+import training
 from conftest import ROOT, write_rows
 
 TRAINING = {"sequence_level": sequence_level, "token_level": token_level, "on_policy": on_policy,
@@ -169,17 +170,45 @@ def test_tiny_blog_recipe_writes_the_whole_table(tmp_path, capsys):
     out = tmp_path / "blog"
     table = reproduce_blog.main(["--tiny", "--out", str(out)]).read_text()
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert lines[0] == ("| method | teacher | exact match (95% CI) | Δ vs base | training time | "
-                        "loss start → end |")
+    assert lines[0] == ("| method | teacher | exact match at the end (95% CI) | Δ vs base "
+                        "| held-out: end → best (step) | best checkpoint's exact match (95% CI) | training time "
+                        "| loss start → end |")
     labels = ["base student (no distillation)"] + [label for label, *_ in reproduce_blog.METHODS.values()]
     assert [line.split(" | ")[0][2:] for line in lines[1:]] == labels
     for line in lines[1:]:
         assert re.search(r"\| \d+\.\d% \[\d+\.\d, \d+\.\d\] \|", line), line
-    for line in lines[2:]:  # every method: a difference to the base, a time, a loss at both ends
-        assert re.search(r"\| [+-]\d+\.\d pts \| \d+\.\d s \| \d+\.\d{3} → \d+\.\d{3} \|$", line), line
+    assert lines[1].endswith("| - | - | - | - | - |")
+    for line in lines[2:]:  # every method: a difference to the base, the held-out cells, a time, a loss at both ends
+        assert re.search(r"\| [+-]\d+\.\d pts \| \d+\.\d% → \d+\.\d% \(step \d+\) \| \d+\.\d% \[\d+\.\d, \d+\.\d\] \| "
+                         r"\d+\.\d s \| \d+\.\d{3} → \d+\.\d{3} \|$", line), line
     assert "| student_llama3 |" in lines[-1] and lines[2].split(" | ")[1] == "teacher"
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(common.read_jsonl(out / "results.jsonl")) == 5
+    results = {row["name"]: row for row in common.read_jsonl(out / "results.jsonl")}
+    assert sorted(results) == sorted(["base", *reproduce_blog.METHODS, *(f"{m}_best" for m in reproduce_blog.METHODS)])
+
+    # Held-out early stopping: problems that are neither training nor test problems, tracked every 2 steps; the
+    # best checkpoint is the best (earliest on a tie) of the logged evaluations, and the table shows both models.
+    held_out = {q["prompt"] for q in common.load_prompt_dataset(str(out / "data" / "heldout.jsonl"))}
+    trained = {row["messages"][-1]["content"] for row in common.read_jsonl(out / "data" / "teacher.jsonl")}
+    tested = {q["prompt"] for q in common.load_prompt_dataset(str(out / "gsm8k_tiny" / "test.jsonl"))}
+    assert held_out and trained and tested
+    assert not held_out & trained and not held_out & tested
+    for line, name in zip(lines[2:], reproduce_blog.METHODS):
+        run = out / "runs" / name
+        config = json.loads((run / "run_config.json").read_text())
+        assert (config["eval_problems"], config["eval_every"], config["save_best"]) == (
+            str(out / "data" / "heldout.jsonl"), 2, "eval_exact_match")
+        logged = {row["step"]: row["eval_exact_match"] for row in common.read_jsonl(run / "metrics.jsonl")
+                  if "eval_exact_match" in row}
+        assert list(logged) == [2, 4]
+        best = json.loads((run / "best" / "best.json").read_text())
+        assert best["value"] == logged[best["step"]] == max(logged.values())
+        assert all(value < best["value"] for step, value in logged.items() if step < best["step"])
+        cells = line.split(" | ")
+        assert cells[4] == f"{logged[4]:.1%} → {best['value']:.1%} (step {best['step']})"
+        assert cells[2].startswith(f"{results[name]['exact_match']:.1%} [")
+        assert cells[5].startswith(f"{results[name + '_best']['exact_match']:.1%} [")
+        assert results[name + "_best"]["model"] == str(run / "best")
 
     # What the tiny run stands in for: sampling in on_policy, and two tokenizers for cross_tokenizer.
     assert any(row["on_policy"] for row in common.read_jsonl(out / "runs" / "on_policy" / "metrics.jsonl"))
@@ -193,7 +222,7 @@ def test_tiny_blog_recipe_writes_the_whole_table(tmp_path, capsys):
     assert reproduce_blog.main(["--tiny", "--out", str(out)]).read_text() == table
     log = capsys.readouterr().out
     assert log.count("finished earlier with these settings, reused") == 4
-    assert log.count("evaluated earlier, reused") == 5
+    assert log.count("evaluated earlier, reused") == 9
     assert "$ python eval.py" not in log and "0 to generate" in log
 
 
@@ -201,6 +230,8 @@ def test_the_gpu_recipe_is_the_blogs_setup(tmp_path, monkeypatch):
     # The real recipe needs a GPU and the hub; its command lines are checked here, as the scripts parse them.
     monkeypatch.chdir(tmp_path)
     setup = reproduce_blog.blog_setup()
+    (tmp_path / "data").mkdir()
+    write_rows(tmp_path / setup.held_out_path, 1)  # the training scripts check that --eval-problems exists
     gen = generate_data.parse_args(["--teacher", setup.teachers["uld"], *setup.generate])
     assert (gen.output, gen.num_examples, gen.temperature, gen.split) == (SMOL_DATA, 500, 0, "train")
     for name, (_, script, _, teacher) in reproduce_blog.METHODS.items():
@@ -209,9 +240,44 @@ def test_the_gpu_recipe_is_the_blogs_setup(tmp_path, monkeypatch):
         assert args.data == common.default_data_path(args.teacher)  # the file the bare commands read too
         assert (args.epochs, args.lora, args.lora_r, args.lora_target_modules) == (
             15, True, 16, "q_proj,k_proj,v_proj,o_proj")
+        steps_per_epoch, total = training.count_steps(common.BLOG_TRAIN_PROBLEMS, args, 1)
+        assert (args.eval_problems, args.eval_every, args.save_best) == (
+            "data/gsm8k_heldout.jsonl", steps_per_epoch, "eval_exact_match")  # tracked every epoch
+        assert (steps_per_epoch, total, args.eval_max_new_tokens) == (63, 945, 512)
     assert setup.teachers == {"main": "Qwen/Qwen2.5-3B-Instruct", "uld": "HuggingFaceTB/SmolLM2-1.7B-Instruct"}
     scored = evaluate.parse_args(["--model", "m", *setup.eval])
     assert (scored.dataset, scored.split, scored.num_examples) == ("openai/gsm8k", "test", 100)
+    # held out: the 100 train problems after the 500 the teachers answer (so not the test split's), every epoch
+    assert setup.held_out == dict(dataset="openai/gsm8k", config="main", split="train", skip=gen.num_examples,
+                                  count=100)
+    assert scored.max_new_tokens == 512
+
+
+def test_held_out_problems_are_neither_training_nor_test_problems(tmp_path, capsys):
+    def problems(path, questions):
+        path.write_text("".join(json.dumps({"question": q, "answer": f"#### {i}"}) + "\n"
+                                for i, q in enumerate(questions)))
+        return str(path)
+
+    train = problems(tmp_path / "train.jsonl", [f"train {i}?" for i in range(4)] + [
+        "held 0?", "train  1?", "test 2?", "held 1?", "held 2?"])  # rows 4-8 are the held-out candidates
+    test = problems(tmp_path / "test.jsonl", [f"test {i}?" for i in range(3)])
+    setup = reproduce_blog.Setup(
+        student="s", teachers={"main": "t"}, data={}, generate=["--dataset", train, "--num-examples", "4"], train=[],
+        on_policy=[], eval=["--dataset", test, "--num-examples", "all"], about="",
+        held_out=dict(dataset=train, config=None, split="train", skip=4, count=5),
+        held_out_path=str(tmp_path / "data" / "heldout.jsonl"), track=[])
+    path = reproduce_blog.write_held_out(setup)
+    # 'train  1?' is 'train 1?' with another space: the same question, dropped like the test one
+    assert [q["prompt"] for q in common.load_prompt_dataset(str(path))] == ["held 0?", "held 1?", "held 2?"]
+    assert "3 held-out problems, none of them a training or test problem (2 dropped for being one)" in (
+        capsys.readouterr().out)
+
+    kept, dropped = reproduce_blog.held_out_problems([{"prompt": "a"}], [{"prompt": " a "}])
+    assert (kept, dropped) == ([], 1)
+    setup.held_out = dict(setup.held_out, skip=0, count=4)  # every candidate is a training problem
+    with pytest.raises(common.DistillError, match="all 4 from .* are training or test problems"):
+        reproduce_blog.write_held_out(setup)
 
 
 def test_makefile_has_the_blog_target():

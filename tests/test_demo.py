@@ -8,10 +8,12 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import common
 import demo
 import generation
+import stepcheck
 from conftest import ROOT
 
 
@@ -30,7 +32,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
     names = ["teacher (pretrained, then instruction-tuned)", "base student (pretrained only)",
              "base 2nd student (other tokenizer)", "sequence_level", "token_level (forward KL, T=2)",
              "on_policy (lmbda=0.5, reverse KL)", "cross_tokenizer (ULD, other tokenizer)",
-             "on_policy (other tokenizer, lmbda=0.5, hybrid ULD)"]
+             "on_policy (other tokenizer, lmbda=0.5, hybrid ULD)",
+             "sequence_level, first 6 steps only", "sequence_level 6 steps → on_policy 6 steps"]
     assert list(rows) == names
     results = json.loads((out / "results.json").read_text())
     problems = common.load_prompt_dataset(str(out / "task_test.jsonl"))
@@ -44,16 +47,31 @@ def test_demo_quick_runs_every_stage(tmp_path):
     # every reply is saved, and the strict score recomputed from the saved replies is the table's
     for result, path in zip(results, ["teacher", "student_base", "student_other_tokenizer_base",
                                       "sequence_level-seed0", "token_level-seed0", "on_policy-seed0",
-                                      "cross_tokenizer-seed0", "on_policy_other_tokenizer-seed0"]):
+                                      "cross_tokenizer-seed0", "on_policy_other_tokenizer-seed0", "sft_half-seed0",
+                                      "sft_then_on_policy-seed0"]):
         saved = common.read_jsonl(out / "predictions" / f"{path}.jsonl")
         assert len(saved) == len(problems)
         assert math.isclose(sum(r["strict_ok"] for r in saved) / len(saved), result["exact_match"])
+        # the first-wrong-step shares, recomputed from the saved replies and the test problems' solutions
+        assert result["steps"] == stepcheck.summarize([r["reply"] for r in saved], [p["answer"] for p in problems])
+    assert "| sequence_level 6 steps → on_policy 6 steps | " in report.split("Where the first wrong step")[1]
     # held-out exact match was tracked during training, at every --eval-every step and the last
     for run in ("sequence_level", "token_level", "on_policy", "cross_tokenizer", "on_policy_other_tokenizer"):
         metrics = common.read_jsonl(out / run / "metrics.jsonl")
         steps = [m["step"] for m in metrics if "eval_exact_match" in m]
         assert steps == [6, 12], (run, steps)
     assert (out / "results.png").stat().st_size > 10_000
+    # SFT, then on-policy: the other rows' total of 12 steps as 6 + 6, on_policy from the SFT stage's model with
+    # the on_policy row's settings
+    two_stage = json.loads((out / "sft_then_on_policy" / "run_config.json").read_text())
+    alone = json.loads((out / "on_policy" / "run_config.json").read_text())
+    assert Path(two_stage["student"]) == out / "sft_half"
+    assert json.loads((out / "sft_half" / "run_config.json").read_text())["student"] == alone["student"]
+    for key in ("teacher", "lmbda", "kl", "temperature", "max_new_tokens", "lr", "batch_size", "data"):
+        assert two_stage[key] == alone[key], key
+    for run in ("sft_half", "sft_then_on_policy"):  # 6 steps each, held-out exact match tracked at the last
+        metrics = common.read_jsonl(out / run / "metrics.jsonl")
+        assert [m["step"] for m in metrics if "eval_exact_match" in m] == [len(metrics)] == [6], run
     # explain.py's figures of the run's own models, each with the numbers behind it
     for name in ("mechanisms", "alignment", "logit_lens", "attention_heads", "first_token", "stepmix"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5_000, name
