@@ -243,9 +243,15 @@ def pretrain(name: str, kit: dict, corpus: Path, out: Path, steps: int, seed: in
     return folder
 
 
-def score(model_dir: Path, problems: list[dict], teacher=None, predictions_path: Path | None = None) -> dict:
+# Sampled evaluation of the students: maj@k and pass@k of SAMPLES replies per problem at temperature 1
+SAMPLES = 4
+
+
+def score(model_dir: Path, problems: list[dict], teacher=None, predictions_path: Path | None = None,
+          sampled: bool = False) -> dict:
     """Held-out strict and lenient exact match (with 95% intervals) of a model, and its KL / top-1 agreement to
-    the teacher where vocabularies match. Every reply is written to `predictions_path` for auditing."""
+    the teacher where vocabularies match; `sampled`: also maj@SAMPLES and pass@SAMPLES at temperature 1
+    (`eval.sampled_scores`). Every greedy reply is written to `predictions_path` for auditing."""
     model, tokenizer = models.load_model(str(model_dir))
     predictions = generation.answer_problems(model, tokenizer, problems, system_prompt=SYSTEM_PROMPT,
                                              max_new_tokens=32, batch_size=100, desc=f"eval {model_dir.name}")
@@ -263,6 +269,11 @@ def score(model_dir: Path, problems: list[dict], teacher=None, predictions_path:
                                            teacher_texts, system_prompt=SYSTEM_PROMPT)
         if stats is not None:
             row.update(kl_to_teacher=stats["kl"], top1_agreement=stats["top1"])
+    if sampled:
+        sampled_row = evaluate.sampled_scores(model, tokenizer, problems, SAMPLES, 1.0, seed=0,
+                                              system_prompt=SYSTEM_PROMPT, max_new_tokens=32, batch_size=100,
+                                              desc=f"sample {model_dir.name}")
+        row.update({k: v for k, v in sampled_row.items() if k != "n"})
     return row
 
 
@@ -336,15 +347,16 @@ def sft_then_on_policy(out: Path, student: Path, teacher: Path, budget: list[str
 def report(results: list[dict], header: str) -> str:
     lines = [header, "",
              "| model | exact match (strict) [95% CI] | lenient [95% CI] | KL(teacher‖model) | top-1 agreement "
-             "| training time |",
-             "|---|---|---|---|---|---|"]
+             f"| maj@{SAMPLES} [95% CI] | training time |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         kl = f"{r['kl_to_teacher']:.3f}" if r["kl_to_teacher"] is not None else "n/a"
         top1 = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "n/a"
         secs = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-"
         strict = evaluate.format_score(r["exact_match"], r["ci"])
         lenient = evaluate.format_score(r["lenient"], r["lenient_ci"])
-        lines.append(f"| {r['name']} | {strict} | {lenient} | {kl} | {top1} | {secs} |")
+        majority = evaluate.format_score(r.get("maj_at_k"), r.get("maj_at_k_ci"))  # students only
+        lines.append(f"| {r['name']} | {strict} | {lenient} | {kl} | {top1} | {majority} | {secs} |")
     return "\n".join(lines)
 
 
@@ -478,13 +490,14 @@ def main(argv=None):
         for name, run_dir in trained:
             metrics = common.read_jsonl(run_dir / "metrics.jsonl")
             results.append({"name": name, **score(run_dir, problems, reference,
-                                                  predictions / f"{run_dir.name}-seed{seed}.jsonl"),
+                                                  predictions / f"{run_dir.name}-seed{seed}.jsonl", sampled=True),
                             "seconds": metrics[-1]["elapsed_s"], "run": str(run_dir)})
         per_seed.append(results)
 
     results = per_seed[0]
     text = report(results, (
-        f"Test: {len(problems)} held-out problems, greedy, strict = '#### N' only (lenient = also the last number). "
+        f"Test: {len(problems)} held-out problems, greedy, strict = '#### N' only (lenient = also the last number); "
+        f"maj@{SAMPLES} = the strict majority answer of {SAMPLES} replies sampled at T=1. "
         f"Students: {size['student_steps']} steps of 16 sequences on {size['teacher_data']} teacher completions "
         f"(seed {args.seed}), from bases pretrained {size['student_pretrain_steps']} steps on plain text. "
         f"Teacher dev exact match after instruction tuning: {teacher_dev:.1%}."))

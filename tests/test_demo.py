@@ -55,6 +55,11 @@ def test_demo_quick_runs_every_stage(tmp_path):
         # the first-wrong-step shares, recomputed from the saved replies and the test problems' solutions
         assert result["steps"] == stepcheck.summarize([r["reply"] for r in saved], [p["answer"] for p in problems])
     assert "| sequence_level 6 steps → on_policy 6 steps | " in report.split("Where the first wrong step")[1]
+    # the students (not the teacher and the bases) are also scored on sampled replies: maj@k and pass@k
+    assert [("maj_at_k" in r) for r in results] == [False] * 3 + [True] * (len(names) - 3)
+    for result in results[3:]:
+        assert result["samples"] == demo.SAMPLES and 0 <= result["maj_at_k"] <= result["pass_at_k"] <= 1
+        assert demo.evaluate.format_score(result["maj_at_k"], result["maj_at_k_ci"]) in report
     # held-out exact match was tracked during training, at every --eval-every step and the last
     for run in ("sequence_level", "token_level", "on_policy", "cross_tokenizer", "on_policy_other_tokenizer"):
         metrics = common.read_jsonl(out / run / "metrics.jsonl")
