@@ -466,7 +466,7 @@ class VLLMSampler:
     """
 
     def __init__(self, model: str, *, dtype: str = "auto", gpu_memory_utilization: float = 0.3, seed: int = 0,
-                 trust_remote_code: bool = False, max_model_len: int | None = None):
+                 trust_remote_code: bool = False, max_model_len: int | None = None, enforce_eager: bool = False):
         try:
             import vllm
             from vllm.platforms import current_platform
@@ -481,7 +481,7 @@ class VLLMSampler:
         extra = {} if current_platform.is_cpu() else {"gpu_memory_utilization": gpu_memory_utilization}
         self.llm = vllm.LLM(model=model, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
                             tensor_parallel_size=1, enable_prefix_caching=False, max_model_len=max_model_len,
-                            **extra)
+                            enforce_eager=enforce_eager, **extra)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: list[int]) -> list[dict]:
@@ -511,10 +511,14 @@ class VLLMSampler:
         """Copy a (possibly peft-wrapped) Hugging Face model's current weights into the vLLM engine; a LoRA
         student's adapters are merged into the copy (`merged_state`), the model itself is left as it is."""
         weights = merged_state(model)
-        loaded = self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights=weights.items()))
-        if not loaded:
-            raise DistillError("this vLLM version does not expose the model for in-process weight loading; "
-                               "use on_policy.py without --vllm")
+        try:
+            # vLLM's in-place reload: the engine's layers may hold their weights repacked for its kernels (its CPU
+            # backend does), which a plain `model.load_weights` after start-up cannot write into
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
+                                                              "is_checkpoint_format": True})
+        except AttributeError as error:
+            raise DistillError(f"this vLLM version cannot reload weights in place ({error}); use vllm 0.32 or "
+                               "newer, or on_policy.py without --vllm") from None
 
 
 def merged_state(model) -> dict[str, torch.Tensor]:
@@ -544,4 +548,8 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm", action="store_true",
                         help="sample with vLLM instead of transformers' generate (needs vllm and a CUDA GPU)")
     parser.add_argument("--vllm-gpu-memory", type=POSITIVE_FRACTION, default=0.3,
-                        help="fraction of GPU memory vLLM may take (weights + KV cache)")
+                        help="fraction of GPU memory vLLM may take (weights + KV cache; on a CPU the KV cache "
+                             "takes VLLM_CPU_KVCACHE_SPACE GB instead)")
+    parser.add_argument("--vllm-eager", action="store_true",
+                        help="run vLLM without compiling its model or capturing CUDA graphs: starts in seconds "
+                             "rather than a minute, samples slower (tests, short runs)")

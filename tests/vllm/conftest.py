@@ -112,3 +112,20 @@ def teacher_server(vkit, tmp_path_factory):
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def write_problem_rows(path: Path, n: int, seed: int = 0) -> Path:
+    """generate_data-style rows (as tests/conftest.py's write_rows) for the vLLM kit."""
+    import json
+    import random
+
+    import tiny
+
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            question, solution, answer = tiny.make_problem(rng)
+            messages = [{"role": "system", "content": "Solve the problem."}, {"role": "user", "content": question}]
+            f.write(json.dumps({"id": f"train-{i}", "messages": messages, "completion": solution,
+                                "answer": answer}) + "\n")
+    return path
