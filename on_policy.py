@@ -129,6 +129,12 @@ def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, samp
     return batches, stats
 
 
+def vllm_dtype(model) -> str:
+    """The dtype the student's weights are in, for vLLM ("auto" would take the config's, or bfloat16 on a CPU): the
+    engine then samples from the model that is trained, not a rounded copy of it."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 class Timer:
     """Wall-clock seconds per phase within one optimizer step."""
 
@@ -188,6 +194,7 @@ def main(argv=None):
 
     training.preflight(loop, preflight)
     sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
+                                     dtype=vllm_dtype(loop.model),
                                      trust_remote_code=args.trust_remote_code,
                                      enforce_eager=args.vllm_eager) if args.vllm else None
 
@@ -239,6 +246,7 @@ def train_with_served_teacher(args, loop, tokenizer, skipped: int, rows: list[di
     for _ in range(loop.step_num):
         coin.random()
     sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
+                                     dtype=vllm_dtype(loop.model),
                                      trust_remote_code=args.trust_remote_code,
                                      enforce_eager=args.vllm_eager) if args.vllm else None
 

@@ -58,6 +58,7 @@ import checks
 import common
 import losses
 import models
+import served_teacher
 import training
 
 
@@ -74,12 +75,16 @@ def parse_args(argv=None):
                              "gives the live teacher's loss exactly; --store topk the divergence over the K cached "
                              "tokens plus one tail bucket (at most the live one; furthest from it for reverse "
                              "KL/JSD); --store sampled an unbiased estimate of forward KL (--kl forward only)")
+    served_teacher.add_teacher_url_args(method)
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="forward")
+    if args.teacher_url and args.teacher_cache:
+        parser.error("--teacher-url and --teacher-cache are two sources of the teacher: give one")
     # eval_kl needs the full distribution: live, or a hidden cache (a missing cache.json is refused in main)
     cache_json = Path(args.teacher_cache or "", "cache.json")
     topk_cache = bool(args.teacher_cache) and not (cache_json.is_file() and cache_teacher.store_of(
         json.loads(cache_json.read_text())) == "hidden")
+    topk_cache = topk_cache or bool(args.teacher_url)  # a served teacher is a top-K one
     training.check_eval_args(parser, args, stats=("ce", "div") if topk_cache else ("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
@@ -108,9 +113,22 @@ def main(argv=None):
             train_from_cache(args, loop, beta, vocab)
         loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
         return
+    inputs = checkpoints.live_teacher_inputs(args.teacher)
+    inputs.ignored += ("teacher_retries", "teacher_timeout")
+    if args.teacher_url:  # the server may move between runs; --teacher (its weights' fingerprint) may not
+        inputs.adjustable += ("teacher_url",)
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                              held_out=eval_set, inputs=checkpoints.live_teacher_inputs(args.teacher),
+                              held_out=eval_set, inputs=inputs,
                               models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
+    if args.teacher_url:  # the teacher's top-K from a vLLM server, trained like a top-K cache
+        served_teacher.check_temperature(args.teacher_url, [args.temperature])
+        served = served_teacher.ServedTeacher(args.teacher_url, top_k=args.teacher_top_k,
+                                              retries=args.teacher_retries, timeout=args.teacher_timeout)
+        served.check_tokenizer(tokenizer)
+        vocab = min(models.output_head(loop.model).weight.shape[0], len(tokenizer))
+        train_from_cache(args, loop, beta, vocab, served)
+        loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
+        return
     teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
     head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
     vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
@@ -160,12 +178,17 @@ def train_with_teacher(args, loop, beta: float, vocab: int, teacher_weight: torc
         loop.step(num_tokens, evaluate=objective)
 
 
-def train_from_cache(args, loop, beta: float, vocab: int) -> None:
+def train_from_cache(args, loop, beta: float, vocab: int, served: served_teacher.ServedTeacher | None = None) -> None:
     """The same step with the teacher's distribution read from a top-K or sampled cache
-    (cache_teacher.cached_teacher_loss)."""
+    (cache_teacher.cached_teacher_loss), or fetched per batch from a vLLM server (`served`, --teacher-url) in the
+    same top-K rows: each step's requests go out together, later micro-batches in flight while the student trains on
+    the first; a server that stays unreachable stops the run with a checkpoint of the last complete step."""
     head = models.output_head(loop.model)
 
-    def objective(batch, num_tokens, held_out=False):
+    def objective(batch, num_tokens, held_out=False, teacher_rows=None):
+        if served is not None:
+            rows = teacher_rows.result() if teacher_rows is not None else served.batch_rows(batch)
+            batch = {**batch, **served_teacher.stack_rows(rows, loop.device)}
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
         loss, ce_sum, div_sum = cache_teacher.cached_teacher_loss(
@@ -175,9 +198,16 @@ def train_from_cache(args, loop, beta: float, vocab: int) -> None:
         return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
 
     for micro_batches, num_tokens in loop:
-        for batch in micro_batches:
-            loss, stats = objective(batch, num_tokens)
-            loop.backward(loss, **stats)
+        rng = checkpoints._get_rng_state()  # what a checkpoint of the last step holds, should the teacher fail
+        requests = [served.prefetch(*served_teacher.batch_request(b)) if served else None for b in micro_batches]
+        try:
+            for batch, teacher_rows in zip(micro_batches, requests):
+                loss, stats = objective(batch, num_tokens, teacher_rows=teacher_rows)
+                loop.backward(loss, **stats)
+        except common.DistillError as error:
+            if served is None or not str(error).startswith("--teacher-url"):
+                raise
+            training.stop_on_teacher_failure(loop, rng, error)
         loop.step(num_tokens, evaluate=objective)
 
 
