@@ -42,11 +42,11 @@ $(VLLM_VENV)/.installed: requirements.txt requirements-dev.txt
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-# DISTILL_REQUIRE_VLLM=1 turns any skip into a failure (tests/vllm/conftest.py): here they must run, not skip.
+# DISTILL_REQUIRE_VLLM=1 turns any skip into a failure (tests/with_vllm/conftest.py): here they must run, not skip.
 # VLLM_CPU_KVCACHE_SPACE (GB): vLLM's CPU backend reserves ~20 GB for the KV cache otherwise.
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/ruff check .
-	DISTILL_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -rs -p no:xdist tests/vllm
+	DISTILL_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -rs -p no:xdist tests/with_vllm
 
 # The blog's table (reproduce_blog.py): GPU and hub, so this target goes online; BLOG_TINY=1 swaps every model for
 # the tiny offline kit (CPU, under a minute), which needs no network.

@@ -172,5 +172,5 @@ def test_off_policy_served_teacher_trains_like_a_topk_cache(vkit, teacher_server
     token_level.main(["--student", str(vkit["student"]), "--data", str(data), "--output-dir", str(tmp_path / "tl"),
                       "--teacher-cache", str(tmp_path / "c"), "--alpha", "0", "--kl", "reverse", "--max-steps", "4",
                       "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3", "--log-every", "100",
-                      "--dtype", "float32"])
+                      "--dtype", "float32", "--temperature", "1"])
     assert losses_of(tmp_path / "served") == pytest.approx(losses_of(tmp_path / "tl"), rel=1e-4)

@@ -129,3 +129,21 @@ def write_problem_rows(path: Path, n: int, seed: int = 0) -> Path:
             f.write(json.dumps({"id": f"train-{i}", "messages": messages, "completion": solution,
                                 "answer": answer}) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True)
+def release_vllm_engines():
+    """An in-process vLLM engine (--vllm) leaves its distributed groups behind when the script returns; the next
+    engine in this process would find them stale. Collect the engine and tear the groups down after each test."""
+    yield
+    if not HAVE_VLLM:
+        return
+    import contextlib
+    import gc
+
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    gc.collect()
+    for teardown in (destroy_model_parallel, destroy_distributed_environment):
+        with contextlib.suppress(ValueError, RuntimeError, AssertionError):  # the engine tore it down already
+            teardown()
