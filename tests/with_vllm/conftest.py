@@ -114,23 +114,6 @@ def teacher_server(vkit, tmp_path_factory):
             process.kill()
 
 
-def write_problem_rows(path: Path, n: int, seed: int = 0) -> Path:
-    """generate_data-style rows (as tests/conftest.py's write_rows) for the vLLM kit."""
-    import json
-    import random
-
-    import tiny
-
-    rng = random.Random(seed)
-    with path.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            question, solution, answer = tiny.make_problem(rng)
-            messages = [{"role": "system", "content": "Solve the problem."}, {"role": "user", "content": question}]
-            f.write(json.dumps({"id": f"train-{i}", "messages": messages, "completion": solution,
-                                "answer": answer}) + "\n")
-    return path
-
-
 @pytest.fixture(autouse=True)
 def release_vllm_engines():
     """An in-process vLLM engine (--vllm) leaves its distributed groups behind when the script returns; the next

@@ -18,7 +18,7 @@ import common
 import on_policy
 import served_teacher
 import token_level
-from conftest import write_problem_rows
+from conftest import write_rows as write_problem_rows
 from models import load_tokenizer
 
 

@@ -12,7 +12,7 @@ import common
 import generate_data
 import generation
 import on_policy
-from conftest import write_problem_rows
+from conftest import write_rows as write_problem_rows
 
 
 def test_generate_data_vllm_equals_our_sampler(vkit, tmp_path):
