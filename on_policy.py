@@ -59,6 +59,7 @@ from functools import partial
 
 import torch
 
+import cache_teacher
 import checkpoints
 import checks
 import common
@@ -66,6 +67,7 @@ import cross_tokenizer
 import generation
 import losses
 import models
+import served_teacher
 import training
 
 
@@ -88,9 +90,10 @@ def parse_args(argv=None):
     generation.add_vllm_args(method)
     cross_tokenizer.add_uld_args(parser.add_argument_group(
         "a teacher with another tokenizer (hybrid ULD at every sampled token; ignored when the vocabularies match)"))
+    served_teacher.add_teacher_url_args(method)
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="reverse", bare_beta_alias=True)
-    training.check_eval_args(parser, args, stats=("ce", "div", "kl"))
+    training.check_eval_args(parser, args, stats=("ce", "div") if args.teacher_url else ("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
 
@@ -132,7 +135,7 @@ def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, samp
     `pair(micro_batches, prompts, samples)`, with a teacher of another tokenizer, builds the batches instead."""
     prompts = [p for batch in micro_batches for p in batch["prompts"]]
     student = loop.accelerator.unwrap_model(loop.model)
-    if sampler is not None:  # vLLM holds its own copy of the weights: bring it up to date first
+    if sampler is not None:  # vLLM holds its own copy of the weights (LoRA merged): bring it up to date first
         sampler.load_weights(student)
         sample = sampler.generate
     else:
@@ -151,6 +154,12 @@ def sample_step(loop, tokenizer, micro_batches: list[dict], args, stop_ids, samp
     stats = {"gen_len": sum(len(s["tokens"]) for s in samples) / len(samples),
              "cut_frac": sum(not s["finished"] for s in samples) / len(samples)}
     return batches, stats
+
+
+def vllm_dtype(model) -> str:
+    """The dtype the student's weights are in, for vLLM ("auto" would take the config's, or bfloat16 on a CPU): the
+    engine then samples from the model that is trained, not a rounded copy of it."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 class Timer:
@@ -179,10 +188,14 @@ def main(argv=None):
     held_out = training.load_held_out(args, rows, tokenizer, encode=lambda r: encode_with_prompts(r, tokenizer, args,
                                                                                                   None))
     inputs = checkpoints.live_teacher_inputs(args.teacher)
-    inputs.ignored += ("vllm", "vllm_gpu_memory")  # where the samples are drawn, not what is trained
+    inputs.ignored += ("vllm", "vllm_gpu_memory", "vllm_eager", "teacher_retries", "teacher_timeout")
+    if args.teacher_url:  # the server may move between runs; --teacher (its weights' fingerprint) may not
+        inputs.adjustable += ("teacher_url",)  # where the samples are drawn, not what is trained
     loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                               partial(collate_with_prompts, pad_id=tokenizer.pad_token_id), held_out=held_out,
                               inputs=inputs, models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
+    if args.teacher_url:  # the teacher's top-K from a vLLM server, trained like a top-K cache
+        return train_with_served_teacher(args, loop, tokenizer, skipped, rows)
     teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
     head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
     vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
@@ -211,7 +224,9 @@ def main(argv=None):
 
     training.preflight(loop, preflight)
     sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
-                                     trust_remote_code=args.trust_remote_code) if args.vllm else None
+                                     dtype=vllm_dtype(loop.model),
+                                     trust_remote_code=args.trust_remote_code,
+                                     enforce_eager=args.vllm_eager) if args.vllm else None
 
     def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
         timer = timer or Timer()
@@ -488,6 +503,65 @@ def train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer):
     loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
     if loop.accelerator.is_main_process and totals["samples"]:
         print(sample_report(totals))
+
+
+def train_with_served_teacher(args, loop, tokenizer, skipped: int, rows: list[dict]) -> None:
+    """The same steps with the teacher behind --teacher-url: its top-K log-probabilities and T=1 tail at every
+    position of each micro-batch (the student's samples on on-policy steps) are fetched from the server and the loss
+    is the top-K bucket divergence of a top-K cache (`cache_teacher.cached_teacher_loss`, alpha 0). Each step's
+    requests go out together, so later micro-batches are in flight while the student trains on the first. A server
+    that stays unreachable stops the run with a checkpoint of the last complete step (`--resume` continues)."""
+    served_teacher.check_temperature(args.teacher_url, [args.temperature])
+    served = served_teacher.ServedTeacher(args.teacher_url, top_k=args.teacher_top_k, retries=args.teacher_retries,
+                                          timeout=args.teacher_timeout)
+    served.check_tokenizer(tokenizer)
+    head = models.output_head(loop.model)
+    vocab = min(head.weight.shape[0], len(tokenizer))
+    stop_ids = common.end_of_turn_ids(tokenizer)
+    beta = common.divergence_beta(args)
+    coin = random.Random(args.seed)
+    for _ in range(loop.step_num):
+        coin.random()
+    sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
+                                     dtype=vllm_dtype(loop.model),
+                                     trust_remote_code=args.trust_remote_code,
+                                     enforce_eager=args.vllm_eager) if args.vllm else None
+
+    def objective(batch, num_tokens, held_out=False, timer=None, teacher_rows=None):
+        timer = timer or Timer()
+        with timer("teacher"):
+            rows = teacher_rows.result() if teacher_rows is not None else served.batch_rows(batch)
+            teacher = served_teacher.stack_rows(rows, loop.device)
+        with timer("student"):
+            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            student_hidden, targets = common.shift_for_next_token(hidden, batch)
+            loss, ce_sum, div_sum = cache_teacher.cached_teacher_loss(
+                student_hidden, head.weight, targets, num_tokens, teacher, alpha=0.0, beta=beta,
+                temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
+        if not held_out:
+            return loss, {"div": div_sum / num_tokens}
+        return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
+
+    for micro_batches, num_tokens in loop:
+        timer, stats = Timer(), {}
+        rng = checkpoints._get_rng_state()  # what a checkpoint of the last step holds, should the teacher fail
+        try:
+            on_policy = coin.random() < args.lmbda
+            if on_policy:
+                with timer("gen"):
+                    micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler)
+                num_tokens = loop.count_tokens(micro_batches)
+            requests = [served.prefetch(*served_teacher.batch_request(b)) for b in micro_batches]
+            for batch, teacher_rows in zip(micro_batches, requests):
+                loss, step_stats = objective(batch, num_tokens, timer=timer, teacher_rows=teacher_rows)
+                with timer("student"):
+                    loop.backward(loss, **step_stats)
+        except common.DistillError as error:
+            if not str(error).startswith("--teacher-url"):
+                raise
+            training.stop_on_teacher_failure(loop, rng, error)
+        loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **timer.seconds)
+    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
 
 
 if __name__ == "__main__":

@@ -9,26 +9,42 @@ source for the teacher's side of a batch, `teacher = source(batch)`, and hands i
                                                         (`cache_teacher.collate_rows`), an approximation of the
                                                         teacher explained where the loss computes it
 
+    cached_rows {name: [N, ...]}                        ServedRows: a vLLM server's top-K rows (--teacher-url,
+                                                        served_teacher.py), fetched per batch in a top-K
+                                                        cache's layout
+
 N counts the batch's positions in `common.shift_for_next_token`'s order (cross_tokenizer.py: the teacher positions
 aligned to them). `full` says whether the source gives the teacher's whole next-token distribution, which the
-held-out eval_kl and the full pre-flight (`checks.preflight`) need.
+held-out eval_kl and the full pre-flight (`checks.preflight`) need. The loop calls `source.prefetch(micro_batches)`
+at the start of each optimizer step: a served teacher sends the step's requests then; the others have nothing to do.
 """
 
 from __future__ import annotations
 
 import torch
 
+import served_teacher
+from checkpoints import _get_rng_state as get_rng_state
+from common import DistillError
 from models import output_head, teacher_hidden_states
+from training import stop_on_teacher_failure
 
 
-class LiveTeacher:
+class Source:
+    """What every source has: `full` and a `prefetch` hook."""
+
+    full = True
+
+    def prefetch(self, micro_batches: list[dict]) -> None:
+        pass
+
+
+class LiveTeacher(Source):
     """A teacher model in memory: its final hidden states at the batch's positions (no gradient), and its head.
 
     `inputs`: the batch's keys of the teacher's token ids and attention mask; `select(hidden, batch)` picks the
     [N, H_t] rows the loss pairs with the student's positions from the teacher's [B, L, H_t] hidden states.
     """
-
-    full = True
 
     def __init__(self, model, select, inputs: tuple[str, str] = ("input_ids", "attention_mask")):
         self.model, self.select, self.inputs = model, select, inputs
@@ -42,11 +58,9 @@ class LiveTeacher:
         return {"teacher_hidden": rows.clone(), "teacher_weight": self.weight}
 
 
-class HiddenCache:
+class HiddenCache(Source):
     """A cache_teacher.py --store hidden folder: the batch carries the teacher's hidden states at its positions
     (collated from the cache); the head comes from the cache's teacher_head file. Exact up to the cache's dtype."""
-
-    full = True
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
@@ -56,7 +70,7 @@ class HiddenCache:
         return {"teacher_hidden": batch["teacher_hidden"].to(self.weight.dtype), "teacher_weight": self.weight}
 
 
-class CachedRows:
+class CachedRows(Source):
     """A cache_teacher.py --store topk or --store sampled folder: the batch carries the cached rows at its
     positions under `names` (`cache_teacher.collate_rows`'s keys). Not the full distribution."""
 
@@ -78,3 +92,31 @@ def from_cache(folder, manifest: dict, device) -> HiddenCache | CachedRows:
     if store == "hidden":
         return HiddenCache(cache_teacher.load_head(folder, manifest).to(device))
     return CachedRows(cache_teacher.BATCH_TENSORS[store])
+
+
+class ServedRows(Source):
+    """A teacher behind an OpenAI-compatible vLLM server (--teacher-url; `served_teacher.ServedTeacher`): its top-K
+    log-probabilities and T=1 tail at the batch's positions, in a top-K cache's layout. `prefetch` sends all of a
+    step's requests at once, so later micro-batches are in flight while the student trains on the first; a batch
+    not prefetched (held-out rows, the pre-flight) is fetched when asked. A server that stays unreachable after its
+    retries in mid-step stops the run with a checkpoint of the last complete step (`--resume` redoes the step)."""
+
+    full = False
+
+    def __init__(self, served, loop):
+        self.served, self.loop, self._pending, self._rng = served, loop, {}, None
+
+    def prefetch(self, micro_batches: list[dict]) -> None:
+        self._rng = get_rng_state()  # what a checkpoint of the last step holds, should the teacher fail
+        self._pending = {id(batch): self.served.prefetch(*served_teacher.batch_request(batch))
+                         for batch in micro_batches}
+
+    def __call__(self, batch: dict) -> dict:
+        pending = self._pending.pop(id(batch), None)
+        try:
+            rows = pending.result() if pending is not None else self.served.batch_rows(batch)
+        except DistillError as error:
+            if pending is None or not str(error).startswith("--teacher-url"):
+                raise
+            stop_on_teacher_failure(self.loop, self._rng, error)
+        return {"cached_rows": served_teacher.stack_rows(rows, self.loop.device)}

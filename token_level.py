@@ -58,6 +58,7 @@ import checks
 import common
 import losses
 import models
+import served_teacher
 import teachers
 import training
 
@@ -75,12 +76,16 @@ def parse_args(argv=None):
                              "gives the live teacher's loss exactly; --store topk the divergence over the K cached "
                              "tokens plus one tail bucket (at most the live one; furthest from it for reverse "
                              "KL/JSD); --store sampled an unbiased estimate of forward KL (--kl forward only)")
+    served_teacher.add_teacher_url_args(method)
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="forward")
+    if args.teacher_url and args.teacher_cache:
+        parser.error("--teacher-url and --teacher-cache are two sources of the teacher: give one")
     # eval_kl needs the full distribution: live, or a hidden cache (a missing cache.json is refused in main)
     cache_json = Path(args.teacher_cache or "", "cache.json")
     topk_cache = bool(args.teacher_cache) and not (cache_json.is_file() and cache_teacher.store_of(
         json.loads(cache_json.read_text())) == "hidden")
+    topk_cache = topk_cache or bool(args.teacher_url)  # a served teacher is a top-K one
     training.check_eval_args(parser, args, stats=("ce", "div") if topk_cache else ("ce", "div", "kl"))
     common.fill_train_defaults(parser, args)
     return args
@@ -97,7 +102,19 @@ def main(argv=None):
     examples, skipped = common.encode_rows(rows, tokenizer, args.max_length, truncated=args.truncated)
     checks.check_training_data(tokenizer, rows, examples)
     held_out = training.load_held_out(args, rows, tokenizer)
-    if manifest is None:
+    if args.teacher_url:  # a vLLM server's top-K log-probabilities, trained like a top-K cache
+        served_teacher.check_temperature(args.teacher_url, [args.temperature])
+        served = served_teacher.ServedTeacher(args.teacher_url, top_k=args.teacher_top_k,
+                                              retries=args.teacher_retries, timeout=args.teacher_timeout)
+        served.check_tokenizer(tokenizer)
+        inputs = checkpoints.live_teacher_inputs(args.teacher)
+        inputs.ignored += ("teacher_retries", "teacher_timeout")
+        inputs.adjustable += ("teacher_url",)  # the server may move between runs; --teacher (its weights) may not
+        loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
+                                  held_out=held_out, inputs=inputs)
+        vocab = min(models.output_head(loop.model).weight.shape[0], len(tokenizer))
+        source = teachers.ServedRows(served, loop)
+    elif manifest is None:
         loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
                                   held_out=held_out, inputs=checkpoints.live_teacher_inputs(args.teacher),
                                   models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
@@ -129,15 +146,17 @@ def main(argv=None):
 
     def preflight(batch):  # how far apart the two start; non-finite logits stop the run before any update
         teacher = source(batch)
-        if not source.full:  # a top-K or sampled cache: the objective's own terms
+        if not source.full:  # a top-K or sampled cache, a served teacher: the objective's own terms
             count = batch["loss_mask"][:, 1:].sum().item()
-            return checks.preflight_terms(objective(batch, count)[1], count, "--teacher-cache")
+            return checks.preflight_terms(objective(batch, count)[1], count,
+                                          "--teacher-url" if args.teacher_url else "--teacher-cache")
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         checks.preflight(common.shift_for_next_token(hidden, batch)[0], head.weight, **teacher, vocab=vocab,
                          temperature=args.temperature, beta=beta)
 
     training.preflight(loop, preflight)
     for micro_batches, num_tokens in loop:
+        source.prefetch(micro_batches)  # a served teacher's requests for the whole step go out now
         for batch in micro_batches:
             loss, stats = objective(batch, num_tokens)
             loop.backward(loss, **stats)

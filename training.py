@@ -471,6 +471,23 @@ def stop_on_signal(loop: TrainLoop, saved: bool) -> None:
                     f"saved {path}; --resume {loop.output_dir} continues from it", signum)
 
 
+def stop_on_teacher_failure(loop: TrainLoop, rng_at_step_start: dict, error: DistillError) -> None:
+    """A served teacher (--teacher-url) failed mid-step after its retries: save a checkpoint of the last complete
+    step, with the RNG as that step left it (`rng_at_step_start`; the failed step may have drawn samples since), and
+    stop in one line, so that --resume redoes exactly the failed step. Nothing of it was applied: gradients
+    accumulated so far are dropped. Raises a DistillError."""
+    if loop.step_num == 0:
+        loop.folder.release()
+        raise DistillError(f"{error}; nothing was trained yet") from None
+    _set_rng_state(rng_at_step_start)
+    path = loop.save_checkpoint()
+    loop.bar.close()
+    loop.accelerator.end_training()
+    loop.folder.release()
+    raise DistillError(f"{error}; stopped after step {loop.step_num} of {loop.total_steps}: saved {path}; "
+                       f"--resume {loop.output_dir} continues from it once the teacher is back") from None
+
+
 def count_steps(rows: int, args, processes: int) -> tuple[int, int]:
     """(optimizer steps per epoch, steps this run takes): an epoch is every row once, in micro-batches of
     --batch-size per process (the last one may be short) grouped --grad-accum to a step (the last step may have
