@@ -68,6 +68,7 @@ import generation
 import losses
 import models
 import served_teacher
+import teachers
 import training
 
 
@@ -456,22 +457,28 @@ def train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer):
     sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
                                      trust_remote_code=args.trust_remote_code) if args.vllm else None
 
+    source = teachers.LiveTeacher(teacher, inputs=("teacher_input_ids", "teacher_attention_mask"),
+                                  select=lambda hidden, batch: hidden.flatten(0, 1)[batch["teacher_rows"]])
+
     def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
         timer = timer or Timer()
-        with timer("teacher"), torch.inference_mode():
-            teacher_hidden = models.teacher_hidden_states(teacher, batch["teacher_input_ids"],
-                                                          batch["teacher_attention_mask"])
-            teacher_hidden = teacher_hidden.flatten(0, 1)[batch["teacher_rows"]]  # [N, H_teacher]
+        with timer("teacher"):
+            teacher_side = source(batch)  # [N, H_teacher] at the aligned teacher positions, and the head
         with timer("student"):
             hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
             student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
             hybrid = dict(match=match, identity=batch["identity"]) if match is not None else {}
-            loss, ce_sum, uld_sum, mass_sums = cross_tokenizer.chunked_uld_and_ce(
-                student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden.clone(),
-                teacher_weight=teacher_head.weight, **vocabs, **hybrid, **options)
+            loss, ce_sum, div_sum, mass_sums = cross_tokenizer.chunked_uld_and_ce(
+                student_hidden, head.weight, targets, num_tokens, **teacher_side, **vocabs, **hybrid, **options)
             if not len(targets):  # every sample of this micro-batch dropped: a zero loss that still has a graph
                 loss = loss + hidden.sum() * 0.0
-        return loss, cross_tokenizer.step_stats(ce_sum, uld_sum, mass_sums, num_tokens, held_out)
+        return loss, cross_tokenizer.step_stats(ce_sum, div_sum, mass_sums, num_tokens, held_out)
+
+    def preflight(batch):  # the objective's terms on the first batch; non-finite ones stop the run here
+        count = batch["loss_mask"][:, 1:].sum().item()
+        checks.preflight_terms(objective(batch, count)[1], count)
+
+    training.preflight(loop, preflight)
 
     totals = Counter()
 
@@ -542,6 +549,11 @@ def train_with_served_teacher(args, loop, tokenizer, skipped: int, rows: list[di
             return loss, {"div": div_sum / num_tokens}
         return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
 
+    def preflight(batch):  # the objective's terms on the first batch; non-finite ones stop the run here
+        count = batch["loss_mask"][:, 1:].sum().item()
+        checks.preflight_terms(objective(batch, count, held_out=True)[1], count, "--teacher-url")
+
+    training.preflight(loop, preflight)
     for micro_batches, num_tokens in loop:
         timer, stats = Timer(), {}
         rng = checkpoints._get_rng_state()  # what a checkpoint of the last step holds, should the teacher fail

@@ -174,3 +174,31 @@ def test_off_policy_served_teacher_trains_like_a_topk_cache(vkit, teacher_server
                       "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3", "--log-every", "100",
                       "--dtype", "float32", "--temperature", "1"])
     assert losses_of(tmp_path / "served") == pytest.approx(losses_of(tmp_path / "tl"), rel=1e-4)
+
+
+def token_level_args(vkit, data, out, *extra):
+    return ["--student", str(vkit["student"]), "--data", str(data), "--output-dir", str(out), "--alpha", "0.2",
+            "--kl", "reverse", "--max-steps", "4", "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3",
+            "--log-every", "100", "--dtype", "float32", "--temperature", "1", *extra]
+
+
+def test_token_level_served_teacher_trains_like_a_topk_cache_and_resumes(vkit, teacher_server, proxy, tmp_path,
+                                                                         monkeypatch):
+    """token_level.py --teacher-url (teachers.ServedRows): the losses of a top-K cache of the same K written from the
+    local teacher; a server gone mid-run stops with a checkpoint and --resume ends with the same losses."""
+    monkeypatch.setattr(served_teacher, "_FIRST_BACKOFF", 0.01)
+    data = write_problem_rows(tmp_path / "d.jsonl", 8)
+    cache_teacher.main(["--teacher", str(vkit["teacher"]), "--data", str(data), "--top-k", "8", "--temperatures",
+                        "1", "--logprob-dtype", "float32", "--dtype", "float32", "--output", str(tmp_path / "c")])
+    token_level.main(token_level_args(vkit, data, tmp_path / "cached", "--teacher-cache", str(tmp_path / "c")))
+    served = ["--teacher", str(vkit["teacher"]), "--teacher-url", teacher_server, "--teacher-top-k", "8",
+              "--teacher-retries", "1"]
+    token_level.main(token_level_args(vkit, data, tmp_path / "served", *served))
+    assert losses_of(tmp_path / "served") == pytest.approx(losses_of(tmp_path / "cached"), rel=1e-4)
+    via_proxy = [*served[:2], "--teacher-url", proxy.url, *served[4:]]
+    proxy.fail_after = 6  # the pre-flight's request, two steps of two micro-batches, then the server "goes away"
+    with pytest.raises(common.DistillError, match=r"stopped after step 2 of 4: saved .*checkpoint-2; --resume"):
+        token_level.main(token_level_args(vkit, data, tmp_path / "cut", *via_proxy))
+    proxy.fail_after, proxy.mode = None, "ok"
+    token_level.main(token_level_args(vkit, data, tmp_path / "cut", *via_proxy, "--resume", str(tmp_path / "cut")))
+    assert losses_of(tmp_path / "cut") == pytest.approx(losses_of(tmp_path / "served"), rel=1e-5)
