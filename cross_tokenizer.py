@@ -58,14 +58,11 @@ and matched_vocab_teacher) and, per step, the mean probability at T the teacher 
 log eval_loss (this objective), eval_ce and eval_div (the ULD term; metrics.jsonl's div in training, the key every
 script uses for its divergence term); from a --teacher-cache they must be cached too.
 
-A top-K cache (cache_teacher.py --store topk) gives the teacher's bucket vector exactly, at each temperature it holds
-(cache_teacher.py --temperatures; `cache_teacher.cached_teacher_log_buckets`). A hidden cache (--store hidden)
-holds the teacher's final hidden states h and head W; the teacher's logits h @ W^T then go through the same ULD
-code as the live teacher's, so the loss is the live one at any temperature (up to the cache's dtype rounding of h).
-With --uld-match hybrid the teacher's matched tokens can only be those among its cached top-K ids
-(`hybrid_uld_from_topk`): matched tokens outside them join the "all other mass" bucket and count as unmatched mass,
-which is exact when they hold no probability; the teacher's tokenizer is loaded (not its model) to know which cached
-ids the student holds. A hidden cache gives the live loss with either matching.
+The teacher's side comes from the live --teacher or a --teacher-cache (teachers.py), through the same loop: a
+hidden cache gives the live loss at any temperature (its hidden states and head); a top-K cache the teacher's
+top-K log-probabilities and tail (`cache_teacher.cached_teacher_log_buckets`), where --uld-match hybrid can only
+match the teacher's tokens among its cached top K (`hybrid_uld_from_topk` says what that leaves out) and loads the
+teacher's tokenizer, not its model, to know which cached ids the student holds.
 """
 
 from __future__ import annotations

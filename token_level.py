@@ -32,16 +32,13 @@ metrics.jsonl logs per step loss, ce and div (the T^2-scaled divergence term D, 
 (--eval-data) log eval_loss (this loss), eval_ce, eval_div and eval_kl = KL(teacher || student) at T=1 whatever
 --kl and --temperature (comparable across runs). From a --teacher-cache the held-out rows must be in the cache too.
 
-A top-K cache (cache_teacher.py --store topk) replaces D by its K+1-bucket version (the teacher's K tokens plus one
-tail bucket, both sides at T exactly, `cache_teacher.topk_bucket_divergence`): never above the live D (the buckets
-coarsen both distributions), exact for forward KL's gradient on the K tokens, and furthest from live for reverse
-KL, whose penalty on the student's mass outside the teacher's top K the tail bucket lumps together. A sampled cache
-(--store sampled, forward KL only) replaces the teacher's distribution by N draws from it: D is an unbiased estimate
-of the live forward KL and its gradient of the live gradient (`cache_teacher.sampled_forward_kl`). Either holds a
-few temperatures (cache_teacher.py --temperatures); another --temperature is refused with the command that writes
-a cache holding it. eval_div is then that divergence and eval_kl is not logged. A hidden cache (--store hidden) holds
-the teacher's final hidden states h and its head W, so the teacher's logits h @ W^T are the live teacher's and the
-loss, eval_div, eval_kl and the pre-flight are those of the live teacher (up to the cache's dtype rounding of h).
+The teacher's side comes from one of four sources (teachers.py), through the same loop: the live --teacher; a
+--teacher-cache with --store hidden (its hidden states and head: the live loss, eval_kl and pre-flight, up to the
+cache's dtype); a top-K cache or a --teacher-url server (D over the teacher's top K + one tail bucket:
+`cache_teacher.topk_bucket_divergence` says what that keeps and loses); a sampled cache (forward KL estimated from
+draws: `cache_teacher.sampled_forward_kl`). The last two give no full distribution, so eval_kl is not logged and the
+pre-flight prints the loss terms. A cache holds a few temperatures; another --temperature is refused with the
+command that writes one.
 """
 
 from __future__ import annotations
@@ -73,9 +70,8 @@ def parse_args(argv=None):
     method.add_argument("--alpha", type=common.FRACTION, default=0.1, help="weight of the cross-entropy term (0..1)")
     method.add_argument("--teacher-cache", default=None,
                         help="train from a cache_teacher.py folder instead of loading --teacher: --store hidden "
-                             "gives the live teacher's loss exactly; --store topk the divergence over the K cached "
-                             "tokens plus one tail bucket (at most the live one; furthest from it for reverse "
-                             "KL/JSD); --store sampled an unbiased estimate of forward KL (--kl forward only)")
+                             "gives the live teacher's loss; topk its top-K + tail bucket version; sampled an "
+                             "unbiased estimate of forward KL (--kl forward only)")
     served_teacher.add_teacher_url_args(method)
     args = parser.parse_args(argv)
     common.resolve_divergence(args, default="forward")
@@ -145,13 +141,12 @@ def main(argv=None):
         return loss, stats
 
     def preflight(batch):  # how far apart the two start; non-finite logits stop the run before any update
-        teacher = source(batch)
         if not source.full:  # a top-K or sampled cache, a served teacher: the objective's own terms
             count = batch["loss_mask"][:, 1:].sum().item()
             return checks.preflight_terms(objective(batch, count)[1], count,
                                           "--teacher-url" if args.teacher_url else "--teacher-cache")
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-        checks.preflight(common.shift_for_next_token(hidden, batch)[0], head.weight, **teacher, vocab=vocab,
+        checks.preflight(common.shift_for_next_token(hidden, batch)[0], head.weight, **source(batch), vocab=vocab,
                          temperature=args.temperature, beta=beta)
 
     training.preflight(loop, preflight)

@@ -14,6 +14,8 @@ exact match). Variants:
     hybrid_all    hybrid, mass weights, but token identity at *every* aligned pair, also where the student token does
                   not cover the same characters as its teacher token (an ablation: `cross_tokenizer.same_spans` is
                   replaced in that run's process)
+    hybrid_t1     hybrid, mass weights, at --temperature 1 instead of 2
+    hybrid_a07    hybrid, mass weights, --alpha 0.7 (more weight on the cross-entropy of the teacher's text)
 
 Each run is its own process with --threads torch threads (1 by default: --jobs runs share the cores, and a run's
 float reductions, hence its trajectory, depend on the thread count, so compare variants at one setting). Runs and
@@ -39,7 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VARIANTS = {"sorted": ["--uld-match", "sorted"],
             "hybrid": ["--uld-match", "hybrid", "--uld-weighting", "mass"],
             "hybrid_vocab": ["--uld-match", "hybrid", "--uld-weighting", "vocab"],
-            "hybrid_all": ["--uld-match", "hybrid", "--uld-weighting", "mass"]}
+            "hybrid_all": ["--uld-match", "hybrid", "--uld-weighting", "mass"],
+            "hybrid_t1": ["--uld-match", "hybrid", "--uld-weighting", "mass", "--temperature", "1"],
+            "hybrid_a07": ["--uld-match", "hybrid", "--uld-weighting", "mass", "--alpha", "0.7"]}
 
 
 def parse_args(argv=None):

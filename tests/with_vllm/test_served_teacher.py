@@ -196,7 +196,7 @@ def test_token_level_served_teacher_trains_like_a_topk_cache_and_resumes(vkit, t
     token_level.main(token_level_args(vkit, data, tmp_path / "served", *served))
     assert losses_of(tmp_path / "served") == pytest.approx(losses_of(tmp_path / "cached"), rel=1e-4)
     via_proxy = [*served[:2], "--teacher-url", proxy.url, *served[4:]]
-    proxy.fail_after = 6  # the pre-flight's request, two steps of two micro-batches, then the server "goes away"
+    proxy.fail_after = 6  # the pre-flight, two steps of two micro-batches and one of the third, then "gone"
     with pytest.raises(common.DistillError, match=r"stopped after step 2 of 4: saved .*checkpoint-2; --resume"):
         token_level.main(token_level_args(vkit, data, tmp_path / "cut", *via_proxy))
     proxy.fail_after, proxy.mode = None, "ok"
