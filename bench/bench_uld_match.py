@@ -16,6 +16,7 @@ exact match). Variants:
                   replaced in that run's process)
     hybrid_t1     hybrid, mass weights, at --temperature 1 instead of 2
     hybrid_a07    hybrid, mass weights, --alpha 0.7 (more weight on the cross-entropy of the teacher's text)
+    ce_only       --alpha 1.0: the cross-entropy alone, no ULD term (sequence-level SFT of this student: the reference)
 
 Each run is its own process with --threads torch threads (1 by default: --jobs runs share the cores, and a run's
 float reductions, hence its trajectory, depend on the thread count, so compare variants at one setting). Runs and
@@ -43,7 +44,8 @@ VARIANTS = {"sorted": ["--uld-match", "sorted"],
             "hybrid_vocab": ["--uld-match", "hybrid", "--uld-weighting", "vocab"],
             "hybrid_all": ["--uld-match", "hybrid", "--uld-weighting", "mass"],
             "hybrid_t1": ["--uld-match", "hybrid", "--uld-weighting", "mass", "--temperature", "1"],
-            "hybrid_a07": ["--uld-match", "hybrid", "--uld-weighting", "mass", "--alpha", "0.7"]}
+            "hybrid_a07": ["--uld-match", "hybrid", "--uld-weighting", "mass", "--alpha", "0.7"],
+            "ce_only": ["--alpha", "1.0"]}
 
 
 def parse_args(argv=None):
