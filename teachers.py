@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
+import models
 import served_teacher
 from checkpoints import _get_rng_state as get_rng_state
 from common import DistillError
-from models import output_head, teacher_hidden_states
 from training import stop_on_teacher_failure
 
 
@@ -48,11 +48,11 @@ class LiveTeacher(Source):
 
     def __init__(self, model, select, inputs: tuple[str, str] = ("input_ids", "attention_mask")):
         self.model, self.select, self.inputs = model, select, inputs
-        self.weight = output_head(model).weight
+        self.weight = models.output_head(model).weight
 
     def __call__(self, batch: dict) -> dict:
         with torch.inference_mode():
-            hidden = teacher_hidden_states(self.model, batch[self.inputs[0]], batch[self.inputs[1]])
+            hidden = models.teacher_hidden_states(self.model, batch[self.inputs[0]], batch[self.inputs[1]])
             rows = self.select(hidden, batch)  # [N, H_t]
         # A normal tensor, not an inference one: the chunked losses save their inputs for backward.
         return {"teacher_hidden": rows.clone(), "teacher_weight": self.weight}
