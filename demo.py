@@ -1,6 +1,6 @@
 """The offline demo: a pretrained base student lifted toward its teacher by the four distillation methods.
 
-    make demo                  # = python demo.py (creates .venv first); about 8 minutes on 2 cores
+    make demo                  # = python demo.py (creates .venv first); about 10 minutes on 2 cores
     python demo.py --quick     # tiny sizes: a smoke test in about a minute (CI runs it)
     python demo.py --seeds 3   # the student stage for seeds 0, 1, 2: mean +- std per method (~3x the student stage)
     python demo.py --out DIR   # where everything goes (default demo_out/); re-running reuses finished stages
