@@ -96,10 +96,11 @@ def from_cache(folder, manifest: dict, device) -> HiddenCache | CachedRows:
 
 class ServedRows(Source):
     """A teacher behind an OpenAI-compatible vLLM server (--teacher-url; `served_teacher.ServedTeacher`): its top-K
-    log-probabilities and T=1 tail at the batch's positions, in a top-K cache's layout. `prefetch` sends all of a
-    step's requests at once, so later micro-batches are in flight while the student trains on the first; a batch
-    not prefetched (held-out rows, the pre-flight) is fetched when asked. A server that stays unreachable after its
-    retries in mid-step stops the run with a checkpoint of the last complete step (`--resume` redoes the step)."""
+    log-probabilities and T=1 tail at the batch's positions, in a top-K cache's layout. `prefetch` sends a step's
+    requests and the next step's at once, so the teacher answers for the next batches while the student trains; a
+    batch not prefetched (held-out rows, the pre-flight) is fetched when asked. A server that stays unreachable
+    after its retries in mid-step stops the run with a checkpoint of the last complete step (`--resume` redoes
+    the step)."""
 
     full = False
 
@@ -107,12 +108,22 @@ class ServedRows(Source):
         self.served, self.loop, self._pending, self._rng = served, loop, {}, None
 
     def prefetch(self, micro_batches: list[dict]) -> None:
+        """This step's requests (those not sent a step ago) and the next step's (`TrainLoop.upcoming`), so that
+        the teacher works on step k+1 while the student trains on step k."""
         self._rng = get_rng_state()  # what a checkpoint of the last step holds, should the teacher fail
-        self._pending = {id(batch): self.served.prefetch(*served_teacher.batch_request(batch))
-                         for batch in micro_batches}
+        pending = {}
+        for batch in [*micro_batches, *self.loop.upcoming]:
+            key = self._key(batch)
+            pending[key] = self._pending.pop(key, None) or self.served.prefetch(*served_teacher.batch_request(batch))
+        self._pending = pending  # a request no step asks for any more is dropped
+
+    @staticmethod
+    def _key(batch: dict) -> tuple:
+        ids = batch["input_ids"]
+        return tuple(ids.shape), ids.cpu().numpy().tobytes(), batch["loss_mask"].cpu().numpy().tobytes()
 
     def __call__(self, batch: dict) -> dict:
-        pending = self._pending.pop(id(batch), None)
+        pending = self._pending.pop(self._key(batch), None)
         try:
             rows = pending.result() if pending is not None else self.served.batch_rows(batch)
         except DistillError as error:

@@ -263,6 +263,7 @@ class TrainLoop:
         self.device, self.step_num = acc.device, 0
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._stats: dict[str, torch.Tensor] = {}  # summed on the device, read once per step
+        self.upcoming: list[dict] = []  # the next step's micro-batches, while a step runs (see __iter__)
         self._micro, self._micro_total = 0, 1
         if args.eval_every and held_out is None:
             raise ValueError("--eval-every: pass held_out=training.load_held_out(...) to TrainLoop")
@@ -321,8 +322,13 @@ class TrainLoop:
             self.metrics_path.write_text("")
         self.bar = tqdm(total=self.total_steps, desc="train", disable=not self.accelerator.is_main_process)
         with self.signals:  # listening while the loop runs
+            ahead = [next(stream) for _ in range(self.args.grad_accum)]
             while self.step_num < self.total_steps:
-                batches = [self.to_device(next(stream)) for _ in range(self.args.grad_accum)]
+                batches = [self.to_device(batch) for batch in ahead]
+                # The next step's micro-batches, collated one step early (on the CPU): a served teacher sends their
+                # requests while this step trains (teachers.ServedRows). The data and its order are unchanged.
+                more = self.step_num + 1 < self.total_steps
+                ahead = self.upcoming = [next(stream) for _ in range(self.args.grad_accum)] if more else []
                 self._micro, self._micro_total = 0, len(batches)
                 self._gradient_sync(len(batches) == 1)
                 yield batches, self.count_tokens(batches)
