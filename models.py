@@ -93,7 +93,19 @@ def model_fingerprint(name: str) -> str:
 
 
 def maybe_lora(model, args):
-    """Wrap the student in a LoRA adapter when --lora is given (peft is only imported then)."""
+    """Wrap the student in a LoRA adapter when --lora is given (peft is only imported then).
+
+    A --student folder that holds a LoRA adapter (a --lora run's output) is refused: transformers loads it as its
+    base with the adapter attached, and training on that would save a new adapter (or the base's weights) that
+    names only the base, so what the adapter learned would be silently left behind."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        name = args.student  # the model itself names its base
+        raise DistillError(
+            f"--student '{name}' is a LoRA adapter (adapter_config.json), not a model: training on it would drop "
+            "what the adapter learned. Merge it into its base first and pass the merged folder: python -c \"from "
+            "peft import AutoPeftModelForCausalLM as M; from transformers import AutoTokenizer as T; "
+            f"a = '{name}'; M.from_pretrained(a).merge_and_unload().save_pretrained(a + '_merged'); "
+            "T.from_pretrained(a).save_pretrained(a + '_merged')\"")
     if not getattr(args, "lora", False):
         return model
     try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +182,31 @@ def test_plot_metrics_draws_several_runs(tmp_path):
         plot_metrics.main([str(tmp_path / "b"), "--keys", "kl", "--out", str(tmp_path / "x.png")])
     with pytest.raises(common.DistillError, match="no metrics.jsonl"):
         plot_metrics.main([str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_lora_adapter_as_student_is_refused_and_its_merge_command_works(kit, tmp_path, lora):
+    """A --lora run's output passed as --student (SFT, then on-policy from it): transformers loads it as the base
+    with the adapter attached, and a new run would save weights that name only the base. One line refuses it, with
+    the command that merges it; the merged folder then trains and starts from what the adapter learned."""
+    pytest.importorskip("peft")
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    stage1 = tmp_path / "stage1"
+    sequence_level.main(["--student", str(kit["student"]), "--data", str(data), "--output-dir", str(stage1),
+                         "--max-steps", "3", "--lora", "--lora-r", "4", "--lr", "1e-2"])
+    argv = ["--data", str(data), "--output-dir", str(tmp_path / "stage2"), "--max-steps", "1",
+            *(["--lora", "--lora-r", "4"] if lora else [])]
+    with pytest.raises(common.DistillError, match=r"--student '.*stage1' is a LoRA adapter .* Merge it") as refused:
+        sequence_level.main(["--student", str(stage1), *argv])
+    assert not (tmp_path / "stage2" / "model.safetensors").exists()
+    command = str(refused.value).split('python -c "')[1].rstrip('"')
+    subprocess.run([sys.executable, "-c", command], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    merged = Path(f"{stage1}_merged")
+    adapted, _ = models.load_model(str(stage1))  # base + adapter, as transformers attaches it
+    plain, _ = models.load_model(str(merged))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base, _ = models.load_model(str(kit["student"]))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain(ids).logits, base(ids).logits, atol=1e-4)  # the adapter had learned
+    sequence_level.main(["--student", str(merged), *argv])
