@@ -91,6 +91,17 @@ def preflight_terms(stats: dict, count: float, teacher: str = "--teacher") -> di
     return result
 
 
+def objective_preflight(objective, teacher: str = "--teacher", **options):
+    """The pre-flight check (for `training.preflight`) of a script whose teacher gives no full distribution: its
+    own `objective(batch, num_tokens, **options)` on the first batch, per completion token, through
+    `preflight_terms`."""
+    def check(batch: dict) -> dict[str, float]:
+        count = batch["loss_mask"][:, 1:].sum().item()
+        return preflight_terms(objective(batch, count, **options)[1], count, teacher)
+
+    return check
+
+
 @dataclass
 class Check:
     """One finding of a teacher/student check: `status` OK, WARN or FAIL (INFO for a measurement, SKIP for a check

@@ -727,11 +727,8 @@ def main(argv=None):
                                                               **hybrid, **options)
         return loss, step_stats(ce_sum, div_sum, mass_sums, num_tokens, held_out)
 
-    def preflight(batch):  # the objective's terms on the first batch; non-finite ones stop the run here
-        count = batch["loss_mask"][:, 1:].sum().item()
-        checks.preflight_terms(objective(batch, count)[1], count, "--teacher-cache" if manifest else "--teacher")
-
-    training.preflight(loop, preflight)
+    # the objective's terms on the first batch; non-finite ones stop the run here
+    training.preflight(loop, checks.objective_preflight(objective, "--teacher-cache" if manifest else "--teacher"))
     constant = {k: v for k, v in shares.items() if k != "matched_tokens"}  # matched_vocab_student/_teacher
     for micro_batches, num_tokens in loop:
         for batch in micro_batches:

@@ -474,11 +474,8 @@ def train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer):
                 loss = loss + hidden.sum() * 0.0
         return loss, cross_tokenizer.step_stats(ce_sum, div_sum, mass_sums, num_tokens, held_out)
 
-    def preflight(batch):  # the objective's terms on the first batch; non-finite ones stop the run here
-        count = batch["loss_mask"][:, 1:].sum().item()
-        checks.preflight_terms(objective(batch, count)[1], count)
-
-    training.preflight(loop, preflight)
+    # the objective's terms on the first batch; non-finite ones stop the run here
+    training.preflight(loop, checks.objective_preflight(objective))
 
     totals = Counter()
 
@@ -549,11 +546,8 @@ def train_with_served_teacher(args, loop, tokenizer, skipped: int, rows: list[di
             return loss, {"div": div_sum / num_tokens}
         return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
 
-    def preflight(batch):  # the objective's terms on the first batch; non-finite ones stop the run here
-        count = batch["loss_mask"][:, 1:].sum().item()
-        checks.preflight_terms(objective(batch, count, held_out=True)[1], count, "--teacher-url")
-
-    training.preflight(loop, preflight)
+    # the objective's terms on the first batch (held-out form: with ce); non-finite ones stop the run here
+    training.preflight(loop, checks.objective_preflight(objective, "--teacher-url", held_out=True))
     for micro_batches, num_tokens in loop:
         timer, stats = Timer(), {}
         rng = checkpoints._get_rng_state()  # what a checkpoint of the last step holds, should the teacher fail

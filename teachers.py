@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+import cache_teacher
 import models
 import served_teacher
 from checkpoints import _get_rng_state as get_rng_state
@@ -86,8 +87,6 @@ class CachedRows(Source):
 def from_cache(folder, manifest: dict, device) -> HiddenCache | CachedRows:
     """The source a cache_teacher.py folder gives (`cache_teacher.open_cache`'s manifest): a hidden store's head on
     `device`, or the names of a top-K or sampled store's batch tensors."""
-    import cache_teacher
-
     store = cache_teacher.store_of(manifest)
     if store == "hidden":
         return HiddenCache(cache_teacher.load_head(folder, manifest).to(device))

@@ -140,11 +140,11 @@ def main(argv=None):
                                            **teacher)["kl_sum"] / num_tokens
         return loss, stats
 
+    partial_teacher = checks.objective_preflight(objective, "--teacher-url" if args.teacher_url else "--teacher-cache")
+
     def preflight(batch):  # how far apart the two start; non-finite logits stop the run before any update
         if not source.full:  # a top-K or sampled cache, a served teacher: the objective's own terms
-            count = batch["loss_mask"][:, 1:].sum().item()
-            return checks.preflight_terms(objective(batch, count)[1], count,
-                                          "--teacher-url" if args.teacher_url else "--teacher-cache")
+            return partial_teacher(batch)
         hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
         checks.preflight(common.shift_for_next_token(hidden, batch)[0], head.weight, **source(batch), vocab=vocab,
                          temperature=args.temperature, beta=beta)
