@@ -5,7 +5,7 @@ positions of the demo's models, beside the demo's real training and held-out cur
     marimo edit notebooks/explainer.py -- --demo demo_out/quick    # another demo folder (or DISTILL_DEMO=DIR)
     marimo export html notebooks/explainer.py -o explainer.html -- --demo demo_out/full   # headless, static
 
-It reads a finished `make demo` (demo_out/full, else demo_out/quick). Every number comes from explain.py's
+It reads a finished `make demo` (demo_out/full, else demo_out/quick). Every number comes from explain_demo.py's
 functions (explainer_positions, explainer_hands, explainer_figure, curves_figure): this file only wires sliders.
 """
 
@@ -23,23 +23,23 @@ def _():
     import marimo as mo
 
     sys.path.insert(0, str(mo.notebook_dir().parent))
-    import explain
+    import explain_demo
 
-    return explain, mo, os
+    return explain_demo, mo, os
 
 
 @app.cell
-def _(explain, mo, os):
-    demo = explain.find_demo(mo.cli_args().get("demo") or os.environ.get("DISTILL_DEMO"))
-    mo.stop(demo is None, mo.md(explain.NO_DEMO))
+def _(explain_demo, mo, os):
+    demo = explain_demo.find_demo(mo.cli_args().get("demo") or os.environ.get("DISTILL_DEMO"))
+    mo.stop(demo is None, mo.md(explain_demo.NO_DEMO))
     mo.md(f"# What each distillation method hands the student\n\nThe demo's own models (`{demo}`), on one "
           "held-out row: the teacher's completion of a dev prompt. Pick a position and the settings.")
     return (demo,)
 
 
 @app.cell
-def _(demo, explain):
-    positions = explain.explainer_positions(demo)
+def _(demo, explain_demo):
+    positions = explain_demo.explainer_positions(demo)
     return (positions,)
 
 
@@ -59,19 +59,19 @@ def _(mo, positions):
 
 
 @app.cell
-def _(beta, explain, kl, lmbda, mo, position, positions, student, temperature, top_k):
-    hands = explain.explainer_hands(positions, position.value, student=student.value,
-                                    temperature=temperature.value, beta=explain.kl_beta(kl.value, beta.value),
-                                    top_k=top_k.value, lmbda=lmbda.value)
-    mo.vstack([mo.md("## What each method hands the student"), mo.md(explain.hands_markdown(hands)),
-               mo.as_html(explain.explainer_figure(hands, positions, position.value))])
+def _(beta, explain_demo, kl, lmbda, mo, position, positions, student, temperature, top_k):
+    hands = explain_demo.explainer_hands(positions, position.value, student=student.value,
+                                         temperature=temperature.value, beta=explain_demo.kl_beta(kl.value, beta.value),
+                                         top_k=top_k.value, lmbda=lmbda.value)
+    mo.vstack([mo.md("## What each method hands the student"), mo.md(explain_demo.hands_markdown(hands)),
+               mo.as_html(explain_demo.explainer_figure(hands, positions, position.value))])
     return
 
 
 @app.cell
-def _(demo, explain, mo):
+def _(demo, explain_demo, mo):
     mo.vstack([mo.md("## Training and held-out curves (the demo's real runs)"),
-               mo.as_html(explain.curves_figure(explain.demo_curves(demo)))])
+               mo.as_html(explain_demo.curves_figure(explain_demo.demo_curves(demo)))])
     return
 
 

@@ -1,6 +1,6 @@
-"""The interactive explainer: explain.method_targets against the formulas written out in float64, its real positions
-against direct forward passes, and notebooks/explainer.py exported headless (marimo's HTML export) on a demo-like
-folder built from the tiny kit: every panel is in the page; without a demo, one line naming `make demo`."""
+"""The interactive explainer: explain_demo.method_targets against the formulas written out in float64, its real
+positions against direct forward passes, and notebooks/explainer.py exported headless (marimo's HTML export) on a
+demo-like folder built from the tiny kit: every panel is in the page; without a demo, one line naming `make demo`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import common
-import explain
+import explain_demo
 import models
 from conftest import write_rows
 
@@ -52,7 +52,7 @@ def test_method_targets_against_the_formulas(beta, temperature):
     t, s, st, ss = (torch.randn(7, generator=gen, dtype=torch.float64) * 2 for _ in range(4))
     cross = torch.randn(9, generator=gen, dtype=torch.float64) * 2
     target, lmbda, alpha, top_k = 3, 0.25, 0.1, 4
-    got = explain.method_targets(t, s, target, temperature=temperature, beta=beta, top_k=top_k, lmbda=lmbda,
+    got = explain_demo.method_targets(t, s, target, temperature=temperature, beta=beta, top_k=top_k, lmbda=lmbda,
                                  alpha=alpha, sample_teacher_logits=st, sample_student_logits=ss,
                                  cross_student_logits=cross, cross_target=5, cross_alpha=0.5)
     tl, sl = t.tolist(), s.tolist()
@@ -78,8 +78,8 @@ def test_method_targets_against_the_formulas(beta, temperature):
     assert uld["uld"] == pytest.approx(temperature**2 * kl(p, q), rel=1e-10)
     cross_ce = -math.log(softmax(cross.tolist())[5])
     assert uld["loss"] == pytest.approx(0.5 * cross_ce + 0.5 * uld["uld"], rel=1e-10)
-    assert explain.kl_beta("forward", 0.3) == 0.0 and explain.kl_beta("reverse", 0.3) == 1.0
-    assert explain.kl_beta("jsd", 0.3) == 0.3
+    assert explain_demo.kl_beta("forward", 0.3) == 0.0 and explain_demo.kl_beta("reverse", 0.3) == 1.0
+    assert explain_demo.kl_beta("jsd", 0.3) == 0.3
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +107,11 @@ def demo(kit, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def positions(demo):
-    return explain.explainer_positions(demo, max_new_tokens=12)
+    return explain_demo.explainer_positions(demo, max_new_tokens=12)
 
 
 def test_explainer_positions_are_the_models_logits(kit, demo, positions):
-    assert explain.find_demo(demo.parent) == demo and explain.find_demo(demo.parent / "nothing") is None
+    assert explain_demo.find_demo(demo.parent) == demo and explain_demo.find_demo(demo.parent / "nothing") is None
     row = common.load_distill_rows(demo / "dev_teacher_data.jsonl")[0]
     teacher, tokenizer = models.load_model(str(kit["teacher"]))
     padded, _ = models.load_model(str(kit["student_padded"]))
@@ -129,8 +129,8 @@ def test_explainer_positions_are_the_models_logits(kit, demo, positions):
     # the other-tokenizer student's logits at its token aligned to each teacher token
     cross = positions["cross"]
     assert len(cross["targets"]) == len(completion) and cross["cross-tokenizer (ULD)"].shape[0] == len(completion)
-    hands = explain.explainer_hands(positions, 2, temperature=2.0, beta=0.0, top_k=5, lmbda=0.5)
-    want = explain.method_targets(positions["teacher"][2], positions["students"]["token-level"][2],
+    hands = explain_demo.explainer_hands(positions, 2, temperature=2.0, beta=0.0, top_k=5, lmbda=0.5)
+    want = explain_demo.method_targets(positions["teacher"][2], positions["students"]["token-level"][2],
                                   positions["targets"][2], temperature=2.0, beta=0.0, top_k=5, lmbda=0.5)
     assert hands["token-level"]["loss"] == pytest.approx(want["token-level"]["loss"])
 
@@ -153,7 +153,7 @@ def test_notebook_exports_every_panel(demo, positions, tmp_path):
         assert f"<td>{method}</td>" in page, method
     assert page.count("data:image/png;base64") == 2  # the four methods' figure and the curves
     # the losses shown are those at the sliders' starting values (position: where the teacher is least sure)
-    hands = explain.explainer_hands(positions, int(positions["entropy"].argmax()), temperature=2.0, beta=0.0,
+    hands = explain_demo.explainer_hands(positions, int(positions["entropy"].argmax()), temperature=2.0, beta=0.0,
                                     top_k=20, lmbda=0.5)
     for label in ("sequence-level", "token-level", "cross-tokenizer (ULD)"):
         assert f"{hands[label]['loss']:.3f} " in page or f"{hands[label]['loss']:.3f}<" in page, label
