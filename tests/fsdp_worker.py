@@ -3,6 +3,8 @@ FSDP2-sharded student, with every parameter's gradient gathered and saved by ran
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py STUDENT TEACHER OUT.pt
 
+(the suite runs it inside tests/ddp_worker.py's single launch, in the process group already there)
+
 The loss reads lm_head.weight right after the root's forward, as the scripts do (FSDP2 keeps it gathered then).
 """
 
@@ -50,7 +52,9 @@ def fused_loss(student, input_ids, teacher_hidden, teacher_weight, num_tokens):
 
 
 def main(student_path, teacher_path, out):
-    dist.init_process_group("gloo")
+    own_group = not dist.is_initialized()  # tests/ddp_worker.py runs this inside its own process group
+    if own_group:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     student = tied_student(student_path)
     for layer in student.model.layers:
@@ -63,7 +67,9 @@ def main(student_path, teacher_path, out):
              for name, p in student.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
-    dist.destroy_process_group()
+    dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ each training script is copied with exactly them into an empty folder, where it 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,31 +57,70 @@ def test_the_readme_lists_exactly_what_a_script_imports(script):
     assert readme_table()[script] == local_imports(script)
 
 
-@pytest.mark.parametrize("script", TRAINING)
-def test_a_copied_script_runs_with_the_files_listed(kit, tmp_path, script):
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in {script} | readme_table()[script]:
-        shutil.copy(ROOT / name, project / name)
+# One interpreter runs every copy (imports are most of a tiny run's time), each from its own folder: before a copy
+# runs, the project's modules an earlier copy imported are dropped from sys.modules and the copy's folder is the
+# only place on sys.path they can come from. For each: --help as `python SCRIPT --help` runs it (argparse exits 0
+# after printing), then a 2-step run through the same file, as `python SCRIPT ARGS` runs it.
+DRIVER = """
+import contextlib, importlib, io, json, runpy, sys, traceback
+from pathlib import Path
+local, plan = set(json.loads(sys.argv[1])), json.loads(sys.argv[2])
+for project, script, args in plan:
+    for name in [m for m in sys.modules if m in local]:
+        del sys.modules[name]
+    sys.path[0] = project
+    importlib.invalidate_caches()
+    log = Path(project) / "log.txt"
+    try:
+        sys.argv, help_text = [script, "--help"], io.StringIO()
+        try:
+            with contextlib.redirect_stdout(help_text):
+                runpy.run_path(str(Path(project) / script), run_name="__main__")
+        except SystemExit as done:
+            assert done.code in (0, None), done.code
+        sys.argv = [script, *args]
+        runpy.run_path(str(Path(project) / script), run_name="__main__")
+        imported = sorted({m.__file__ for name, m in sys.modules.items() if name in local})
+        log.write_text(json.dumps({"ok": True, "imported": imported, "help": help_text.getvalue()}))
+    except BaseException:
+        log.write_text(json.dumps({"ok": False, "error": traceback.format_exc()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def copies(kit, tmp_path_factory):
+    """{script: its project folder}, after the driver above ran every training script copied there."""
+    root = tmp_path_factory.mktemp("copies")
+    data = write_rows(root / "d.jsonl", 8)
+    plan, folders = [], {}
+    for script in TRAINING:
+        project = folders[script] = root / script.removesuffix(".py")
+        project.mkdir()
+        for name in {script} | readme_table()[script]:
+            shutil.copy(ROOT / name, project / name)
+        args = ["--student", str(kit["student"]), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
+                "--output-dir", str(project / "run")]
+        if script in ("token_level.py", "on_policy.py"):
+            args += ["--teacher", str(kit["teacher"])]
+        if script == "on_policy.py":
+            args += ["--max-new-tokens", "8"]
+        if script == "cross_tokenizer.py":
+            args += ["--teacher", str(kit["teacher_llama"])]
+        plan.append((str(project), script, args))
+    local = [p.stem for p in ROOT.glob("*.py")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}  # nothing importable from the repository
-    data = write_rows(tmp_path / "d.jsonl", 8)
-    args = ["--student", str(kit["student"]), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
-            "--output-dir", str(tmp_path / "run")]
-    if script in ("token_level.py", "on_policy.py"):
-        args += ["--teacher", str(kit["teacher"])]
-    if script == "on_policy.py":
-        args += ["--max-new-tokens", "8"]
-    if script == "cross_tokenizer.py":
-        args += ["--teacher", str(kit["teacher_llama"])]
-    # One interpreter for both (imports are most of a tiny run's time): --help as `python SCRIPT --help` runs it
-    # (argparse exits 0 after printing), then the 2-step run through the same file's main().
-    both = (f"import runpy, sys\nsys.argv = [{script!r}, '--help']\n"
-            f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit as done:\n"
-            f"    assert done.code in (0, None), done.code\nprint('--- end of help ---', flush=True)\n"
-            f"sys.argv = [{script!r}, *{args!r}]\nrunpy.run_path({script!r}, run_name='__main__')\n")
-    run = subprocess.run([sys.executable, "-c", both], cwd=project, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(local), json.dumps(plan)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    help_text = run.stdout.split("--- end of help ---")[0]
-    assert "checkpoints and output:" in help_text
-    assert (tmp_path / "run" / "model.safetensors").exists()
+    return folders
+
+
+@pytest.mark.parametrize("script", TRAINING)
+def test_a_copied_script_runs_with_the_files_listed(copies, script):
+    project = copies[script]
+    log = json.loads((project / "log.txt").read_text())
+    assert log["ok"], log.get("error")
+    # every project module it ran with came from its own folder
+    assert log["imported"] and all(Path(f).parent == project for f in log["imported"]), log["imported"]
+    assert "checkpoints and output:" in log["help"]
+    assert (project / "run" / "model.safetensors").exists()

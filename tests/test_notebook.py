@@ -53,8 +53,8 @@ def test_method_targets_against_the_formulas(beta, temperature):
     cross = torch.randn(9, generator=gen, dtype=torch.float64) * 2
     target, lmbda, alpha, top_k = 3, 0.25, 0.1, 4
     got = explain_demo.method_targets(t, s, target, temperature=temperature, beta=beta, top_k=top_k, lmbda=lmbda,
-                                 alpha=alpha, sample_teacher_logits=st, sample_student_logits=ss,
-                                 cross_student_logits=cross, cross_target=5, cross_alpha=0.5)
+                                      alpha=alpha, sample_teacher_logits=st, sample_student_logits=ss,
+                                      cross_student_logits=cross, cross_target=5, cross_alpha=0.5)
     tl, sl = t.tolist(), s.tolist()
     ce = -math.log(softmax(sl)[target])
     seq = got["sequence-level"]
@@ -131,7 +131,7 @@ def test_explainer_positions_are_the_models_logits(kit, demo, positions):
     assert len(cross["targets"]) == len(completion) and cross["cross-tokenizer (ULD)"].shape[0] == len(completion)
     hands = explain_demo.explainer_hands(positions, 2, temperature=2.0, beta=0.0, top_k=5, lmbda=0.5)
     want = explain_demo.method_targets(positions["teacher"][2], positions["students"]["token-level"][2],
-                                  positions["targets"][2], temperature=2.0, beta=0.0, top_k=5, lmbda=0.5)
+                                       positions["targets"][2], temperature=2.0, beta=0.0, top_k=5, lmbda=0.5)
     assert hands["token-level"]["loss"] == pytest.approx(want["token-level"]["loss"])
 
 
@@ -154,7 +154,7 @@ def test_notebook_exports_every_panel(demo, positions, tmp_path):
     assert page.count("data:image/png;base64") == 2  # the four methods' figure and the curves
     # the losses shown are those at the sliders' starting values (position: where the teacher is least sure)
     hands = explain_demo.explainer_hands(positions, int(positions["entropy"].argmax()), temperature=2.0, beta=0.0,
-                                    top_k=20, lmbda=0.5)
+                                         top_k=20, lmbda=0.5)
     for label in ("sequence-level", "token-level", "cross-tokenizer (ULD)"):
         assert f"{hands[label]['loss']:.3f} " in page or f"{hands[label]['loss']:.3f}<" in page, label
     assert "No demo output here" not in page

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -200,7 +199,10 @@ def test_a_lora_adapter_as_student_is_refused_and_its_merge_command_works(kit, t
         sequence_level.main(["--student", str(stage1), *argv])
     assert not (tmp_path / "stage2" / "model.safetensors").exists()
     command = str(refused.value).split('python -c "')[1].rstrip('"')
-    subprocess.run([sys.executable, "-c", command], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # The shell passes it through its double quotes unchanged (nothing it would expand or end the string at), so
+    # running the code here is running the command, less an interpreter start.
+    assert not set('"$`\\') & set(command), command
+    exec(compile(command, "<the merge command>", "exec"), {})
     merged = Path(f"{stage1}_merged")
     adapted, _ = models.load_model(str(stage1))  # base + adapter, as transformers attaches it
     plain, _ = models.load_model(str(merged))
