@@ -63,11 +63,11 @@ import training  # noqa: E402
 
 SYSTEM_PROMPT = "Solve the math word problem. Show the calculation, then give the answer as '#### <number>'."
 DEMO_VERSION = 2  # bump when a stage changes what it produces, so old demo folders are not reused
-SIZES = {  # full, quick
-    "train_problems": (2000, 200), "dev_problems": (100, 16), "test_problems": (400, 40),
-    "teacher_data": (800, 64), "pretrain_texts": (20000, 2000),
-    "teacher_pretrain_steps": (1000, 20), "student_pretrain_steps": (1000, 20),
-    "teacher_steps": (400, 20), "teacher_extra_rounds": (2, 0), "student_steps": (400, 12), "eval_every": (50, 6),
+SIZES = {  # full, quick (a smoke test of every stage: its models learn little)
+    "train_problems": (2000, 200), "dev_problems": (100, 16), "test_problems": (400, 24),
+    "teacher_data": (800, 32), "pretrain_texts": (20000, 320),
+    "teacher_pretrain_steps": (1000, 10), "student_pretrain_steps": (1000, 10),
+    "teacher_steps": (400, 10), "teacher_extra_rounds": (2, 0), "student_steps": (400, 8), "eval_every": (50, 4),
 }
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gita", "Hugo", "Ines", "Jon", "Kai", "Lea"]
 ITEMS = ["apples", "pens", "cards", "eggs", "coins", "books", "cups", "toys"]

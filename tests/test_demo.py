@@ -6,22 +6,21 @@ import json
 import math
 import random
 import re
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import common
 import demo
 import generation
 import stepcheck
-from conftest import ROOT
 
 
-def test_demo_quick_runs_every_stage(tmp_path):
-    """`python demo.py --quick`: pretraining, teacher, data, four methods with held-out tracking, table, picture."""
-    proc = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--quick", "--out", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_demo_quick_runs_every_stage(kit, tmp_path):
+    """`python demo.py --quick`: pretraining, teacher, data, four methods with held-out tracking, table, picture.
+    In this process, with the session's tiny kit in place of the one the demo would build (the same build: the
+    demo only uses its tokenizers)."""
+    shutil.copytree(kit["student"].parent, tmp_path / "demo" / "models")
+    demo.main(["--quick", "--out", str(tmp_path / "demo")])
     out = tmp_path / "demo" / "quick"
     report = (out / "results.md").read_text()
     rows = {}
@@ -33,7 +32,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
              "base 2nd student (other tokenizer)", "sequence_level", "token_level (forward KL, T=2)",
              "on_policy (lmbda=0.5, reverse KL)", "cross_tokenizer (ULD, other tokenizer)",
              "on_policy (other tokenizer, lmbda=0.5, hybrid ULD)",
-             "sequence_level, first 6 steps only", "sequence_level 6 steps → on_policy 6 steps"]
+             "sequence_level, first 4 steps only", "sequence_level 4 steps → on_policy 4 steps"]
     assert list(rows) == names
     results = json.loads((out / "results.json").read_text())
     problems = common.load_prompt_dataset(str(out / "task_test.jsonl"))
@@ -54,7 +53,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
         assert math.isclose(sum(r["strict_ok"] for r in saved) / len(saved), result["exact_match"])
         # the first-wrong-step shares, recomputed from the saved replies and the test problems' solutions
         assert result["steps"] == stepcheck.summarize([r["reply"] for r in saved], [p["answer"] for p in problems])
-    assert "| sequence_level 6 steps → on_policy 6 steps | " in report.split("Where the first wrong step")[1]
+    assert "| sequence_level 4 steps → on_policy 4 steps | " in report.split("Where the first wrong step")[1]
     # the students (not the teacher and the bases) are also scored on sampled replies: maj@k and pass@k
     assert [("maj_at_k" in r) for r in results] == [False] * 3 + [True] * (len(names) - 3)
     for result in results[3:]:
@@ -64,9 +63,9 @@ def test_demo_quick_runs_every_stage(tmp_path):
     for run in ("sequence_level", "token_level", "on_policy", "cross_tokenizer", "on_policy_other_tokenizer"):
         metrics = common.read_jsonl(out / run / "metrics.jsonl")
         steps = [m["step"] for m in metrics if "eval_exact_match" in m]
-        assert steps == [6, 12], (run, steps)
+        assert steps == [4, 8], (run, steps)
     assert (out / "results.png").stat().st_size > 10_000
-    # SFT, then on-policy: the other rows' total of 12 steps as 6 + 6, on_policy from the SFT stage's model with
+    # SFT, then on-policy: the other rows' total of 8 steps as 4 + 4, on_policy from the SFT stage's model with
     # the on_policy row's settings
     two_stage = json.loads((out / "sft_then_on_policy" / "run_config.json").read_text())
     alone = json.loads((out / "on_policy" / "run_config.json").read_text())
@@ -74,9 +73,9 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert json.loads((out / "sft_half" / "run_config.json").read_text())["student"] == alone["student"]
     for key in ("teacher", "lmbda", "kl", "temperature", "max_new_tokens", "lr", "batch_size", "data"):
         assert two_stage[key] == alone[key], key
-    for run in ("sft_half", "sft_then_on_policy"):  # 6 steps each, held-out exact match tracked at the last
+    for run in ("sft_half", "sft_then_on_policy"):  # 4 steps each, held-out exact match tracked at the last
         metrics = common.read_jsonl(out / run / "metrics.jsonl")
-        assert [m["step"] for m in metrics if "eval_exact_match" in m] == [len(metrics)] == [6], run
+        assert [m["step"] for m in metrics if "eval_exact_match" in m] == [len(metrics)] == [4], run
     # explain.py's figures of the run's own models, each with the numbers behind it
     for name in ("mechanisms", "alignment", "logit_lens", "attention_heads", "first_token", "stepmix"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5_000, name
