@@ -18,13 +18,12 @@ Language Models"): the student samples a completion for every prompt of the step
 at --gen-temperature / --top-p, KV cache, once for all the step's micro-batches, weights fixed meanwhile), the
 teacher scores every position of prompt + sample, and the loss is T^2 * D(teacher, student) over the sampled
 tokens up to and including the first end-of-turn token (D: --kl, as in token_level.py; reverse KL by default, the
-MiniLLM/GKD choice). Otherwise the
-step is off-policy: the same loss on the teacher's completions from --data (what token_level.py does with
---alpha 0). The loss temperature (--temperature, default 1) and the sampling temperature (--gen-temperature) are
-separate flags and are never mixed.
+MiniLLM/GKD choice). Otherwise the step is off-policy: the same loss on the teacher's completions from --data (what
+token_level.py does with --alpha 0). The loss temperature (--temperature, default 1) and the sampling temperature
+(--gen-temperature) are separate flags and are never mixed.
 
 A teacher with another vocabulary (detected from the two tokenizers; one vocabulary keeps the loss above exactly)
-grades the student's samples through cross_tokenizer.py's ULD (`train_cross_tokenizer`): each sample is decoded to
+grades the student's samples through cross_tokenizer.py's ULD (`other_vocab_side`): each sample is decoded to
 text, rendered by the teacher's own chat template, and every student token is paired with the teacher token whose
 end character offset is closest; the loss at each is the hybrid ULD (--uld-match, --uld-weighting, --uld-loss,
 --top-k; --kl's divergence on the tokens both vocabularies hold) at --temperature, no cross-entropy term. Samples
@@ -36,6 +35,10 @@ aligned as cross_tokenizer.py aligns them.
     # the Qwen2.5-0.5B student from a teacher with another tokenizer, on that teacher's own answers
     python on_policy.py --teacher HuggingFaceTB/SmolLM2-1.7B-Instruct --data data/teacher_smollm2-1.7b-instruct.jsonl \
         --output-dir runs/on_policy_smollm2
+
+A teacher behind --teacher-url (a vLLM server of the student's vocabulary, served_teacher.py) gives its top-K
+log-probabilities at T=1, and the loss is a top-K cache's (`served_teacher_side`). Every kind of teacher trains
+through main()'s one loop: what differs is the teacher's side of a step (`TeacherSide`).
 
 metrics.jsonl adds per step: div (the loss's divergence term, as in the other scripts), on_policy (bool),
 gen_len (mean sampled tokens), cut_frac (share of samples that hit --max-new-tokens without ending), and the
@@ -54,7 +57,9 @@ import json
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -182,81 +187,150 @@ def main(argv=None):
     student, tokenizer = models.load_model(args.student, dtype=args.dtype, what="--student",
                                            trust_remote_code=args.trust_remote_code)
     teacher_tokenizer = models.load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code, what="--teacher")
-    if checks.vocabulary_checks(tokenizer, teacher_tokenizer, len(tokenizer), len(teacher_tokenizer))[0] is None:
-        return train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer)  # another vocabulary
-    examples, skipped = encode_with_prompts(rows, tokenizer, args)
-    checks.check_training_data(tokenizer, rows, examples)
-    held_out = training.load_held_out(args, rows, tokenizer, encode=lambda r: encode_with_prompts(r, tokenizer, args,
-                                                                                                  None))
+    same_vocab = checks.vocabulary_checks(tokenizer, teacher_tokenizer, len(tokenizer),
+                                          len(teacher_tokenizer))[0] is not None
+    if same_vocab:
+        examples, skipped, held_out, collate, alignment = encode_same_vocab(args, rows, tokenizer)
+    else:  # the teacher's completions aligned to the student's tokens by characters, as cross_tokenizer.py does
+        examples, skipped, held_out, collate, alignment = encode_other_vocab(args, rows, tokenizer, teacher_tokenizer)
     inputs = checkpoints.live_teacher_inputs(args.teacher)
+    # where the samples are drawn and how the server is reached, not what is trained
     inputs.ignored += ("vllm", "vllm_gpu_memory", "vllm_eager", "teacher_retries", "teacher_timeout")
     if args.teacher_url:  # the server may move between runs; --teacher (its weights' fingerprint) may not
-        inputs.adjustable += ("teacher_url",)  # where the samples are drawn, not what is trained
-    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id,
-                              partial(collate_with_prompts, pad_id=tokenizer.pad_token_id), held_out=held_out,
-                              inputs=inputs, models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
+        inputs.adjustable += ("teacher_url",)
+    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
+                              held_out=held_out, inputs=inputs,
+                              models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
     if args.teacher_url:  # the teacher's top-K from a vLLM server, trained like a top-K cache
-        return train_with_served_teacher(args, loop, tokenizer, skipped, rows)
-    teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
-    head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
-    vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
-                                     teacher_head.weight.shape[0])
-    checks.warn_template_mismatch(tokenizer, teacher_tokenizer)
-    stop_ids = common.end_of_turn_ids(tokenizer)
-    beta = common.divergence_beta(args)
+        teacher = served_teacher_side(args, loop, tokenizer)
+    else:  # the teacher in memory
+        teacher = (live_teacher_side(args, loop, tokenizer) if same_vocab else
+                   other_vocab_side(args, loop, rows, tokenizer, teacher_tokenizer, alignment))
+    objective, stop_ids = teacher.objective, common.end_of_turn_ids(tokenizer)
     # One coin per optimizer step, the same seed on every process, so all take the same kind of step; a resumed
     # run replays the draws of the steps it skips.
     coin = random.Random(args.seed)
     for _ in range(loop.step_num):
         coin.random()
-
-    def hidden_states(batch, timer):  # [N, H_teacher], [N, H], targets [N]: both models at the completion tokens
-        with timer("teacher"), torch.inference_mode():
-            teacher_hidden = models.teacher_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
-            teacher_hidden, _ = common.shift_for_next_token(teacher_hidden, batch)
-        with timer("student"):
-            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-            return (teacher_hidden, *common.shift_for_next_token(hidden, batch))
-
-    def preflight(batch):  # how far apart the two start; non-finite logits of either stop the run here
-        teacher_hidden, student_hidden, _ = hidden_states(batch, Timer())
-        checks.preflight(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
-                         temperature=args.temperature, beta=beta)
-
-    training.preflight(loop, preflight)
+    training.preflight(loop, teacher.preflight)  # how far apart the two start; non-finite terms stop the run here
     sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
-                                     dtype=vllm_dtype(loop.model),
-                                     trust_remote_code=args.trust_remote_code,
+                                     dtype=vllm_dtype(loop.model), trust_remote_code=args.trust_remote_code,
                                      enforce_eager=args.vllm_eager) if args.vllm else None
-
-    def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
-        timer = timer or Timer()
-        teacher_hidden, student_hidden, targets = hidden_states(batch, timer)
-        with timer("student"):
-            loss, ce_sum, div_sum = losses.fused_head_loss(
-                student_hidden, head.weight, targets, num_tokens, teacher_hidden=teacher_hidden,
-                teacher_weight=teacher_head.weight, alpha=0.0, beta=beta, temperature=args.temperature,
-                chunk_size=args.chunk_size, vocab=vocab, compute_dtype=torch.bfloat16 if args.bf16 else None)
-        if not held_out:
-            return loss, {"div": div_sum / num_tokens}
-        stats = checks.agreement(student_hidden, head.weight, teacher_hidden, teacher_head.weight, vocab=vocab,
-                                 chunk_size=args.chunk_size)  # KL(teacher || student) at T=1
-        return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens, "kl": stats["kl_sum"] / num_tokens}
 
     for micro_batches, num_tokens in loop:
         timer, stats = Timer(), {}
         on_policy = coin.random() < args.lmbda
         if on_policy:
-            with timer("gen"):
-                micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler)
+            with timer("gen"):  # sampling (another vocabulary: then decoding and aligning the samples)
+                micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler,
+                                                   teacher.pair)
             num_tokens = loop.count_tokens(micro_batches)  # lengths are only known after sampling
+        teacher.source.prefetch(micro_batches)  # a served teacher's requests for the whole step go out now
         for batch in micro_batches:
             loss, step_stats = objective(batch, num_tokens, timer=timer)
-            with timer("student"):  # forward above, backward here
+            with timer("student"):  # forward in the objective, backward here
                 loop.backward(loss, **step_stats)
-        loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **timer.seconds)
-
+        loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **teacher.constant, **timer.seconds)
     loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
+    teacher.report()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher's side of a step: in memory with the student's vocabulary, served, or another vocabulary (further down).
+
+@dataclass
+class TeacherSide:
+    """What main()'s one loop asks of the teacher."""
+
+    objective: Callable  # (batch, num_tokens, held_out=False, timer=None) -> (loss, stats), timed into `timer`
+    preflight: Callable  # check(batch): what `training.preflight` runs on the first batch
+    source: teachers.Source  # where the teacher's side of a batch comes from; the loop calls its `prefetch`
+    pair: Callable | None = None  # `sample_step`'s hook: builds the sampled batches (another vocabulary)
+    constant: dict = field(default_factory=dict)  # logged with every step (the hybrid match's vocabulary shares)
+    report: Callable = lambda: None  # what the end of the run prints after `TrainLoop.finish`
+
+
+def student_objective(loop, source: teachers.Source, loss: Callable) -> Callable:
+    """objective(batch, num_tokens, held_out=False, timer=None): the teacher's side of the batch from `source`, the
+    student's hidden states at the batch's completion positions, and `loss(student_hidden [N, H], targets [N],
+    num_tokens, teacher, batch, held_out) -> (loss, stats)` on them."""
+    def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
+        timer = timer or Timer()
+        with timer("teacher"):
+            teacher = source(batch)
+        with timer("student"):
+            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
+            return loss(student_hidden, targets, num_tokens, teacher, batch, held_out)
+
+    return objective
+
+
+def encode_same_vocab(args, rows: list[dict], tokenizer):
+    """(examples, skipped, held_out, collate, alignment=None) of a teacher with the student's vocabulary: the rows
+    as token_level.py encodes them, each with its prompt alone (`encode_with_prompts`)."""
+    examples, skipped = encode_with_prompts(rows, tokenizer, args)
+    checks.check_training_data(tokenizer, rows, examples)
+    held_out = training.load_held_out(args, rows, tokenizer,
+                                      encode=lambda r: encode_with_prompts(r, tokenizer, args, None))
+    return examples, skipped, held_out, partial(collate_with_prompts, pad_id=tokenizer.pad_token_id), None
+
+
+def live_teacher_side(args, loop, tokenizer) -> TeacherSide:
+    """--teacher in memory, with the student's vocabulary: T^2 * D(teacher, student) over the full distributions
+    (`losses.fused_head_loss`, alpha 0) at every completion position; held-out rows add ce and kl = KL(teacher ||
+    student) at T=1; the full pre-flight (`checks.preflight`)."""
+    teacher, teacher_tokenizer = models.load_teacher(args, loop.device)
+    head = models.output_head(loop.model)
+    vocab = checks.shared_vocab_size(tokenizer, teacher_tokenizer, head.weight.shape[0],
+                                     models.output_head(teacher).weight.shape[0])
+    checks.warn_template_mismatch(tokenizer, teacher_tokenizer)
+    beta = common.divergence_beta(args)
+    source = teachers.LiveTeacher(teacher, select=lambda hidden, batch: common.shift_for_next_token(hidden, batch)[0])
+
+    def loss(student_hidden, targets, num_tokens, teacher, batch, held_out):
+        loss, ce_sum, div_sum = losses.fused_head_loss(
+            student_hidden, head.weight, targets, num_tokens, **teacher, alpha=0.0, beta=beta,
+            temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab,
+            compute_dtype=torch.bfloat16 if args.bf16 else None)
+        stats = {"div": div_sum / num_tokens}
+        if held_out:  # eval_kl: KL(teacher || student) at T=1, whatever this run's divergence
+            stats.update(ce=ce_sum / num_tokens, kl=checks.agreement(
+                student_hidden, head.weight, **teacher, vocab=vocab, chunk_size=args.chunk_size)["kl_sum"] / num_tokens)
+        return loss, stats
+
+    def preflight(batch):
+        hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
+        checks.preflight(common.shift_for_next_token(hidden, batch)[0], head.weight, **source(batch), vocab=vocab,
+                         temperature=args.temperature, beta=beta)
+
+    return TeacherSide(student_objective(loop, source, loss), preflight, source)
+
+
+def served_teacher_side(args, loop, tokenizer) -> TeacherSide:
+    """The teacher behind --teacher-url: its top-K log-probabilities and T=1 tail at every position of each
+    micro-batch (the student's samples on on-policy steps) from the server (`teachers.ServedRows`: a step's requests
+    go out together), and a top-K cache's bucket divergence (`cache_teacher.cached_teacher_loss`, alpha 0). A server
+    that stays unreachable stops the run with a checkpoint of the last complete step (`--resume` continues)."""
+    served_teacher.check_temperature(args.teacher_url, [args.temperature])
+    served = served_teacher.ServedTeacher(args.teacher_url, top_k=args.teacher_top_k, retries=args.teacher_retries,
+                                          timeout=args.teacher_timeout)
+    served.check_tokenizer(tokenizer)
+    head = models.output_head(loop.model)
+    vocab, beta = min(head.weight.shape[0], len(tokenizer)), common.divergence_beta(args)
+    # the next step's requests are sent early only when it cannot be sampled: its data batches would go unused
+    source = teachers.ServedRows(served, loop, look_ahead=args.lmbda == 0)
+
+    def loss(student_hidden, targets, num_tokens, teacher, batch, held_out):
+        loss, ce_sum, div_sum = cache_teacher.cached_teacher_loss(
+            student_hidden, head.weight, targets, num_tokens, teacher["cached_rows"], alpha=0.0, beta=beta,
+            temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
+        stats = {"div": div_sum / num_tokens}
+        return loss, {"ce": ce_sum / num_tokens, **stats} if held_out else stats
+
+    objective = student_objective(loop, source, loss)
+    # the objective's terms on the first batch (held-out form: with ce)
+    return TeacherSide(objective, checks.objective_preflight(objective, "--teacher-url", held_out=True), source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,20 +479,17 @@ def sample_report(totals: Counter) -> str:
             f"changes the text; {totals['dropped']} dropped (nothing left to align)")
 
 
-def train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer):
-    """main() with a teacher of another vocabulary: GKD whose divergence is cross_tokenizer's ULD (hybrid by
-    default: --kl's divergence by token identity where both vocabularies hold the token, sorted top-K + tail for
-    the rest), at --temperature, with no cross-entropy term (alpha 0, as in main()'s loss).
-
-    Sampled steps: each sample is decoded, read by the teacher through its own chat template and aligned by
-    character end offsets (`pair_samples`). Off-policy steps and held-out rows: the teacher's completions of
-    --data, aligned as cross_tokenizer.py aligns them (`cross_tokenizer.encode_pairs`). metrics.jsonl adds, on
-    sampled steps, exact_end_fraction, same_span_fraction, samples_trimmed and samples_dropped; held-out
-    evaluation logs eval_ce and eval_div (no eval_kl: the distributions are over different tokens).
-    """
+def encode_other_vocab(args, rows: list[dict], tokenizer, teacher_tokenizer):
+    """(examples, skipped, held_out, collate, alignment) of a teacher with another vocabulary: the rows as
+    cross_tokenizer.py pairs them (`cross_tokenizer.encode_pairs`), each with its prompt alone; `alignment`: how
+    --data's tokens align (printed here, written to alignment.json by `other_vocab_side`)."""
     if args.save_best == "eval_kl":
         raise common.DistillError("--save-best eval_kl: the teacher has another vocabulary, so there is no "
                                   "token-level KL; use eval_loss or eval_ce")
+    if args.teacher_url:
+        raise common.DistillError(f"--teacher-url: --teacher {args.teacher} has another vocabulary than --student, "
+                                  "and a served teacher's top-K rows are read by the student's token ids; without "
+                                  "--teacher-url the teacher is loaded here and grades through hybrid ULD")
 
     def encode(encode_rows, what="--data"):
         examples, skipped, alignment = cross_tokenizer.encode_pairs(encode_rows, tokenizer, teacher_tokenizer,
@@ -432,13 +503,23 @@ def train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer):
           f"on --data, {alignment['exact_end_fraction']:.1%} of student tokens end where their teacher token ends, "
           f"{alignment['same_span_fraction']:.1%} cover the same characters")
     held_out = training.load_held_out(args, rows, tokenizer, encode=lambda r: encode(r, None)[:2])
-    inputs = checkpoints.live_teacher_inputs(args.teacher)
-    inputs.ignored += ("vllm", "vllm_gpu_memory")  # where the samples are drawn, not what is trained
     collate = partial(collate_pairs_with_prompts, pad_id=tokenizer.pad_token_id,
                       teacher_pad_id=teacher_tokenizer.pad_token_id)
-    loop = training.TrainLoop(args, models.maybe_lora(student, args), examples, tokenizer.pad_token_id, collate,
-                              held_out=held_out, inputs=inputs,
-                              models={"--student": "--dtype", "--teacher": "--teacher-dtype"})
+    return examples, skipped, held_out, collate, alignment
+
+
+def other_vocab_side(args, loop, rows: list[dict], tokenizer, teacher_tokenizer, alignment: dict) -> TeacherSide:
+    """--teacher in memory, with another vocabulary: GKD whose divergence is cross_tokenizer's ULD (hybrid by
+    default: --kl's divergence by token identity where both vocabularies hold the token, sorted top-K + tail for
+    the rest), at --temperature, with no cross-entropy term (alpha 0, as with one vocabulary).
+
+    Sampled steps: each sample is decoded, read by the teacher through its own chat template and aligned by
+    character end offsets (`pair_step`). Off-policy steps and held-out rows: the teacher's completions of --data,
+    aligned as cross_tokenizer.py aligns them (`encode_other_vocab`). metrics.jsonl adds the hybrid match's
+    vocabulary shares, and on sampled steps exact_end_fraction, same_span_fraction, samples_trimmed and
+    samples_dropped; held-out evaluation logs eval_ce and eval_div (no eval_kl: the distributions are over
+    different tokens). The pre-flight prints the objective's terms on the first batch.
+    """
     teacher, _ = models.load_teacher(args, loop.device)
     head, teacher_head = models.output_head(loop.model), models.output_head(teacher)
     # Padded head rows are not tokens: neither distribution gives them mass.
@@ -450,124 +531,41 @@ def train_cross_tokenizer(args, rows, student, tokenizer, teacher_tokenizer):
         (loop.output_dir / "alignment.json").write_text(json.dumps({**alignment, **shares}, indent=2) + "\n")
     options = dict(alpha=0.0, top_k=args.top_k, temperature=args.temperature, kind=args.uld_loss,
                    chunk_size=args.chunk_size, beta=common.divergence_beta(args), weighting=args.uld_weighting)
-    stop_ids = common.end_of_turn_ids(tokenizer)
-    coin = random.Random(args.seed)  # as in main(): one coin per step, replayed on --resume
-    for _ in range(loop.step_num):
-        coin.random()
-    sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
-                                     trust_remote_code=args.trust_remote_code) if args.vllm else None
-
     source = teachers.LiveTeacher(teacher, inputs=("teacher_input_ids", "teacher_attention_mask"),
                                   select=lambda hidden, batch: hidden.flatten(0, 1)[batch["teacher_rows"]])
 
-    def objective(batch, num_tokens, held_out=False, timer=None):  # sampled, off-policy and held-out rows alike
-        timer = timer or Timer()
-        with timer("teacher"):
-            teacher_side = source(batch)  # [N, H_teacher] at the aligned teacher positions, and the head
-        with timer("student"):
-            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-            student_hidden, targets = common.shift_for_next_token(hidden, batch)  # [N, H], [N]
-            hybrid = dict(match=match, identity=batch["identity"]) if match is not None else {}
-            loss, ce_sum, div_sum, mass_sums = cross_tokenizer.chunked_uld_and_ce(
-                student_hidden, head.weight, targets, num_tokens, **teacher_side, **vocabs, **hybrid, **options)
-            if not len(targets):  # every sample of this micro-batch dropped: a zero loss that still has a graph
-                loss = loss + hidden.sum() * 0.0
+    def loss(student_hidden, targets, num_tokens, teacher, batch, held_out):
+        hybrid = dict(match=match, identity=batch["identity"]) if match is not None else {}
+        loss, ce_sum, div_sum, mass_sums = cross_tokenizer.chunked_uld_and_ce(
+            student_hidden, head.weight, targets, num_tokens, **teacher, **vocabs, **hybrid, **options)
+        if not len(targets):  # every sample of this micro-batch dropped: a zero loss that still has a graph
+            loss = loss + student_hidden.sum() * 0.0
         return loss, cross_tokenizer.step_stats(ce_sum, div_sum, mass_sums, num_tokens, held_out)
 
-    # the objective's terms on the first batch; non-finite ones stop the run here
-    training.preflight(loop, checks.objective_preflight(objective))
+    objective, totals = student_objective(loop, source, loss), Counter()  # totals: the samples, by what was trimmed
 
-    totals = Counter()
+    def report():
+        if totals["samples"] and loop.accelerator.is_main_process:
+            print(sample_report(totals))
 
-    def pair(micro_batches, prompts, samples):
-        messages = [rows[r]["messages"] for batch in micro_batches for r in batch["rows"]]
-        examples, stats = pair_samples(tokenizer, teacher_tokenizer, messages, prompts, samples, totals)
-        batches, lo = [], 0
-        for batch in micro_batches:
-            n = len(batch["prompts"])
-            batches.append(loop.to_device(cross_tokenizer.collate_pairs(examples[lo:lo + n], tokenizer.pad_token_id,
-                                                                        teacher_tokenizer.pad_token_id)))
-            lo += n
-        return batches, stats
-
-    constant = {k: v for k, v in shares.items() if k != "matched_tokens"}  # matched_vocab_student/_teacher
-    for micro_batches, num_tokens in loop:
-        timer, stats = Timer(), {}
-        on_policy = coin.random() < args.lmbda
-        if on_policy:
-            with timer("gen"):  # sampling, then decoding and aligning the samples
-                micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler, pair)
-            num_tokens = loop.count_tokens(micro_batches)
-        for batch in micro_batches:
-            loss, step_stats = objective(batch, num_tokens, timer=timer)
-            with timer("student"):
-                loop.backward(loss, **step_stats)
-        loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **constant, **timer.seconds)
-
-    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
-    if loop.accelerator.is_main_process and totals["samples"]:
-        print(sample_report(totals))
+    return TeacherSide(objective, checks.objective_preflight(objective), source,
+                       pair=partial(pair_step, loop, rows, tokenizer, teacher_tokenizer, totals),
+                       constant={k: v for k, v in shares.items() if k != "matched_tokens"},  # matched_vocab_*
+                       report=report)
 
 
-def train_with_served_teacher(args, loop, tokenizer, skipped: int, rows: list[dict]) -> None:
-    """The same steps with the teacher behind --teacher-url: its top-K log-probabilities and T=1 tail at every
-    position of each micro-batch (the student's samples on on-policy steps) are fetched from the server and the loss
-    is the top-K bucket divergence of a top-K cache (`cache_teacher.cached_teacher_loss`, alpha 0). Each step's
-    requests go out together, so later micro-batches are in flight while the student trains on the first. A server
-    that stays unreachable stops the run with a checkpoint of the last complete step (`--resume` continues)."""
-    served_teacher.check_temperature(args.teacher_url, [args.temperature])
-    served = served_teacher.ServedTeacher(args.teacher_url, top_k=args.teacher_top_k, retries=args.teacher_retries,
-                                          timeout=args.teacher_timeout)
-    served.check_tokenizer(tokenizer)
-    head = models.output_head(loop.model)
-    vocab = min(head.weight.shape[0], len(tokenizer))
-    stop_ids = common.end_of_turn_ids(tokenizer)
-    beta = common.divergence_beta(args)
-    coin = random.Random(args.seed)
-    for _ in range(loop.step_num):
-        coin.random()
-    sampler = generation.VLLMSampler(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
-                                     dtype=vllm_dtype(loop.model),
-                                     trust_remote_code=args.trust_remote_code,
-                                     enforce_eager=args.vllm_eager) if args.vllm else None
-
-    def objective(batch, num_tokens, held_out=False, timer=None, teacher_rows=None):
-        timer = timer or Timer()
-        with timer("teacher"):
-            rows = teacher_rows.result() if teacher_rows is not None else served.batch_rows(batch)
-            teacher = served_teacher.stack_rows(rows, loop.device)
-        with timer("student"):
-            hidden = models.student_hidden_states(loop.model, batch["input_ids"], batch["attention_mask"])
-            student_hidden, targets = common.shift_for_next_token(hidden, batch)
-            loss, ce_sum, div_sum = cache_teacher.cached_teacher_loss(
-                student_hidden, head.weight, targets, num_tokens, teacher, alpha=0.0, beta=beta,
-                temperature=args.temperature, chunk_size=args.chunk_size, vocab=vocab)
-        if not held_out:
-            return loss, {"div": div_sum / num_tokens}
-        return loss, {"ce": ce_sum / num_tokens, "div": div_sum / num_tokens}
-
-    # the objective's terms on the first batch (held-out form: with ce); non-finite ones stop the run here
-    training.preflight(loop, checks.objective_preflight(objective, "--teacher-url", held_out=True))
-    for micro_batches, num_tokens in loop:
-        timer, stats = Timer(), {}
-        rng = checkpoints._get_rng_state()  # what a checkpoint of the last step holds, should the teacher fail
-        try:
-            on_policy = coin.random() < args.lmbda
-            if on_policy:
-                with timer("gen"):
-                    micro_batches, stats = sample_step(loop, tokenizer, micro_batches, args, stop_ids, sampler)
-                num_tokens = loop.count_tokens(micro_batches)
-            requests = [served.prefetch(*served_teacher.batch_request(b)) for b in micro_batches]
-            for batch, teacher_rows in zip(micro_batches, requests):
-                loss, step_stats = objective(batch, num_tokens, timer=timer, teacher_rows=teacher_rows)
-                with timer("student"):
-                    loop.backward(loss, **step_stats)
-        except common.DistillError as error:
-            if not str(error).startswith("--teacher-url"):
-                raise
-            training.stop_on_teacher_failure(loop, rng, error)
-        loop.step(num_tokens, evaluate=objective, on_policy=on_policy, **stats, **timer.seconds)
-    loop.finish(tokenizer, skipped=skipped, total=len(rows), rows=rows)
+def pair_step(loop, rows: list[dict], tokenizer, teacher_tokenizer, totals: Counter, micro_batches: list[dict],
+              prompts: list[list[int]], samples: list[dict]) -> tuple[list[dict], dict]:
+    """`sample_step`'s hook with another vocabulary: the step's samples paired (`pair_samples`), as its batches."""
+    messages = [rows[r]["messages"] for batch in micro_batches for r in batch["rows"]]
+    examples, stats = pair_samples(tokenizer, teacher_tokenizer, messages, prompts, samples, totals)
+    batches, lo = [], 0
+    for batch in micro_batches:
+        n = len(batch["prompts"])
+        batches.append(loop.to_device(cross_tokenizer.collate_pairs(examples[lo:lo + n], tokenizer.pad_token_id,
+                                                                    teacher_tokenizer.pad_token_id)))
+        lo += n
+    return batches, stats
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ source for the teacher's side of a batch, `teacher = source(batch)`, and hands i
 N counts the batch's positions in `common.shift_for_next_token`'s order (cross_tokenizer.py: the teacher positions
 aligned to them). `full` says whether the source gives the teacher's whole next-token distribution, which the
 held-out eval_kl and the full pre-flight (`checks.preflight`) need. The loop calls `source.prefetch(micro_batches)`
-at the start of each optimizer step: a served teacher sends the step's requests then; the others have nothing to do.
+once a step's micro-batches are known (on_policy.py: after sampling): a served teacher sends the step's requests
+then; the others have nothing to do.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch
 import cache_teacher
 import models
 import served_teacher
-from checkpoints import _get_rng_state as get_rng_state
 from common import DistillError
 from training import stop_on_teacher_failure
 
@@ -96,22 +96,22 @@ def from_cache(folder, manifest: dict, device) -> HiddenCache | CachedRows:
 class ServedRows(Source):
     """A teacher behind an OpenAI-compatible vLLM server (--teacher-url; `served_teacher.ServedTeacher`): its top-K
     log-probabilities and T=1 tail at the batch's positions, in a top-K cache's layout. `prefetch` sends a step's
-    requests and the next step's at once, so the teacher answers for the next batches while the student trains; a
-    batch not prefetched (held-out rows, the pre-flight) is fetched when asked. A server that stays unreachable
-    after its retries in mid-step stops the run with a checkpoint of the last complete step (`--resume` redoes
-    the step)."""
+    requests and, with `look_ahead`, the next step's at once, so the teacher answers for the next batches while the
+    student trains (on_policy.py turns it off when a step may be sampled: the next step's data batches would be
+    asked for in vain); a batch not prefetched (held-out rows, the pre-flight) is fetched when asked. A server that
+    stays unreachable after its retries in mid-step stops the run with a checkpoint of the last complete step
+    (`training.stop_on_teacher_failure`; `--resume` redoes the step)."""
 
     full = False
 
-    def __init__(self, served, loop):
-        self.served, self.loop, self._pending, self._rng = served, loop, {}, None
+    def __init__(self, served, loop, look_ahead: bool = True):
+        self.served, self.loop, self.look_ahead, self._pending = served, loop, look_ahead, {}
 
     def prefetch(self, micro_batches: list[dict]) -> None:
-        """This step's requests (those not sent a step ago) and the next step's (`TrainLoop.upcoming`), so that
-        the teacher works on step k+1 while the student trains on step k."""
-        self._rng = get_rng_state()  # what a checkpoint of the last step holds, should the teacher fail
+        """This step's requests (those not sent a step ago) and, with `look_ahead`, the next step's
+        (`TrainLoop.upcoming`), so that the teacher works on step k+1 while the student trains on step k."""
         pending = {}
-        for batch in [*micro_batches, *self.loop.upcoming]:
+        for batch in [*micro_batches, *(self.loop.upcoming if self.look_ahead else [])]:
             key = self._key(batch)
             pending[key] = self._pending.pop(key, None) or self.served.prefetch(*served_teacher.batch_request(batch))
         self._pending = pending  # a request no step asks for any more is dropped
@@ -128,5 +128,5 @@ class ServedRows(Source):
         except DistillError as error:
             if pending is None or not str(error).startswith("--teacher-url"):
                 raise
-            stop_on_teacher_failure(self.loop, self._rng, error)
+            stop_on_teacher_failure(self.loop, error)
         return {"cached_rows": served_teacher.stack_rows(rows, self.loop.device)}

@@ -264,6 +264,7 @@ class TrainLoop:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._stats: dict[str, torch.Tensor] = {}  # summed on the device, read once per step
         self.upcoming: list[dict] = []  # the next step's micro-batches, while a step runs (see __iter__)
+        self.step_rng: dict | None = None  # every RNG state as the step in progress began (see __iter__)
         self._micro, self._micro_total = 0, 1
         if args.eval_every and held_out is None:
             raise ValueError("--eval-every: pass held_out=training.load_held_out(...) to TrainLoop")
@@ -331,7 +332,11 @@ class TrainLoop:
                 ahead = self.upcoming = [next(stream) for _ in range(self.args.grad_accum)] if more else []
                 self._micro, self._micro_total = 0, len(batches)
                 self._gradient_sync(len(batches) == 1)
-                yield batches, self.count_tokens(batches)
+                num_tokens = self.count_tokens(batches)
+                # What a checkpoint of the last complete step holds, should this one fail before its update
+                # (`stop_on_teacher_failure`): the step may draw samples or dropout masks before it fails.
+                self.step_rng = _get_rng_state()
+                yield batches, num_tokens
         self.bar.close()
 
     def count_tokens(self, batches: list[dict]) -> float:
@@ -477,15 +482,15 @@ def stop_on_signal(loop: TrainLoop, saved: bool) -> None:
                     f"saved {path}; --resume {loop.output_dir} continues from it", signum)
 
 
-def stop_on_teacher_failure(loop: TrainLoop, rng_at_step_start: dict, error: DistillError) -> None:
+def stop_on_teacher_failure(loop: TrainLoop, error: DistillError) -> None:
     """A served teacher (--teacher-url) failed mid-step after its retries: save a checkpoint of the last complete
-    step, with the RNG as that step left it (`rng_at_step_start`; the failed step may have drawn samples since), and
-    stop in one line, so that --resume redoes exactly the failed step. Nothing of it was applied: gradients
-    accumulated so far are dropped. Raises a DistillError."""
+    step, with the RNG as that step left it (`TrainLoop.step_rng`, recorded as the failed step began: it may have
+    drawn samples since), and stop in one line, so that --resume redoes exactly the failed step. Nothing of it was
+    applied: gradients accumulated so far are dropped. Raises a DistillError."""
     if loop.step_num == 0:
         loop.folder.release()
         raise DistillError(f"{error}; nothing was trained yet") from None
-    _set_rng_state(rng_at_step_start)
+    _set_rng_state(loop.step_rng)
     path = loop.save_checkpoint()
     loop.bar.close()
     loop.accelerator.end_training()

@@ -15,6 +15,7 @@ import generation
 import models
 import on_policy
 import sequence_level
+import served_teacher
 import token_level
 from conftest import read_metrics, write_rows
 
@@ -125,6 +126,51 @@ def test_runs_are_repeatable_resumable_and_the_mixture_is_recorded(kit, tmp_path
             # Normalized by the tokens actually sampled (counted after generation): 4 samples, gen_len each.
             assert m["tokens"] == round(m["gen_len"] * 4)
             assert 0 <= m["cut_frac"] <= 1
+
+
+def serve_without_a_server(monkeypatch) -> dict:
+    """served_teacher.ServedTeacher answering without a server: at each scored position K=2 rows that favour the
+    position's own token (so the loss depends on what was sampled); requests after `fail_after` fail as an
+    unreachable server's do. Returns {"requests", "fail_after"}."""
+    state = {"requests": 0, "fail_after": None}
+    tail = math.log(1 - math.exp(-0.5) - math.exp(-1.5))
+
+    def topk_rows(self, sequences, masks):
+        state["requests"] += 1
+        if state["fail_after"] is not None and state["requests"] > state["fail_after"]:
+            raise common.DistillError(f"--teacher-url {self.url}: no answer after 1 tries (refused)")
+        rows = []
+        for seq, mask in zip(sequences, masks):
+            tokens = torch.tensor([t for t, m in zip(seq[1:], mask[1:]) if m])
+            rows.append({"topk_ids": torch.stack([tokens, (tokens + 1) % 256], 1),
+                         "topk_logprobs": torch.tensor([-0.5, -1.5]).repeat(len(tokens), 1),
+                         "tail_logmass": torch.full((len(tokens), 1), tail)})
+        return rows
+
+    monkeypatch.setattr(served_teacher.ServedTeacher, "topk_rows", topk_rows)
+    monkeypatch.setattr(served_teacher.ServedTeacher, "check_tokenizer", lambda self, tokenizer: None)
+    return state
+
+
+def test_a_served_teacher_gone_mid_step_stops_and_resume_redoes_the_step_exactly(kit, tmp_path, monkeypatch):
+    """--teacher-url: the server goes away in step 3, an on-policy step, after it sampled: the run stops with a
+    checkpoint of step 2 holding the RNG as step 3 began (TrainLoop.step_rng), so --resume samples step 3 again as
+    a run never stopped does, with the same losses. Off-policy steps send no request a step early (lmbda > 0)."""
+    state = serve_without_a_server(monkeypatch)
+    data = write_rows(tmp_path / "d.jsonl", 8)
+    flags = ["--teacher-url", "http://teacher.invalid", "--teacher-top-k", "2", "--lmbda", "0.5", "--max-steps", "4",
+             "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--gen-temperature", "1.5"]
+    on_policy.main(on_policy_args(kit, kit["teacher"], data, tmp_path / "whole", *flags))
+    whole = [{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(tmp_path / "whole")]
+    assert [m["on_policy"] for m in whole] == [False, False, True, True]  # the seed's coin: step 3 samples
+    assert state["requests"] == 1 + 4 * 2  # the pre-flight's batch, then each step's two micro-batches once
+    state.update(requests=0, fail_after=5)  # the pre-flight and two steps answered, step 3's first request fails
+    with pytest.raises(common.DistillError, match=r"stopped after step 2 of 4: saved .*checkpoint-2; --resume"):
+        on_policy.main(on_policy_args(kit, kit["teacher"], data, tmp_path / "cut", *flags))
+    state["fail_after"] = None
+    on_policy.main(on_policy_args(kit, kit["teacher"], data, tmp_path / "cut", *flags, "--resume",
+                                  str(tmp_path / "cut")))
+    assert [{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(tmp_path / "cut")] == whole
 
 
 def test_pure_on_policy_from_an_untrained_student_stays_finite(kit, tmp_path):

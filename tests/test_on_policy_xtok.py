@@ -175,6 +175,15 @@ def test_sampling_end_to_end_logs_alignment_and_reports_counts(kit, tmp_path, ca
                                 "--eval-every", "1", "--save-best", "eval_kl"))
 
 
+def test_a_served_teacher_of_another_vocabulary_is_refused(kit, tmp_path):
+    """--teacher-url gives top-K rows by the student's token ids: with a --teacher of another tokenizer the run
+    stops before anything is loaded or asked of the server (it used to drop --teacher-url and load the teacher)."""
+    with pytest.raises(common.DistillError, match="--teacher-url: --teacher .* has another vocabulary"):
+        on_policy.main(run_args(kit, "student_nosys", "teacher", write_rows(tmp_path / "d.jsonl", 4), tmp_path / "run",
+                                "--teacher-url", "http://127.0.0.1:9", "--temperature", "1"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_step_whose_samples_are_all_dropped_trains_nothing(kit, tmp_path, monkeypatch):
     data = write_rows(tmp_path / "d.jsonl", 4)
     tok = models.load_tokenizer(str(kit["student"]))

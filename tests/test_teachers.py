@@ -75,3 +75,16 @@ def test_served_rows_ask_for_the_next_step_once_and_early():
     assert [r[0][0] for r in server.requests] == [0, 1, 2, 3, 4]  # step 2's were sent a step ago, not again
     source(batch(2))
     source(batch(3))
+
+
+def test_served_rows_without_look_ahead_ask_for_this_step_only():
+    """on_policy.py with --lmbda > 0: a step's batches may be replaced by samples, so the next step's data batches
+    are not asked for early."""
+    server, loop = FakeServer(), SimpleNamespace(upcoming=[batch(2), batch(3)], device="cpu")
+    source = teachers.ServedRows(server, loop, look_ahead=False)
+    source.prefetch([batch(0), batch(1)])
+    assert [r[0][0] for r in server.requests] == [0, 1]
+    source(batch(0))
+    source(batch(1))
+    source.prefetch([batch(2), batch(3)])
+    assert [r[0][0] for r in server.requests] == [0, 1, 2, 3]
