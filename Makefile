@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # pytest-xdist workers for `make test` (one per core; each runs whole test files, with one torch thread)
 TEST_WORKERS ?= auto
 
-.PHONY: demo test test-vllm lint clean blog notebook
+.PHONY: demo test test-bench test-vllm lint clean blog notebook
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not bench_smoke"
+
+# bench/gpu_check.sh --cpu end to end: every stage of the GPU check at tiny shapes, so that a GPU session's minutes
+# go to measuring. Not in `make test` (its dozen interpreters would take a third of that budget); CI runs both.
+test-bench: $(VENV)/.installed
+	$(PY) -m pytest -q -m bench_smoke tests/test_gpu_check.py
 
 # The interactive explainer (marimo, a dev-only dependency) on demo_out/: run `make demo` first.
 notebook: $(VENV)/.installed

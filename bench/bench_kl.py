@@ -4,8 +4,9 @@
     python bench/bench_kl.py --reps 1 --tokens 256 # a quicker look
     python bench/bench_kl.py --batch 8 --tokens 1024 --variants acde --dtype bfloat16  # on a GPU (gpu_check.sh)
 
-Five ways of computing the same number (forward KL at T=1, every position a completion token), each in a fresh
-process so that peak memory is its own:
+Five ways of computing the same number (forward KL at T=1, every position a completion token), each in a process
+of its own so that peak memory is its own (on a GPU a fresh one; on CPU a fork of this one, whose peak RSS starts
+at its own RSS, which spares each variant the seconds of importing torch and trl again):
   (a) materialized logits + TRL's GKDTrainer.generalized_jsd_loss
   (b) materialized logits + our per-position divergence `common.generalized_jsd_per_position`
   (c) our fused chunked path `losses.fused_head_loss` (gradients computed in the forward pass)
@@ -33,13 +34,16 @@ bytes at that point. Time is the median over --reps runs after one warm-up run.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -160,7 +164,7 @@ def run_one(args) -> dict:
         chunks.append(auto_chunk_size(*a, **kw))
         return chunks[-1]
 
-    losses.auto_chunk_size = recorded_chunk_size
+    losses.auto_chunk_size = recorded_chunk_size  # this process only: a subprocess or a fork
     if on_gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -182,6 +186,43 @@ def run_one(args) -> dict:
     return {"variant": args.variant, "extra_gb": (peak - base) / 1e9, "median_s": statistics.median(times),
             "loss": loss, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "dtype": str(dtype),
             "chunk": min(args.chunk_size or (chunks[-1] if chunks else 0), args.batch * args.tokens)}
+
+
+def run_subprocess(args, variant: str) -> tuple[dict | None, str | None]:
+    """run_one(variant) in a fresh process: (its result, None) or (None, its stderr)."""
+    cmd = [sys.executable, __file__, "--variant", variant] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "variants")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+
+
+# What a variant imports beyond torch: imported before forking, so every fork has it already.
+IMPORTS = {"a": "trl.experimental.gkd.gkd_trainer", "d": "trl.trainer.distillation_trainer"}
+
+
+def run_forked(args, variant: str) -> tuple[dict | None, str | None]:
+    """run_one(variant) in a fork of this process (CPU only: a fork of a process that touched CUDA is unusable).
+    Linux starts a fork's peak RSS (ru_maxrss) at its own RSS, so the peak is the variant's, as in a fresh process."""
+    if variant in IMPORTS:
+        importlib.import_module(IMPORTS[variant])
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one line of JSON or a traceback down the pipe, then exit without cleanup
+        os.close(read)
+        try:
+            out, code = json.dumps(run_one(argparse.Namespace(**{**vars(args), "variant": variant}))), 0
+        except BaseException:
+            out, code = traceback.format_exc(), 1
+        with os.fdopen(write, "w") as pipe:
+            pipe.write(out)
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        out = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return (json.loads(out), None) if os.waitstatus_to_exitcode(status) == 0 else (None, out or f"exit {status}")
 
 
 def main():
@@ -218,13 +259,11 @@ def main():
         if variant == "e" and device != "cuda":
             print("(e) skipped: Liger's kernels are Triton, CUDA only", flush=True)
             continue
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "variants")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"({variant}) failed:\n{proc.stderr[-2000:]}", flush=True)
+        found, error = run_forked(args, variant) if device == "cpu" else run_subprocess(args, variant)
+        if error:
+            print(f"({variant}) failed:\n{error[-2000:]}", flush=True)
             continue
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[variant] = found
         r = results[variant]
         chunk = f"  ({r['chunk']}-row chunks)" if variant == "c" and r.get("chunk") else ""
         print(f"({variant}) {VARIANTS[variant]:42s} +{r['extra_gb']:6.2f} GB  {seconds(r['median_s']):>9s}  "

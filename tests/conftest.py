@@ -65,3 +65,18 @@ def trained_teacher(kit, tmp_path_factory):
     sequence_level.main(["--student", str(kit["teacher"]), "--data", str(data), "--output-dir", str(root / "t"),
                          "--max-steps", "60", "--batch-size", "8", "--lr", "3e-3", "--log-every", "100"])
     return root / "t"
+
+
+# The files whose tests take longest (`pytest --durations`, idle 2-core machine), longest first. `make test` hands
+# whole files to its workers in collection order (--dist loadfile --no-loadscope-reorder): started first, the long
+# ones run beside the many short files instead of after them, when one worker would be left running alone.
+LONGEST_FIRST = ["test_demo.py", "test_distributed.py", "test_resume.py", "test_notebook.py", "test_cache_hidden.py",
+                 "test_blog.py", "test_copy.py", "test_data.py", "test_eval.py", "test_training.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
