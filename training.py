@@ -200,6 +200,23 @@ class Evaluator:
         acc.wait_for_everyone()
 
 
+def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with weight decay on the matrices only (not on norms and biases)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+
+
+def record_run(args, acc, output_dir: Path, history: list | None) -> None:
+    """run_config.json (every flag, and the runs this one resumed), and the trackers' config (flat scalars only)."""
+    if acc.is_main_process:
+        config = vars(args) | ({"resume_history": history} if history else {})
+        (output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if args.report_to != "none":
+        acc.init_trackers(output_dir.name, config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+
+
 class TrainLoop:
     """What every training script needs around its own loss: accelerate, optimizer, schedule, accumulation,
     logging, saving and exact resume. Not a trainer to subclass: the script iterates it and writes the step::
@@ -252,11 +269,7 @@ class TrainLoop:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.collate = collate or (lambda exs: pad_batch(exs, pad_id))
         self.steps_per_epoch, self.total_steps = count_steps(len(examples), args, acc.num_processes)
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = acc.prepare(model, adamw(model, args.lr, args.weight_decay))
         # Not prepared: accelerate would step it once per process; we step it once per optimizer step.
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(args.warmup_ratio * self.total_steps), self.total_steps)
@@ -278,13 +291,7 @@ class TrainLoop:
             best = state.get("best")  # --save-best's best so far: a resumed run saves only improvements on it
             if self.evaluator is not None and best and best["metric"] == args.save_best:
                 self.evaluator.best = best
-        if acc.is_main_process:
-            history = self.folder.history
-            config = vars(args) | ({"resume_history": history} if history else {})
-            (self.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if report_to != "none":  # trackers take flat scalars only
-            acc.init_trackers(self.output_dir.name, config={
-                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+        record_run(args, acc, self.output_dir, self.folder.history)
 
     # -- data ---------------------------------------------------------------------------------------------------
 
