@@ -69,9 +69,7 @@ def run_one(demo: Path, variant: str, seed: int, folder: Path) -> dict:
 
     if variant == "hybrid_all":
         cross_tokenizer.same_spans = lambda student, teacher, aligned: [True] * len(aligned)
-    teacher = Path(json.loads((demo / "teacher_final.json").read_text())["path"])
-    if not teacher.is_absolute():  # demo.py records it relative to where it ran
-        teacher = demo.parents[1] / teacher
+    teacher = demo_teacher(demo)
     if not (folder / "config.json").exists():
         cross_tokenizer.main(["--student", str(demo / "student_other_tokenizer_base"), "--data",
                               str(demo / "teacher_data.jsonl"), "--max-steps", "400", "--batch-size", "16", "--lr",
@@ -96,6 +94,25 @@ def main(argv=None):
     demo, out = Path(args.demo).absolute(), Path(args.out).absolute()
     if not (demo / "teacher_data.jsonl").exists():
         sys.exit(f"{demo}: no demo there (run `make demo` first)")
+    results = run_children(__file__, demo, out, args.variants, args.seeds, args)
+    print(f"strict exact match (%) on {len(common_problems(demo))} test problems, seeds {args.seeds}")
+    for variant in args.variants:
+        scores = [100 * r["exact_match"] for r in results if r["variant"] == variant]
+        spread = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
+        print(f"{variant:13s} {' '.join(f'{s:5.1f}' for s in scores)}   mean {statistics.mean(scores):.1f}{spread}")
+    return results
+
+
+def demo_teacher(demo: Path) -> Path:
+    teacher = Path(json.loads((demo / "teacher_final.json").read_text())["path"])
+    return teacher if teacher.is_absolute() else demo.parents[1] / teacher  # demo.py records it relative to its cwd
+
+
+def run_children(script: str, demo: Path, out: Path, variants: list[str], seeds: list[int], args,
+                 extra: tuple[str, ...] = ()) -> list[dict]:
+    """Every (variant, seed) run in a process of its own (`SCRIPT --child VARIANT SEED FOLDER DEMO *EXTRA`, which
+    writes FOLDER/result.json; a run that has one is not redone), --jobs at a time with --threads torch threads
+    each; returns the results in (seed, variant) order, also written to OUT/results.json."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
 
     def launch(job):
@@ -104,20 +121,14 @@ def main(argv=None):
         if not (folder / "result.json").exists():
             folder.mkdir(parents=True, exist_ok=True)
             with (out / f"{variant}-s{seed}.log").open("w") as log:
-                subprocess.run([sys.executable, __file__, "--child", variant, str(seed), str(folder), str(demo)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+                subprocess.run([sys.executable, script, "--child", variant, str(seed), str(folder), str(demo),
+                                *extra], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
         return json.loads((folder / "result.json").read_text())
 
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(launch, jobs))
+        results = list(pool.map(launch, [(variant, seed) for seed in seeds for variant in variants]))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"strict exact match (%) on {len(common_problems(demo))} test problems, seeds {args.seeds}")
-    for variant in args.variants:
-        scores = [100 * r["exact_match"] for r in results if r["variant"] == variant]
-        spread = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
-        print(f"{variant:13s} {' '.join(f'{s:5.1f}' for s in scores)}   mean {statistics.mean(scores):.1f}{spread}")
     return results
 
 

@@ -28,14 +28,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench_uld_match import demo_teacher, run_children  # noqa: E402  (the same launcher, beside this file)
 
 VARIANTS = {"hybrid": ["--uld-match", "hybrid", "--uld-weighting", "mass"],
             "hybrid_vocab": ["--uld-match", "hybrid", "--uld-weighting", "vocab"],
@@ -90,9 +90,7 @@ def run_one(demo: Path, variant: str, seed: int, folder: Path, steps: int, test_
             return without_spanning(example), counts
 
         cross_tokenizer.encode_pairs, on_policy.pair_sample = encode_skipping, pair_skipping
-    teacher = Path(json.loads((demo / "teacher_final.json").read_text())["path"])
-    if not teacher.is_absolute():  # demo.py records it relative to where it ran
-        teacher = demo.parents[1] / teacher
+    teacher = demo_teacher(demo)
     if not (folder / "config.json").exists():
         on_policy.main(["--student", str(demo / "student_other_tokenizer_base"), "--data",
                         str(demo / "teacher_data.jsonl"), "--max-steps", str(steps), "--batch-size", "16", "--lr",
@@ -122,24 +120,8 @@ def main(argv=None):
     demo, out = Path(args.demo).absolute(), Path(args.out).absolute()
     if not (demo / "teacher_data.jsonl").exists():
         sys.exit(f"{demo}: no demo there (run `make demo` first)")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-
-    def launch(job):
-        variant, seed = job
-        folder = out / f"{variant}-s{seed}"
-        if not (folder / "result.json").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            with (out / f"{variant}-s{seed}.log").open("w") as log:
-                subprocess.run([sys.executable, __file__, "--child", variant, str(seed), str(folder), str(demo),
-                                str(args.steps), str(args.test_problems)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-        return json.loads((folder / "result.json").read_text())
-
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(launch, jobs))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results = run_children(__file__, demo, out, args.variants, args.seeds, args,
+                           extra=(str(args.steps), str(args.test_problems)))
     print(f"{args.steps} steps; strict / lenient exact match (%) on the first {results[0]['n']} test problems, "
           f"seeds {args.seeds}; on sampled steps: mean same-span and exact-end shares, trimmed / dropped samples")
     for variant in args.variants:
