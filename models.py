@@ -106,7 +106,7 @@ def maybe_lora(model, args):
             "peft import AutoPeftModelForCausalLM as M; from transformers import AutoTokenizer as T; "
             f"a = '{name}'; M.from_pretrained(a).merge_and_unload().save_pretrained(a + '_merged'); "
             "T.from_pretrained(a).save_pretrained(a + '_merged')\"")
-    if not getattr(args, "lora", False):
+    if not args.lora:
         return model
     try:
         from peft import LoraConfig, get_peft_model
