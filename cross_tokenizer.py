@@ -90,7 +90,7 @@ import training
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     method = common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
-                          teacher_default=common.ULD_TEACHER, output_dir="runs/cross_tokenizer")
+                                   teacher_default=common.ULD_TEACHER, output_dir="runs/cross_tokenizer")
     method.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
                         help="softmax temperature of the ULD term (> 0)")
     method.add_argument("--alpha", type=common.FRACTION, default=0.5,

@@ -80,7 +80,7 @@ import training
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     method = common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
-                          teacher_default=common.BLOG_TEACHER, output_dir="runs/on_policy")
+                                   teacher_default=common.BLOG_TEACHER, output_dir="runs/on_policy")
     method.add_argument("--lmbda", type=common.FRACTION, default=0.5,
                         help="probability that a step is on-policy (0..1)")
     common.add_divergence_args(method, default="reverse", bare_beta_alias=True)

@@ -63,7 +63,7 @@ import training
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     method = common.add_train_args(parser, teacher=True, student_default=common.BLOG_STUDENT,
-                          teacher_default=common.BLOG_TEACHER, output_dir="runs/token_level-{kl}")
+                                   teacher_default=common.BLOG_TEACHER, output_dir="runs/token_level-{kl}")
     common.add_divergence_args(method, default="forward")
     method.add_argument("--temperature", type=common.bounded(float, 0, low_open=True), default=2.0,
                         help="softmax temperature of the KL term (loss is T^2-scaled)")
