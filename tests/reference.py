@@ -1,11 +1,39 @@
-"""Reference losses on materialized [..., V] logits, written straight from their formulas in float64 torch and
-independent of the project's code: the fused, chunked losses are checked against these (and these against the
-position-by-position python references in test_losses.py). Test-only: training never materializes the logits.
+"""Reference losses written straight from their formulas and independent of the project's code, test-only:
+- position by position in plain python floats (`softmax64`, `kl64`, `ref_divergence`), the way the formula reads;
+- on materialized [..., V] logits in float64 torch (`masked_ce`, `masked_jsd`): the fused, chunked losses are
+  checked against these, and these against the python ones (test_losses.py). Training never materializes logits.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def softmax64(row, temperature):
+    """Plain-python softmax in float64, the way the formula is written."""
+    z = [float(x) / temperature for x in row]
+    top = max(z)
+    e = [math.exp(x - top) for x in z]
+    total = sum(e)
+    return [x / total for x in e]
+
+
+def kl64(a, b):
+    return sum(x * (math.log(x) - math.log(y)) for x, y in zip(a, b) if x > 0)
+
+
+def ref_divergence(student_row, teacher_row, beta, temperature):
+    q, p = softmax64(student_row, temperature), softmax64(teacher_row, temperature)
+    if beta == 0:
+        d = kl64(p, q)
+    elif beta == 1:
+        d = kl64(q, p)
+    else:
+        m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
+        d = beta * kl64(p, m) + (1 - beta) * kl64(q, m)
+    return temperature**2 * d
 
 
 def _log_softmax64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

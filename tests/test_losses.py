@@ -10,33 +10,9 @@ import torch
 import common
 import losses
 import reference
+from reference import ref_divergence, softmax64
 
 torch.manual_seed(0)
-
-
-def softmax64(row, temperature):
-    """Plain-python softmax in float64, the way the formula is written."""
-    z = [float(x) / temperature for x in row]
-    top = max(z)
-    e = [math.exp(x - top) for x in z]
-    total = sum(e)
-    return [x / total for x in e]
-
-
-def kl64(a, b):
-    return sum(x * (math.log(x) - math.log(y)) for x, y in zip(a, b) if x > 0)
-
-
-def ref_divergence(student_row, teacher_row, beta, temperature):
-    q, p = softmax64(student_row, temperature), softmax64(teacher_row, temperature)
-    if beta == 0:
-        d = kl64(p, q)
-    elif beta == 1:
-        d = kl64(q, p)
-    else:
-        m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
-        d = beta * kl64(p, m) + (1 - beta) * kl64(q, m)
-    return temperature**2 * d
 
 
 def ref_masked_mean(student, teacher, mask, beta, temperature, num_tokens=None):

@@ -19,31 +19,9 @@ import common
 import explain_demo
 import models
 from conftest import write_rows
+from reference import kl64, ref_divergence, softmax64
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def kl(a, b):
-    return sum(x * (math.log(x) - math.log(y)) for x, y in zip(a, b) if x > 0)
-
-
-def softmax(logits, t=1.0):
-    z = [v / t for v in logits]
-    m = max(z)
-    e = [math.exp(v - m) for v in z]
-    return [v / sum(e) for v in e]
-
-
-def brute_divergence(t_logits, s_logits, beta, temperature):
-    p, q = softmax(t_logits, temperature), softmax(s_logits, temperature)
-    if beta == 0:
-        d = kl(p, q)
-    elif beta == 1:
-        d = kl(q, p)
-    else:
-        m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
-        d = beta * kl(p, m) + (1 - beta) * kl(q, m)
-    return temperature**2 * d
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
@@ -57,27 +35,27 @@ def test_method_targets_against_the_formulas(beta, temperature):
                                       alpha=alpha, sample_teacher_logits=st, sample_student_logits=ss,
                                       cross_student_logits=cross, cross_target=5, cross_alpha=0.5)
     tl, sl = t.tolist(), s.tolist()
-    ce = -math.log(softmax(sl)[target])
+    ce = -math.log(softmax64(sl, 1.0)[target])
     seq = got["sequence-level"]
     assert seq["target"].tolist() == [1.0 if i == target else 0.0 for i in range(7)]
     assert seq["loss"] == pytest.approx(ce, rel=1e-12)
-    off = brute_divergence(tl, sl, beta, temperature)
+    off = ref_divergence(sl, tl, beta, temperature)
     token = got["token-level"]
-    assert token["target"].tolist() == pytest.approx(softmax(tl, temperature), abs=1e-12)
-    assert token["student"].tolist() == pytest.approx(softmax(sl, temperature), abs=1e-12)
+    assert token["target"].tolist() == pytest.approx(softmax64(tl, temperature), abs=1e-12)
+    assert token["student"].tolist() == pytest.approx(softmax64(sl, temperature), abs=1e-12)
     assert token["loss"] == pytest.approx(alpha * ce + (1 - alpha) * off, rel=1e-10)
-    on = brute_divergence(st.tolist(), ss.tolist(), beta, temperature)
+    on = ref_divergence(ss.tolist(), st.tolist(), beta, temperature)
     policy = got["on-policy"]
-    assert policy["target"].tolist() == pytest.approx(softmax(st.tolist(), temperature), abs=1e-12)
+    assert policy["target"].tolist() == pytest.approx(softmax64(st.tolist(), temperature), abs=1e-12)
     assert policy["loss"] == pytest.approx(lmbda * on + (1 - lmbda) * off, rel=1e-10)
     # ULD: both distributions sorted, the top 4 kept and the rest summed into one tail bucket
-    p = sorted(softmax(tl, temperature), reverse=True)
-    q = sorted(softmax(cross.tolist(), temperature), reverse=True)
+    p = sorted(softmax64(tl, temperature), reverse=True)
+    q = sorted(softmax64(cross.tolist(), temperature), reverse=True)
     p, q = p[:top_k] + [sum(p[top_k:])], q[:top_k] + [sum(q[top_k:])]
     uld = got["cross-tokenizer (ULD)"]
     assert uld["target"].tolist() == pytest.approx(p, abs=1e-12) and uld["top_k"] == top_k
-    assert uld["uld"] == pytest.approx(temperature**2 * kl(p, q), rel=1e-10)
-    cross_ce = -math.log(softmax(cross.tolist())[5])
+    assert uld["uld"] == pytest.approx(temperature**2 * kl64(p, q), rel=1e-10)
+    cross_ce = -math.log(softmax64(cross.tolist(), 1.0)[5])
     assert uld["loss"] == pytest.approx(0.5 * cross_ce + 0.5 * uld["uld"], rel=1e-10)
     assert explain_demo.kl_beta("forward", 0.3) == 0.0 and explain_demo.kl_beta("reverse", 0.3) == 1.0
     assert explain_demo.kl_beta("jsd", 0.3) == 0.3
