@@ -226,17 +226,20 @@ def test_inside_logit_lens_last_layer_is_the_models_output(kit, data, inside, lo
     assert explain.logit_lens(base, batch) == pytest.approx(lens["base"], abs=TOL)
 
 
-def test_inside_most_changed_head_and_first_token(kit, data, inside):
+def eager_model(kit, name):
+    """A kit model with eager attention, which returns the attention maps explain.py reads."""
     from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(kit[name]), attn_implementation="eager").eval()
+
+
+def test_inside_most_changed_head_and_first_token(kit, data, inside):
 
     numbers = json.loads(inside["json"].read_text())
     rows = common.load_distill_rows(data)[:4]
     tokenizer = models.load_tokenizer(str(kit["student"]))
 
-    def load(name):
-        return AutoModelForCausalLM.from_pretrained(str(kit[name]), attn_implementation="eager").eval()
-
-    base, padded = load("student"), load("student_padded")
+    base, padded = eager_model(kit, "student"), eager_model(kit, "student_padded")
     total, count = None, 0
     for row in rows:  # one row at a time: no padding anywhere
         enc = common.encode_chat(tokenizer, row["messages"], row["completion"])
@@ -300,7 +303,6 @@ def test_token_text_is_readable(kit):
 
 def test_inside_first_token_shift_and_attention_layer(kit, data, inside, lora_adapter):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     for key in ("first_token_shift", "attention_layer"):
         check_png(inside[key])
@@ -308,11 +310,8 @@ def test_inside_first_token_shift_and_attention_layer(kit, data, inside, lora_ad
     rows = common.load_distill_rows(data)[:4]
     tokenizer = models.load_tokenizer(str(kit["student"]))
 
-    def load(name):
-        return AutoModelForCausalLM.from_pretrained(str(kit[name]), attn_implementation="eager").eval()
-
-    base, padded = load("student"), load("student_padded")
-    lora = PeftModel.from_pretrained(load("student"), str(lora_adapter)).eval()
+    base, padded = eager_model(kit, "student"), eager_model(kit, "student_padded")
+    lora = PeftModel.from_pretrained(eager_model(kit, "student"), str(lora_adapter)).eval()
     mean = {}
     for label, model in (("base", base), ("padded", padded), ("lora", lora)):
         total = 0
